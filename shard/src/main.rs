@@ -1,1 +1,4 @@
+mod cache;
+mod models;
+
 fn main() {}

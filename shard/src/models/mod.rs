@@ -1,0 +1,119 @@
+//! Model architectures behind one small trait, and the registry that picks one from
+//! config.json's `model_type` (or the GGUF's `general.architecture`).
+//!
+//! Models do not own the KV cache: `forward` takes the paged cache and a
+//! `ForwardBatch` describing where every token goes.
+
+use crate::cache::KvCache;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// What the runner and the cache need to know about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub model_type: String,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub sliding_window: Option<usize>,
+    /// Activations and KV cache dtype.
+    pub dtype: DType,
+    /// "none", or e.g. "gguf:Q4_1".
+    pub quantization: String,
+}
+
+pub trait Model: Send + Sync {
+    /// Runs the batch, writes its new keys/values into `cache` at `batch.slots`, and
+    /// returns f32 logits `[batch.logits_indices.len(), vocab_size]`.
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor>;
+    fn spec(&self) -> &ModelSpec;
+}
+
+/// Where one sequence's new tokens sit in the batch and in the KV cache.
+#[derive(Debug, Clone)]
+pub struct SequenceLayout {
+    /// Tokens of this sequence in this forward pass (whole uncached prompt at prefill, 1 at decode).
+    pub new_tokens: usize,
+    /// Tokens in the cache for this sequence after this pass (already cached + new).
+    pub context_len: usize,
+    /// KV blocks of the sequence, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// One forward pass over a ragged batch: the sequences' new tokens are concatenated,
+/// with no padding. Host-side layout (`seqs`) for the CPU path, device tensors for kernels.
+pub struct ForwardBatch {
+    /// `[total_new_tokens]` u32.
+    pub input_ids: Tensor,
+    /// `[total_new_tokens]` u32: absolute position of each new token.
+    pub positions: Tensor,
+    /// `[total_new_tokens]` i64: KV cache slot (block * block_size + offset) of each new token.
+    pub slots: Tensor,
+    pub seqs: Vec<SequenceLayout>,
+    /// `[num_seqs, max_blocks]` u32, rows padded with 0.
+    pub block_tables: Tensor,
+    /// `[num_seqs]` u32: `SequenceLayout::context_len` of each sequence.
+    pub context_lens: Tensor,
+    /// `[num_seqs + 1]` u32: prefix sums of `new_tokens`.
+    pub cu_seqlens_q: Tensor,
+    /// `[num_logits]` u32: rows of the flattened tokens whose logits are wanted.
+    pub logits_indices: Tensor,
+    pub max_new_tokens: usize,
+    pub max_context_len: usize,
+}
+
+/// The input of one sequence to `ForwardBatch::new`.
+pub struct SequenceInput<'a> {
+    pub new_token_ids: &'a [u32],
+    /// Position of the first new token (= tokens already cached).
+    pub start_position: usize,
+    /// Slot of every position of the sequence, from 0 (at least start_position + new tokens).
+    pub slots: &'a [u32],
+    pub block_table: &'a [u32],
+}
+
+impl ForwardBatch {
+    /// `logits_rows` indexes the flattened new tokens of all sequences.
+    pub fn new(seqs: &[SequenceInput], logits_rows: &[u32], device: &Device) -> Result<Self> {
+        let total: usize = seqs.iter().map(|s| s.new_token_ids.len()).sum();
+        let mut input_ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(total);
+        let mut cu_seqlens_q = vec![0u32];
+        let mut layouts = Vec::with_capacity(seqs.len());
+        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let mut block_tables = vec![0u32; seqs.len() * max_blocks];
+        for (i, seq) in seqs.iter().enumerate() {
+            let n = seq.new_token_ids.len();
+            let end = seq.start_position + n;
+            if seq.slots.len() < end {
+                candle_core::bail!("sequence {i}: {} slots for {end} positions", seq.slots.len());
+            }
+            input_ids.extend_from_slice(seq.new_token_ids);
+            positions.extend((seq.start_position..end).map(|p| p as u32));
+            slots.extend(seq.slots[seq.start_position..end].iter().map(|&s| s as i64));
+            cu_seqlens_q.push(cu_seqlens_q[i] + n as u32);
+            block_tables[i * max_blocks..i * max_blocks + seq.block_table.len()]
+                .copy_from_slice(seq.block_table);
+            layouts.push(SequenceLayout {
+                new_tokens: n,
+                context_len: end,
+                block_table: seq.block_table.to_vec(),
+            });
+        }
+        let context_lens: Vec<u32> = layouts.iter().map(|l| l.context_len as u32).collect();
+        Ok(Self {
+            input_ids: Tensor::new(input_ids, device)?,
+            positions: Tensor::new(positions, device)?,
+            slots: Tensor::new(slots, device)?,
+            block_tables: Tensor::from_vec(block_tables, (seqs.len(), max_blocks), device)?,
+            context_lens: Tensor::new(context_lens, device)?,
+            cu_seqlens_q: Tensor::new(cu_seqlens_q, device)?,
+            logits_indices: Tensor::new(logits_rows, device)?,
+            max_new_tokens: layouts.iter().map(|l| l.new_tokens).max().unwrap_or(0),
+            max_context_len: layouts.iter().map(|l| l.context_len).max().unwrap_or(0),
+            seqs: layouts,
+        })
+    }
+}
