@@ -1,1 +1,3 @@
+mod infer_types;
+
 fn main() {}
