@@ -1,6 +1,21 @@
 #!/usr/bin/env bash
-# Runs every test: unit and model-correctness tests (cargo), then the end-to-end suite.
+# Runs every test: the shard's reference fixtures, the unit and model-correctness
+# tests (cargo), then the end-to-end suite (pytest against the real launcher).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-default-model.sh >/dev/null
-cargo test --workspace --release 2>&1
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r integration-tests/requirements.txt
+
+# Reference outputs the shard's model tests compare against, computed in Python.
+if [ -f shard/reference/make_fixtures.py ]; then
+    export SHARD_FIXTURES="$PWD/target/shard-fixtures"
+    .venv/bin/python shard/reference/make_fixtures.py "$SHARD_FIXTURES"
+fi
+
+cargo build --release --workspace
+cargo test --release --workspace
+.venv/bin/python -m pytest integration-tests -v

@@ -174,6 +174,28 @@ impl ModelFiles {
         Ok(special)
     }
 
+    /// The longest sequence the model was trained for: config.json's
+    /// `max_position_embeddings` (or its older names) or the GGUF's
+    /// `{architecture}.context_length`. `None` when the model does not say.
+    pub fn max_position_embeddings(&self) -> Result<Option<usize>> {
+        match self.layout {
+            Layout::HuggingFace => {
+                let config = self.config_json()?;
+                Ok(["max_position_embeddings", "max_seq_len", "n_positions"]
+                    .iter()
+                    .find_map(|key| config[key].as_u64())
+                    .map(|n| n as usize))
+            }
+            Layout::Gguf => {
+                let content = self.gguf_content()?;
+                Ok(gguf_string(&content, "general.architecture")
+                    .and_then(|arch| content.metadata.get(&format!("{arch}.context_length")))
+                    .and_then(|v| v.to_u64().ok())
+                    .map(|n| n as usize))
+            }
+        }
+    }
+
     fn read_json(&self, name: &str) -> Result<Option<Value>> {
         let file = self.path.join(name);
         if self.layout != Layout::HuggingFace || !file.is_file() {
@@ -248,6 +270,16 @@ mod tests {
         assert_eq!(special.bos_token_id, Some(1));
         assert_eq!(special.bos_token.as_deref(), Some("<s>"));
         assert_eq!(special.eos_token.as_deref(), Some("</s>"));
+    }
+
+    #[test]
+    fn reads_max_position_embeddings_from_config() {
+        let dir = tempfile_dir();
+        std::fs::write(dir.join("config.json"), r#"{"max_position_embeddings": 8192}"#).unwrap();
+        let files = ModelFiles::open(&dir).unwrap();
+        assert_eq!(files.max_position_embeddings().unwrap(), Some(8192));
+        std::fs::write(dir.join("config.json"), r#"{"hidden_size": 64}"#).unwrap();
+        assert_eq!(files.max_position_embeddings().unwrap(), None);
     }
 
     #[test]
