@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""End-to-end test of the monitoring setup against a running router (see prometheus_e2e.sh).
+
+Starts a real Prometheus server on loopback with deploy/prometheus/rules.yml and a scrape
+job for ROUTER_URL, sends a few /generate requests to the router, then through the
+Prometheus HTTP API checks that:
+  - the router's scrape target is up and the required tgi_* metrics were ingested,
+  - tgi_request_count counts the requests sent,
+  - every query of the Grafana dashboard evaluates without error,
+  - the Prometheus adapter's query behind the HPA returns tgi_queue_size per pod,
+  - every recording and alerting rule evaluates without error.
+"""
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from deploy_checks import GRAFANA_VARIABLES, dashboard_queries  # noqa: E402
+
+DEPLOY = Path(__file__).resolve().parent.parent
+RULES = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
+ADAPTER_CONFIG = DEPLOY / "kubernetes" / "prometheus-adapter" / "config.yaml"
+# Labels the Kubernetes scrape attaches (ServiceMonitor), so the adapter's query can match.
+POD_LABELS = {"namespace": "e2e", "pod": "tgi-e2e-0"}
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+class Failure(Exception):
+    pass
+
+
+def http_json(url, data=None, headers=None, timeout=30):
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, probe, timeout_s):
+    """Polls probe() until it returns a truthy value; raises Failure after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+            if value:
+                return value
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
+            last_error = e
+        time.sleep(0.5)
+    raise Failure(f"timed out after {timeout_s}s waiting for {what}"
+                  + (f" (last error: {last_error})" if last_error else ""))
+
+
+class Prometheus:
+    def __init__(self, binary, router, workdir, scrape_interval_s):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = {
+            "global": {"scrape_interval": f"{scrape_interval_s}s",
+                       "evaluation_interval": f"{scrape_interval_s}s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{
+                "job_name": "tgi",
+                "scheme": router.scheme,
+                "metrics_path": router.path.rstrip("/") + "/metrics",
+                "static_configs": [{"targets": [router.netloc], "labels": POD_LABELS}],
+            }],
+        }
+        config_path = workdir / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "prometheus.log"
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self):
+        return "\n".join(self.log_path.read_text().splitlines()[-20:])
+
+    def api(self, path, **params):
+        url = f"{self.base}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            body = http_json(url)
+        except urllib.error.HTTPError as e:
+            body = json.load(e)
+        if body.get("status") != "success":
+            raise Failure(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr):
+        return self.api("query", query=expr)["result"]
+
+    def ready(self):
+        if self.process.poll() is not None:
+            raise Failure(f"prometheus exited with {self.process.returncode}:\n{self.log_tail()}")
+        with urllib.request.urlopen(f"{self.base}/-/ready", timeout=5) as r:
+            return r.status == 200
+
+
+def send_requests(router_url, count, api_key):
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    body = json.dumps({"inputs": "The capital of France is",
+                       "parameters": {"max_new_tokens": 4}}).encode()
+    for _ in range(count):
+        reply = http_json(router_url.rstrip("/") + "/generate", data=body, headers=headers,
+                          timeout=120)
+        if not isinstance(reply.get("generated_text"), str):
+            raise Failure(f"/generate answered {reply}")
+
+
+def adapter_query(series, pod_labels):
+    """The HPA's metric query as the Prometheus adapter renders it for one pod."""
+    rules = yaml.safe_load(ADAPTER_CONFIG.read_text())["rules"]
+    rule = next(r for r in rules if r["name"]["as"] == series)
+    matchers = ",".join(f'{k}="{v}"' for k, v in pod_labels.items())
+    return (rule["metricsQuery"].replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", "pod"))
+
+
+def run_checks(prom, args):
+    results = []
+
+    def check(name, fn):
+        try:
+            fn()
+            results.append((name, None))
+        except Failure as e:
+            results.append((name, str(e)))
+
+    def target_up():
+        wait_for("a successful scrape of the router",
+                 lambda: [r for r in prom.query('up{job="tgi"}') if r["value"][1] == "1"],
+                 args.timeout)
+
+    def metrics_ingested():
+        for metric in args.require:
+            wait_for(f"{metric} in Prometheus", lambda m=metric: prom.query(m), args.timeout)
+
+    def request_count():
+        wait_for(f"tgi_request_count >= {args.requests}",
+                 lambda: prom.query(f"sum(tgi_request_count) >= {args.requests}"), args.timeout)
+
+    def dashboard_queries_evaluate():
+        dashboard = json.loads(DASHBOARD.read_text())
+        for title, expr in dashboard_queries(dashboard):
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            try:
+                prom.query(expr)
+            except Failure as e:
+                raise Failure(f"panel {title!r}: {e}")
+
+    def autoscaler_query():
+        expr = adapter_query("tgi_queue_size", POD_LABELS)
+        result = wait_for(f"a result for {expr}", lambda: prom.query(expr), args.timeout)
+        if result[0]["metric"].get("pod") != POD_LABELS["pod"]:
+            raise Failure(f"{expr} answered {result}, not a value for pod {POD_LABELS['pod']}")
+
+    def rules_evaluate():
+        def evaluated():
+            groups = prom.api("rules")["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            # Prometheus reports the zero time for a rule not evaluated yet.
+            done = all(not r.get("lastEvaluation", "0001").startswith("0001") for r in rules)
+            return rules if rules and done else None
+        rules = wait_for("one evaluation of every rule", evaluated, args.timeout)
+        broken = [f"{r['name']}: {r.get('lastError')}" for r in rules if r["health"] != "ok"]
+        if broken:
+            raise Failure("rules failing: " + "; ".join(broken))
+
+    check("router target is up", target_up)
+    check("required tgi_* metrics ingested", metrics_ingested)
+    check("tgi_request_count counts the requests sent", request_count)
+    check("every dashboard query evaluates", dashboard_queries_evaluate)
+    check("autoscaler (prometheus-adapter) query answers per pod", autoscaler_query)
+    check("recording and alerting rules evaluate", rules_evaluate)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("router_url", help="router base URL on loopback, e.g. http://127.0.0.1:3000")
+    parser.add_argument("--requests", type=int, default=2, help="/generate requests to send")
+    parser.add_argument("--require", nargs="+",
+                        default=["tgi_request_count", "tgi_request_success", "tgi_queue_size",
+                                 "tgi_request_duration_bucket",
+                                 "tgi_request_generated_tokens_sum"],
+                        help="metrics that must be ingested")
+    parser.add_argument("--api-key", default=None, help="bearer token for /generate")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds to wait per check")
+    parser.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
+    args = parser.parse_args()
+
+    router = urllib.parse.urlsplit(args.router_url)
+    if router.scheme not in ("http", "https") or not router.hostname:
+        sys.exit(f"error: {args.router_url!r} is not an http(s) URL")
+    if not router.netloc.startswith(LOOPBACK_HOSTS):
+        sys.exit(f"error: {router.netloc} is not a loopback address")
+
+    try:
+        send_requests(args.router_url, args.requests, args.api_key)
+    except (OSError, urllib.error.URLError, ValueError, Failure) as e:
+        sys.exit(f"error: sending /generate to {args.router_url}: {e}")
+
+    with tempfile.TemporaryDirectory(prefix="prometheus-e2e-") as workdir:
+        prom = Prometheus(args.prometheus, router, Path(workdir), scrape_interval_s=1)
+        try:
+            wait_for("prometheus to become ready", prom.ready, args.timeout)
+            results = run_checks(prom, args)
+        except Failure as e:
+            results = [("prometheus starts", str(e))]
+        finally:
+            prom.stop()
+        failed = [r for r in results if r[1]]
+        for name, error in results:
+            print(f"{'FAIL' if error else 'PASS'}: {name}" + (f": {error}" if error else ""))
+        if failed:
+            print(f"prometheus log (tail):\n{prom.log_tail()}", file=sys.stderr)
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
