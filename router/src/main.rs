@@ -1,3 +1,7 @@
+mod batching;
+mod client;
+mod infer;
 mod infer_types;
+mod kv;
 
 fn main() {}

@@ -1,0 +1,123 @@
+//! How large the next batch may be: the first batch fills the budgets; while a
+//! batch runs, new requests join only when enough are waiting
+//! (`waiting_served_ratio`) or they waited too long (`max_waiting_tokens`),
+//! so that prefills do not stall the running decodes at every step.
+
+use super::queue::BatchLimits;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchingConfig {
+    pub max_batch_prefill_tokens: u32,
+    pub max_batch_total_tokens: u32,
+    pub max_batch_size: Option<usize>,
+    /// New requests join when at least `running size * ratio` of them wait.
+    pub waiting_served_ratio: f32,
+    /// Decode steps after which waiting requests join whatever their number.
+    pub max_waiting_tokens: usize,
+}
+
+/// Why new requests joined the running batch (`tgi_batch_concat{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConcatReason {
+    /// Enough requests were waiting.
+    Backpressure,
+    /// They had waited `max_waiting_tokens` steps.
+    WaitExceeded,
+}
+
+impl ConcatReason {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            ConcatReason::Backpressure => "backpressure",
+            ConcatReason::WaitExceeded => "wait_exceeded",
+        }
+    }
+}
+
+impl BatchingConfig {
+    /// Limits for a batch formed while nothing runs.
+    pub fn first_batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            min_size: None,
+            max_size: self.max_batch_size,
+            prefill_token_budget: self.max_batch_prefill_tokens,
+            token_budget: self.max_batch_total_tokens,
+        }
+    }
+
+    /// Limits for requests joining a running batch of `running_size` requests
+    /// holding up to `running_max_tokens` tokens, `waiting_steps` decode steps
+    /// after the last join.
+    pub fn join_limits(
+        &self,
+        running_size: usize,
+        running_max_tokens: u32,
+        waiting_steps: usize,
+    ) -> (BatchLimits, ConcatReason) {
+        let (min_size, reason) = if waiting_steps >= self.max_waiting_tokens {
+            (None, ConcatReason::WaitExceeded)
+        } else {
+            let min_size = (running_size as f32 * self.waiting_served_ratio).floor() as usize;
+            (Some(min_size), ConcatReason::Backpressure)
+        };
+        let limits = BatchLimits {
+            min_size,
+            max_size: self
+                .max_batch_size
+                .map(|max_size| max_size.saturating_sub(running_size)),
+            prefill_token_budget: self.max_batch_prefill_tokens,
+            token_budget: self.max_batch_total_tokens.saturating_sub(running_max_tokens),
+        };
+        (limits, reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> BatchingConfig {
+        BatchingConfig {
+            max_batch_prefill_tokens: 512,
+            max_batch_total_tokens: 4096,
+            max_batch_size: Some(8),
+            waiting_served_ratio: 0.3,
+            max_waiting_tokens: 20,
+        }
+    }
+
+    #[test]
+    fn the_first_batch_gets_the_whole_budgets() {
+        let limits = config().first_batch_limits();
+        assert_eq!(limits.min_size, None);
+        assert_eq!(limits.max_size, Some(8));
+        assert_eq!(limits.prefill_token_budget, 512);
+        assert_eq!(limits.token_budget, 4096);
+    }
+
+    #[test]
+    fn joining_needs_enough_waiting_requests_until_the_wait_is_too_long() {
+        let (limits, reason) = config().join_limits(10, 1000, 3);
+        assert_eq!(limits.min_size, Some(3));
+        assert_eq!(reason, ConcatReason::Backpressure);
+        assert_eq!(limits.token_budget, 3096);
+
+        let (limits, reason) = config().join_limits(10, 1000, 20);
+        assert_eq!(limits.min_size, None);
+        assert_eq!(reason, ConcatReason::WaitExceeded);
+    }
+
+    #[test]
+    fn a_full_running_batch_leaves_no_room() {
+        let (limits, _) = config().join_limits(8, 100, 1);
+        assert_eq!(limits.max_size, Some(0));
+        let (limits, _) = config().join_limits(3, 5000, 1);
+        assert_eq!(limits.max_size, Some(5));
+        assert_eq!(limits.token_budget, 0);
+        let unbounded = BatchingConfig {
+            max_batch_size: None,
+            ..config()
+        };
+        assert_eq!(unbounded.join_limits(100, 0, 1).0.max_size, None);
+    }
+}

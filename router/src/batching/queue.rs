@@ -1,0 +1,415 @@
+//! The waiting room (TGI's `Queue`): a task owning the requests not yet in a
+//! batch. The batching loop asks it for the next batch within its budgets; the
+//! queue takes entries in arrival order and reserves their KV blocks.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use proto::v3::{Batch, NextTokenChooserParameters, Request, StoppingCriteriaParameters};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::infer_types::{InferError, InferStreamResponse, ValidGenerateRequest};
+use crate::kv::{BlockAllocation, BlockAllocator};
+
+pub type ResponseSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
+
+/// One request on its way through queue and batches.
+#[derive(Debug)]
+pub struct Entry {
+    pub request: ValidGenerateRequest,
+    /// The client's stream; closed when the client went away.
+    pub response_tx: ResponseSender,
+    pub queue_time: Instant,
+    /// When it was first prefilled.
+    pub batch_time: Option<Instant>,
+    /// Its KV blocks, freed when the entry is dropped.
+    pub block_allocation: Option<BlockAllocation>,
+}
+
+impl Entry {
+    pub fn new(request: ValidGenerateRequest, response_tx: ResponseSender) -> Self {
+        Self {
+            request,
+            response_tx,
+            queue_time: Instant::now(),
+            batch_time: None,
+            block_allocation: None,
+        }
+    }
+
+    /// KV positions the request may fill: the prompt and every token it may generate.
+    pub fn max_tokens(&self) -> u32 {
+        self.request.input_length() + self.request.stopping_parameters.max_new_tokens
+    }
+}
+
+/// What the next batch may contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Below this many requests, no batch is formed (the running batch keeps decoding).
+    pub min_size: Option<usize>,
+    pub max_size: Option<usize>,
+    /// Prompt tokens the prefill may process.
+    pub prefill_token_budget: u32,
+    /// Prompt plus new tokens the batch may come to hold.
+    pub token_budget: u32,
+}
+
+/// A batch for the shards and the entries of its requests, by request id.
+#[derive(Debug)]
+pub struct NextBatch {
+    pub entries: HashMap<u64, Entry>,
+    pub batch: Batch,
+}
+
+enum QueueCommand {
+    Append(Box<Entry>),
+    NextBatch {
+        limits: BatchLimits,
+        response: oneshot::Sender<Option<NextBatch>>,
+    },
+}
+
+/// Handle to the queue task; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    commands: mpsc::UnboundedSender<QueueCommand>,
+}
+
+impl Queue {
+    /// Spawns the queue task; it ends when every handle is dropped.
+    pub fn new(allocator: BlockAllocator) -> Self {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(queue_task(State::new(allocator), receiver));
+        Self { commands }
+    }
+
+    pub fn append(&self, entry: Entry) {
+        // The task outlives every handle, so the send cannot fail while we hold one.
+        let _ = self.commands.send(QueueCommand::Append(Box::new(entry)));
+    }
+
+    pub async fn next_batch(&self, limits: BatchLimits) -> Option<NextBatch> {
+        let (response, receiver) = oneshot::channel();
+        self.commands
+            .send(QueueCommand::NextBatch { limits, response })
+            .ok()?;
+        receiver.await.ok().flatten()
+    }
+}
+
+async fn queue_task(mut state: State, mut commands: mpsc::UnboundedReceiver<QueueCommand>) {
+    while let Some(command) = commands.recv().await {
+        match command {
+            QueueCommand::Append(entry) => state.append(*entry),
+            QueueCommand::NextBatch { limits, response } => {
+                let _ = response.send(state.next_batch(limits));
+            }
+        }
+        metrics::gauge!("tgi_queue_size").set(state.entries.len() as f64);
+    }
+}
+
+/// The queue's content, apart from the task so that it can be tested directly.
+struct State {
+    entries: VecDeque<(u64, Entry)>,
+    next_request_id: u64,
+    next_batch_id: u64,
+    allocator: BlockAllocator,
+}
+
+impl State {
+    fn new(allocator: BlockAllocator) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            next_request_id: 0,
+            next_batch_id: 0,
+            allocator,
+        }
+    }
+
+    fn append(&mut self, entry: Entry) {
+        self.entries.push_back((self.next_request_id, entry));
+        self.next_request_id += 1;
+    }
+
+    fn next_batch(&mut self, limits: BatchLimits) -> Option<NextBatch> {
+        if self.entries.is_empty() || limits.max_size == Some(0) {
+            return None;
+        }
+        if limits.min_size.is_some_and(|min_size| self.entries.len() < min_size) {
+            return None;
+        }
+
+        let mut taken: Vec<(u64, Entry)> = Vec::new();
+        let mut prefill_tokens: u32 = 0;
+        let mut total_tokens: u32 = 0;
+        while let Some((id, mut entry)) = self.entries.pop_front() {
+            if entry.response_tx.is_closed() {
+                tracing::debug!(request_id = id, "dropping a queued request: client gone");
+                continue;
+            }
+            let within_budgets = prefill_tokens.saturating_add(entry.request.input_length())
+                <= limits.prefill_token_budget
+                && total_tokens.saturating_add(entry.max_tokens()) <= limits.token_budget;
+            let allocation = within_budgets
+                .then(|| self.allocator.allocate(entry.max_tokens()))
+                .flatten();
+            let Some(allocation) = allocation else {
+                // Keep arrival order: this entry goes first next time.
+                self.entries.push_front((id, entry));
+                break;
+            };
+            prefill_tokens += entry.request.input_length();
+            total_tokens += entry.max_tokens();
+            entry.block_allocation = Some(allocation);
+            taken.push((id, entry));
+            if limits.max_size == Some(taken.len()) {
+                break;
+            }
+        }
+
+        if taken.is_empty() || limits.min_size.is_some_and(|min_size| taken.len() < min_size) {
+            // Not worth a batch yet: back to the queue in order, blocks released.
+            for (id, mut entry) in taken.into_iter().rev() {
+                entry.block_allocation = None;
+                self.entries.push_front((id, entry));
+            }
+            return None;
+        }
+
+        let requests: Vec<Request> = taken.iter().map(|(id, entry)| request_proto(*id, entry)).collect();
+        let batch = Batch {
+            id: self.next_batch_id,
+            size: requests.len() as u32,
+            max_tokens: total_tokens,
+            max_blocks: requests.iter().map(|r| r.blocks.len() as u32).sum(),
+            requests,
+        };
+        self.next_batch_id += 1;
+        metrics::histogram!("tgi_batch_next_size").record(batch.size as f64);
+        Some(NextBatch {
+            entries: taken.into_iter().collect(),
+            batch,
+        })
+    }
+}
+
+/// The shards' view of a queued request (its blocks already allocated).
+fn request_proto(id: u64, entry: &Entry) -> Request {
+    let request = &entry.request;
+    let parameters = &request.parameters;
+    let (blocks, slots) = entry
+        .block_allocation
+        .as_ref()
+        .map(|allocation| (allocation.blocks.clone(), allocation.slots.clone()))
+        .unwrap_or_default();
+    Request {
+        id,
+        input_ids: request.input_ids.to_vec(),
+        inputs: request.inputs.clone(),
+        parameters: Some(NextTokenChooserParameters {
+            temperature: parameters.temperature,
+            top_k: parameters.top_k,
+            top_p: parameters.top_p,
+            typical_p: parameters.typical_p,
+            do_sample: parameters.do_sample,
+            seed: parameters.seed,
+            repetition_penalty: parameters.repetition_penalty,
+            frequency_penalty: parameters.frequency_penalty,
+            presence_penalty: parameters.presence_penalty,
+        }),
+        stopping_parameters: Some(StoppingCriteriaParameters {
+            max_new_tokens: request.stopping_parameters.max_new_tokens,
+            stop_sequences: request.stopping_parameters.stop_sequences.clone(),
+            ignore_eos_token: request.stopping_parameters.ignore_eos_token,
+        }),
+        prefill_logprobs: request.decoder_input_details,
+        top_n_tokens: request.top_n_tokens,
+        blocks,
+        slots,
+        cache_len: None,
+        chunk_len: None,
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::infer_types::{ValidParameters, ValidStoppingParameters};
+
+    pub fn request(input_length: usize, max_new_tokens: u32) -> ValidGenerateRequest {
+        ValidGenerateRequest {
+            inputs: "test".to_string(),
+            input_ids: Arc::new((0..input_length as u32).map(|i| 10 + i).collect()),
+            parameters: ValidParameters {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                typical_p: 1.0,
+                do_sample: false,
+                seed: 0,
+                repetition_penalty: 1.0,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
+            },
+            stopping_parameters: ValidStoppingParameters {
+                max_new_tokens,
+                stop_sequences: vec![],
+                ignore_eos_token: false,
+            },
+            decoder_input_details: false,
+            top_n_tokens: 0,
+        }
+    }
+
+    type ResponseReceiver = mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>;
+
+    fn entry(input_length: usize, max_new_tokens: u32) -> (Entry, ResponseReceiver) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (Entry::new(request(input_length, max_new_tokens), sender), receiver)
+    }
+
+    fn limits(prefill_token_budget: u32, token_budget: u32) -> BatchLimits {
+        BatchLimits {
+            min_size: None,
+            max_size: None,
+            prefill_token_budget,
+            token_budget,
+        }
+    }
+
+    fn ids(next: &NextBatch) -> Vec<u64> {
+        next.batch.requests.iter().map(|r| r.id).collect()
+    }
+
+    /// 64 blocks of 16 tokens.
+    fn state() -> State {
+        State::new(BlockAllocator::new(64 * 16, 16).unwrap())
+    }
+
+    #[test]
+    fn takes_entries_in_order_within_the_prefill_budget() {
+        let mut state = state();
+        let _receivers: Vec<_> = (0..3)
+            .map(|_| {
+                let (entry, receiver) = entry(10, 5);
+                state.append(entry);
+                receiver
+            })
+            .collect();
+        let next = state.next_batch(limits(25, 1000)).unwrap();
+        assert_eq!(ids(&next), vec![0, 1]);
+        assert_eq!(next.batch.id, 0);
+        assert_eq!(next.batch.size, 2);
+        assert_eq!(next.batch.max_tokens, 30);
+        assert_eq!(next.batch.max_blocks, 2);
+        let request = &next.batch.requests[0];
+        assert_eq!(request.slots.len(), 15);
+        assert_eq!(request.input_ids.len(), 10);
+
+        let next = state.next_batch(limits(25, 1000)).unwrap();
+        assert_eq!(ids(&next), vec![2]);
+        assert_eq!(next.batch.id, 1);
+        assert!(state.next_batch(limits(25, 1000)).is_none());
+    }
+
+    #[test]
+    fn respects_the_token_budget_and_max_size() {
+        let mut state = state();
+        let _receivers: Vec<_> = (0..4)
+            .map(|_| {
+                let (entry, receiver) = entry(10, 40);
+                state.append(entry);
+                receiver
+            })
+            .collect();
+        let next = state.next_batch(limits(1000, 120)).unwrap();
+        assert_eq!(ids(&next), vec![0, 1]);
+        let next = state
+            .next_batch(BatchLimits {
+                max_size: Some(1),
+                ..limits(1000, 1000)
+            })
+            .unwrap();
+        assert_eq!(ids(&next), vec![2]);
+        let max_size_zero = BatchLimits {
+            max_size: Some(0),
+            ..limits(1000, 1000)
+        };
+        assert!(state.next_batch(max_size_zero).is_none());
+        assert_eq!(state.entries.len(), 1);
+    }
+
+    #[test]
+    fn below_min_size_nothing_is_taken_and_blocks_are_kept_free() {
+        let mut state = state();
+        let _receivers: Vec<_> = (0..3)
+            .map(|_| {
+                let (entry, receiver) = entry(10, 10);
+                state.append(entry);
+                receiver
+            })
+            .collect();
+        let wants_four = BatchLimits {
+            min_size: Some(4),
+            ..limits(1000, 1000)
+        };
+        assert!(state.next_batch(wants_four).is_none());
+        // Enough entries, but the prefill budget stops at two.
+        let wants_three = BatchLimits {
+            min_size: Some(3),
+            ..limits(40, 1000)
+        };
+        assert!(state.next_batch(wants_three).is_none());
+        assert_eq!(state.allocator.free_block_count(), 64);
+        let order: Vec<u64> = state.entries.iter().map(|(id, _)| *id).collect();
+        assert_eq!(order, vec![0, 1, 2]);
+        let next = state.next_batch(limits(1000, 1000)).unwrap();
+        assert_eq!(ids(&next), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn skips_entries_whose_client_is_gone() {
+        let mut state = state();
+        let (first, first_receiver) = entry(10, 10);
+        let (second, _second_receiver) = entry(10, 10);
+        state.append(first);
+        state.append(second);
+        drop(first_receiver);
+        let next = state.next_batch(limits(1000, 1000)).unwrap();
+        assert_eq!(ids(&next), vec![1]);
+        assert!(state.entries.is_empty());
+    }
+
+    #[test]
+    fn waits_for_free_blocks_and_allocates_them() {
+        let mut state = State::new(BlockAllocator::new(4 * 16, 16).unwrap());
+        let (first, _r1) = entry(20, 20); // 3 blocks
+        let (second, _r2) = entry(20, 20);
+        state.append(first);
+        state.append(second);
+        let running = state.next_batch(limits(1000, 1000)).unwrap();
+        assert_eq!(ids(&running), vec![0]);
+        assert!(state.next_batch(limits(1000, 1000)).is_none());
+        assert_eq!(state.entries.len(), 1, "still waiting");
+        drop(running);
+        let next = state.next_batch(limits(1000, 1000)).unwrap();
+        assert_eq!(ids(&next), vec![1]);
+        let blocks = &next.batch.requests[0].blocks;
+        assert_eq!(blocks.len(), 3);
+        assert!(!blocks.contains(&0));
+    }
+
+    #[tokio::test]
+    async fn the_task_serves_appends_and_batches() {
+        let queue = Queue::new(BlockAllocator::new(64 * 16, 16).unwrap());
+        let (first, _receiver) = entry(10, 10);
+        queue.append(first);
+        let next = queue.next_batch(limits(1000, 1000)).await.unwrap();
+        assert_eq!(ids(&next), vec![0]);
+        assert!(queue.next_batch(limits(1000, 1000)).await.is_none());
+    }
+}

@@ -1,0 +1,256 @@
+//! The batching loop (TGI's `batching_task`): form a batch, prefill it, then
+//! decode it step by step; between steps let waiting requests join (prefilled
+//! on their own, then decoded together with the running batch), stream every
+//! token to its client, and drop finished or abandoned requests from the
+//! shards' batch so that their KV blocks serve others.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use proto::v3::{Batch, CachedBatch, Generation, Tokens};
+use tokio::sync::Notify;
+
+use super::health::GenerationHealth;
+use super::planner::BatchingConfig;
+use super::queue::{Entry, NextBatch, Queue};
+use crate::client::{self, ShardedClient, StepTimings};
+use crate::infer_types::{FinishReason, GeneratedText, InferError, InferStreamResponse, Token};
+
+/// Runs forever; `notifier` wakes it when a request is queued.
+pub async fn batching_task(
+    client: ShardedClient,
+    queue: Queue,
+    config: BatchingConfig,
+    notifier: Arc<Notify>,
+    health: Arc<GenerationHealth>,
+) {
+    loop {
+        while let Some(NextBatch { mut entries, batch }) =
+            queue.next_batch(config.first_batch_limits()).await
+        {
+            let mut running = step(&client, Step::Prefill(batch), &mut entries, &health).await;
+            let mut waiting_steps = 1;
+            while let Some(batch) = running {
+                metrics::gauge!("tgi_batch_current_size").set(batch.size as f64);
+                metrics::gauge!("tgi_batch_current_max_tokens").set(batch.max_tokens as f64);
+                let (limits, reason) =
+                    config.join_limits(batch.size as usize, batch.max_tokens, waiting_steps);
+                let mut batches = vec![batch];
+                if let Some(NextBatch {
+                    entries: mut new_entries,
+                    batch: new_batch,
+                }) = queue.next_batch(limits).await
+                {
+                    metrics::counter!("tgi_batch_concat", "reason" => reason.as_label())
+                        .increment(1);
+                    let prefilled =
+                        step(&client, Step::Prefill(new_batch), &mut new_entries, &health).await;
+                    waiting_steps = 1;
+                    if let Some(new_batch) = prefilled {
+                        entries.extend(new_entries);
+                        batches.push(new_batch);
+                    }
+                }
+                running = step(&client, Step::Decode(batches), &mut entries, &health).await;
+                waiting_steps += 1;
+            }
+            metrics::gauge!("tgi_batch_current_size").set(0.0);
+            metrics::gauge!("tgi_batch_current_max_tokens").set(0.0);
+        }
+        notifier.notified().await;
+    }
+}
+
+enum Step {
+    Prefill(Batch),
+    /// One step over the union of these cached batches.
+    Decode(Vec<CachedBatch>),
+}
+
+impl Step {
+    fn method(&self) -> &'static str {
+        match self {
+            Step::Prefill(_) => "prefill",
+            Step::Decode(_) => "decode",
+        }
+    }
+
+    /// What the shards must forget when the step fails: a failed prefill only
+    /// concerns its new batch; a decode involves every cached batch.
+    fn cache_to_clear(&self) -> Option<u64> {
+        match self {
+            Step::Prefill(batch) => Some(batch.id),
+            Step::Decode(_) => None,
+        }
+    }
+}
+
+/// Runs one step and delivers its tokens; returns the batch still running.
+/// On a shard error every entry of the step gets the error and is dropped.
+async fn step(
+    client: &ShardedClient,
+    step: Step,
+    entries: &mut HashMap<u64, Entry>,
+    health: &GenerationHealth,
+) -> Option<CachedBatch> {
+    let method = step.method();
+    let cache_to_clear = step.cache_to_clear();
+    let start = Instant::now();
+    metrics::counter!("tgi_batch_inference_count", "method" => method).increment(1);
+    match run_step(client, step, entries, start).await {
+        Ok((running, timings)) => {
+            health.record(true);
+            metrics::histogram!("tgi_batch_forward_duration", "method" => method)
+                .record(timings.forward.as_secs_f64());
+            metrics::histogram!("tgi_batch_decode_duration", "method" => method)
+                .record(timings.decode.as_secs_f64());
+            if let Some(concat) = timings.concat {
+                metrics::histogram!("tgi_batch_concat_duration", "method" => method)
+                    .record(concat.as_secs_f64());
+            }
+            metrics::histogram!("tgi_batch_inference_duration", "method" => method)
+                .record(start.elapsed().as_secs_f64());
+            metrics::counter!("tgi_batch_inference_success", "method" => method).increment(1);
+            running
+        }
+        Err(err) => {
+            health.record(false);
+            metrics::counter!("tgi_batch_inference_failure", "method" => method).increment(1);
+            tracing::error!("{method} failed: {err}");
+            if let Err(clear_err) = client.clear_cache(cache_to_clear).await {
+                tracing::error!("clearing the shards' cache after a failed {method}: {clear_err}");
+            }
+            let error = InferError::GenerationError(err.to_string());
+            for (_, entry) in entries.drain() {
+                // The client may be gone already; nothing more to do then.
+                let _ = entry.response_tx.send(Err(error.clone()));
+            }
+            None
+        }
+    }
+}
+
+async fn run_step(
+    client: &ShardedClient,
+    step: Step,
+    entries: &mut HashMap<u64, Entry>,
+    start: Instant,
+) -> client::Result<(Option<CachedBatch>, StepTimings)> {
+    let (generations, running, timings) = match step {
+        Step::Prefill(batch) => {
+            for entry in entries.values_mut() {
+                entry.batch_time.get_or_insert(start);
+            }
+            client.prefill(batch).await?
+        }
+        Step::Decode(batches) => client.decode(batches).await?,
+    };
+    deliver(generations, entries);
+    let running = filter_batch(client, running, entries).await?;
+    Ok((running, timings))
+}
+
+/// Sends each generation to its client; drops the entries that finished or
+/// whose client is gone (their KV blocks go back to the allocator).
+fn deliver(generations: Vec<Generation>, entries: &mut HashMap<u64, Entry>) {
+    for generation in generations {
+        let id = generation.request_id;
+        let Some(entry) = entries.get(&id) else {
+            tracing::error!(request_id = id, "the shards returned a generation for an unknown request");
+            continue;
+        };
+        if !send_generation(generation, entry) {
+            entries.remove(&id);
+        }
+    }
+}
+
+/// False when the entry is done: it finished or its client went away.
+fn send_generation(generation: Generation, entry: &Entry) -> bool {
+    if entry.response_tx.is_closed() {
+        tracing::debug!(request_id = generation.request_id, "client gone: dropping the request");
+        return false;
+    }
+    let mut responses = Vec::new();
+    if let Some(prefill_tokens) = generation.prefill_tokens {
+        responses.push(InferStreamResponse::Prefill(tokens_of(prefill_tokens)));
+    }
+    let tokens = tokens_of(generation.tokens.unwrap_or_default());
+    let mut top_tokens = generation.top_tokens.into_iter().map(tokens_of);
+    let mut generated_text = generation.generated_text;
+    let finished = generated_text.is_some();
+    let last = tokens.len().saturating_sub(1);
+    for (index, token) in tokens.into_iter().enumerate() {
+        let top_tokens = top_tokens.next().unwrap_or_default();
+        let response = match generated_text.take_if(|_| index == last) {
+            Some(generated_text) => InferStreamResponse::End {
+                token,
+                top_tokens,
+                generated_text: generated_text_of(generated_text),
+                queued: entry.queue_time,
+                start: entry.batch_time.unwrap_or(entry.queue_time),
+            },
+            None => InferStreamResponse::Intermediate { token, top_tokens },
+        };
+        responses.push(response);
+    }
+    let delivered = responses
+        .into_iter()
+        .all(|response| entry.response_tx.send(Ok(response)).is_ok());
+    delivered && !finished
+}
+
+/// Keeps on the shards only the requests still in `entries`; entries the shards
+/// no longer hold are dropped.
+async fn filter_batch(
+    client: &ShardedClient,
+    running: Option<CachedBatch>,
+    entries: &mut HashMap<u64, Entry>,
+) -> client::Result<Option<CachedBatch>> {
+    let Some(batch) = running else {
+        entries.clear();
+        return Ok(None);
+    };
+    let on_shards: HashSet<u64> = batch.request_ids.iter().copied().collect();
+    entries.retain(|id, _| on_shards.contains(id));
+    if entries.len() == on_shards.len() {
+        return Ok(Some(batch));
+    }
+    if entries.is_empty() {
+        client.clear_cache(Some(batch.id)).await?;
+        return Ok(None);
+    }
+    client
+        .filter_batch(batch.id, entries.keys().copied().collect())
+        .await
+}
+
+fn tokens_of(tokens: Tokens) -> Vec<Token> {
+    tokens
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(index, &id)| Token {
+            id,
+            text: tokens.texts.get(index).cloned().unwrap_or_default(),
+            // The first prompt token has no log-probability (as in TGI).
+            logprob: tokens.logprobs.get(index).copied().unwrap_or(f32::NAN),
+            special: tokens.is_special.get(index).copied().unwrap_or(false),
+        })
+        .collect()
+}
+
+fn generated_text_of(generated_text: proto::v3::GeneratedText) -> GeneratedText {
+    let finish_reason = match proto::v3::FinishReason::try_from(generated_text.finish_reason) {
+        Ok(proto::v3::FinishReason::Length) | Err(_) => FinishReason::Length,
+        Ok(proto::v3::FinishReason::EosToken) => FinishReason::EosToken,
+        Ok(proto::v3::FinishReason::StopSequence) => FinishReason::StopSequence,
+    };
+    GeneratedText {
+        text: generated_text.text,
+        generated_tokens: generated_text.generated_tokens,
+        finish_reason,
+        seed: generated_text.seed,
+    }
+}
