@@ -1,0 +1,196 @@
+//! The benchmark loop: Warmup once, then for every batch size prefill the batch (in chunks
+//! of at most `max_batch_prefill_tokens`, as the router would) and run the decode steps.
+
+use crate::batch::{batch_of, blocks_per_request, build_requests, prefill_batches, warmup_prompt_lens};
+use crate::client::ShardClient;
+use crate::stats::Summary;
+use crate::Args;
+use anyhow::{bail, ensure, Context};
+use proto::v3::{CachedBatch, ClearCacheRequest, DecodeRequest, InfoRequest, PrefillRequest, WarmupRequest};
+use rand::{rngs::StdRng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub model_type: String,
+    pub dtype: String,
+    pub device_type: String,
+    pub attention_impl: String,
+    pub quantization: String,
+    pub block_size: u32,
+    /// KV cache capacity the shard reported after Warmup.
+    pub max_supported_total_tokens: u32,
+    pub prompt_tokens: u32,
+    pub decode_steps: u32,
+    pub runs: u32,
+    pub batches: Vec<BatchResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    pub batch_size: u32,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Measured(Measurement),
+    Skipped { reason: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct Measurement {
+    /// Prefill calls per run (the batch split at max_batch_prefill_tokens).
+    pub prefill_calls: usize,
+    /// Wall time of the whole prefill of the batch, per run.
+    pub prefill_ms: Summary,
+    /// Prompt tokens over mean prefill time.
+    pub prefill_tokens_per_s: f64,
+    /// Wall time of one decode step over the whole batch; `None` without decode steps.
+    pub decode_step_ms: Option<Summary>,
+    /// Generated tokens per second over the batch, from the mean step time.
+    pub decode_tokens_per_s: Option<f64>,
+}
+
+pub async fn run(client: &mut ShardClient, args: &Args) -> anyhow::Result<Results> {
+    let info = client.info(InfoRequest {}).await.context("Info")?.into_inner();
+    ensure!(info.block_size > 0, "the shard reports a KV block size of 0");
+    let block_size = info.block_size;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    client.clear_cache(ClearCacheRequest { id: None }).await.context("ClearCache")?;
+
+    let warmup_new_tokens = 10.min(args.max_total_tokens - args.max_input_tokens);
+    let warmup_lens = warmup_prompt_lens(args.max_batch_prefill_tokens, args.max_input_tokens);
+    let warmup_batch = batch_of(0, build_requests(&warmup_lens, warmup_new_tokens, block_size, args.vocab_size, &mut rng));
+    let started = Instant::now();
+    let warmup = client
+        .warmup(WarmupRequest {
+            batch: Some(warmup_batch),
+            max_input_tokens: args.max_input_tokens,
+            max_prefill_tokens: args.max_batch_prefill_tokens,
+            max_total_tokens: args.max_total_tokens,
+            max_batch_total_tokens: args.max_batch_total_tokens,
+        })
+        .await
+        .context("Warmup")?
+        .into_inner();
+    eprintln!(
+        "warmup: {:.1}s, KV cache holds {} tokens ({} on {}, {})",
+        started.elapsed().as_secs_f64(),
+        warmup.max_supported_total_tokens,
+        info.model_type,
+        info.device_type,
+        info.dtype
+    );
+
+    let available_blocks = warmup.max_supported_total_tokens / block_size;
+    let max_new_tokens = args.decode_steps + 1;
+    let mut batches = Vec::new();
+    for &batch_size in &args.batch_sizes {
+        let needed = batch_size as u64 * blocks_per_request(args.prompt_tokens, max_new_tokens, block_size) as u64;
+        let outcome = if needed > available_blocks as u64 {
+            Outcome::Skipped {
+                reason: format!("needs {needed} KV blocks, the cache holds {available_blocks}"),
+            }
+        } else {
+            Outcome::Measured(measure(client, args, block_size, batch_size, &mut rng).await?)
+        };
+        eprintln!("batch size {batch_size}: {outcome:?}");
+        batches.push(BatchResult { batch_size, outcome });
+    }
+    Ok(Results {
+        model_type: info.model_type,
+        dtype: info.dtype,
+        device_type: info.device_type,
+        attention_impl: info.attention_impl,
+        quantization: info.quantization,
+        block_size,
+        max_supported_total_tokens: warmup.max_supported_total_tokens,
+        prompt_tokens: args.prompt_tokens,
+        decode_steps: args.decode_steps,
+        runs: args.runs,
+        batches,
+    })
+}
+
+async fn measure(
+    client: &mut ShardClient,
+    args: &Args,
+    block_size: u32,
+    batch_size: u32,
+    rng: &mut StdRng,
+) -> anyhow::Result<Measurement> {
+    let max_new_tokens = args.decode_steps + 1;
+    let mut prefill_ms = Vec::new();
+    let mut step_ms = Vec::new();
+    let mut prefill_calls = 0;
+    for run in 0..args.warmup_runs + args.runs {
+        let measured = run >= args.warmup_runs;
+        let prompt_lens = vec![args.prompt_tokens; batch_size as usize];
+        let requests = build_requests(&prompt_lens, max_new_tokens, block_size, args.vocab_size, rng);
+        let batches = prefill_batches(requests, args.max_batch_prefill_tokens, 1);
+        prefill_calls = batches.len();
+
+        let started = Instant::now();
+        let mut cached = Vec::new();
+        let mut generated = 0;
+        for batch in batches {
+            let response = client.prefill(PrefillRequest { batch: Some(batch) }).await.context("Prefill")?.into_inner();
+            generated += response.generations.len();
+            cached.extend(response.batch);
+        }
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        ensure!(
+            generated == batch_size as usize,
+            "Prefill of {batch_size} requests returned {generated} generations"
+        );
+        if measured {
+            prefill_ms.push(elapsed_ms);
+        }
+
+        for step in 0..args.decode_steps {
+            if cached.is_empty() {
+                bail!("the shard finished the batch after {step} of {} decode steps", args.decode_steps);
+            }
+            let started = Instant::now();
+            let response =
+                client.decode(DecodeRequest { batches: std::mem::take(&mut cached) }).await.context("Decode")?.into_inner();
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            ensure!(
+                response.generations.len() == batch_size as usize,
+                "Decode step {step} over {batch_size} requests returned {} generations",
+                response.generations.len()
+            );
+            if measured {
+                step_ms.push(elapsed_ms);
+            }
+            cached.extend(response.batch);
+        }
+        release(client, cached).await?;
+    }
+
+    let prefill_ms = Summary::of(&prefill_ms).context("no measured runs")?;
+    let decode_step_ms = Summary::of(&step_ms);
+    Ok(Measurement {
+        prefill_calls,
+        prefill_tokens_per_s: (batch_size * args.prompt_tokens) as f64 / prefill_ms.mean * 1e3,
+        decode_tokens_per_s: decode_step_ms.as_ref().map(|s| batch_size as f64 / s.mean * 1e3),
+        prefill_ms,
+        decode_step_ms,
+    })
+}
+
+/// Drops batches the shard still holds: each request generates `decode_steps + 1` tokens,
+/// so a shard that follows `max_new_tokens` has already finished them all.
+async fn release(client: &mut ShardClient, cached: Vec<CachedBatch>) -> anyhow::Result<()> {
+    if !cached.is_empty() {
+        eprintln!("warning: the shard kept {} batch(es) past max_new_tokens; clearing them", cached.len());
+    }
+    for batch in cached {
+        client.clear_cache(ClearCacheRequest { id: Some(batch.id) }).await.context("ClearCache")?;
+    }
+    Ok(())
+}
