@@ -116,10 +116,6 @@ impl ManagedProcess {
         Ok(Self { name: spec.name, pid, exited })
     }
 
-    pub fn pid(&self) -> Pid {
-        self.pid
-    }
-
     pub fn has_exited(&self) -> bool {
         *self.exited.borrow()
     }
