@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Load generator for any OpenAI-compatible server (ours, TGI, vLLM, ...).
+
+Streams `/v1/completions` with prompts of an exact token length (counted with the
+model's tokenizer.json), a fixed `max_tokens`, `ignore_eos` and greedy decoding, and
+reports per load level: aggregate output tokens/s, TTFT, inter-token latency and
+end-to-end latency (p50/p99), and errors.
+
+    # concurrency sweep
+    python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json
+    # the issue's three targets
+    python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json --scenario
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from tokenizers import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_stats import RequestResult, markdown_table, summarize  # noqa: E402
+
+# Ordinary prose to cut prompts from: tokenizes like real text, unlike random ids.
+FILLER_TEXT = (
+    "The history of the city begins with a small settlement on the river, where traders "
+    "exchanged grain, salt and timber with the farmers of the valley. Over the centuries "
+    "the market grew into a town, the town built walls, bridges and a cathedral, and the "
+    "merchants who lived there founded schools, hospitals and a university. Engineers later "
+    "drained the marshes, laid railways along both banks and brought electric light to the "
+    "streets; factories rose in the northern districts while parks and museums filled the "
+    "old quarter. Today visitors walk along the quays, read in the libraries, listen to "
+    "concerts in the squares and taste the cooking of a dozen regions in its restaurants. "
+)
+
+
+@dataclass(frozen=True)
+class Level:
+    """Requests of one shape sent `concurrency` at a time."""
+
+    name: str
+    concurrency: int
+    prompt_tokens: int
+    max_tokens: int
+    requests: int
+
+
+# The targets of the issue: single-stream decode, long-prompt prefill, a loaded server.
+SCENARIOS = [
+    Level("single stream 128/256", concurrency=1, prompt_tokens=128, max_tokens=256, requests=5),
+    Level("prefill 2048", concurrency=1, prompt_tokens=2048, max_tokens=1, requests=5),
+    Level("64 concurrent 512/128", concurrency=64, prompt_tokens=512, max_tokens=128, requests=128),
+]
+
+
+class PromptBuilder:
+    """Distinct prompts of exactly N tokens as the server counts them (special tokens the
+    tokenizer adds included), cut from ordinary prose."""
+
+    MAX_ADJUSTMENTS = 16
+
+    def __init__(self, tokenizer: Tokenizer, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.filler = tokenizer.encode(FILLER_TEXT, add_special_tokens=False).ids
+        if not self.filler:
+            raise ValueError("the tokenizer encodes the filler text to no tokens")
+        self.rng = random.Random(seed)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def build(self, n_tokens: int) -> str:
+        """A prompt of exactly `n_tokens` tokens; a random start in the filler and a
+        random number in front keep prompts distinct (no shared prefix to cache)."""
+        prefix = f"{self.rng.randrange(10**6)}. "
+        start = self.rng.randrange(len(self.filler))
+        length = n_tokens - self.count(prefix)
+        for _ in range(self.MAX_ADJUSTMENTS):
+            if length < 0:
+                break
+            ids = [self.filler[(start + i) % len(self.filler)] for i in range(length)]
+            text = prefix + self.tokenizer.decode(ids)
+            # Decoding then encoding again can merge or split tokens at the seams: adjust.
+            counted = self.count(text)
+            if counted == n_tokens:
+                return text
+            length += n_tokens - counted
+        raise ValueError(f"cannot build a prompt of exactly {n_tokens} tokens with this tokenizer")
+
+
+async def stream_completion(
+    session: aiohttp.ClientSession, url: str, model: str | None, prompt: str, max_tokens: int
+) -> RequestResult:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    result = RequestResult()
+    start = time.perf_counter()
+    last_token_at = None
+    streamed = 0
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                text = (await response.text())[:200]
+                result.error = f"HTTP {response.status}: {text}"
+                return result
+            async for raw in response.content:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = f"stream error: {str(chunk['error'])[:200]}"
+                    return result
+                now = time.perf_counter()
+                if chunk.get("choices"):
+                    streamed += 1
+                    if last_token_at is None:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last_token_at)
+                    last_token_at = now
+                usage = chunk.get("usage")
+                if usage:
+                    result.prompt_tokens = usage.get("prompt_tokens")
+                    result.output_tokens = usage.get("completion_tokens") or 0
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        result.error = f"{type(err).__name__}: {err}"[:200]
+        return result
+    result.latency = time.perf_counter() - start
+    # Servers that send no usage: one streamed chunk per token.
+    result.output_tokens = result.output_tokens or streamed
+    if streamed == 0:
+        result.error = "the stream ended without a token"
+    return result
+
+
+async def run_level(
+    session: aiohttp.ClientSession, url: str, model: str | None, builder: PromptBuilder, level: Level
+) -> dict:
+    prompts = [builder.build(level.prompt_tokens) for _ in range(level.requests)]
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+    results: list[RequestResult] = []
+
+    async def worker():
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            results.append(await stream_completion(session, url, model, prompt, level.max_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(level.concurrency, level.requests))))
+    wall = time.perf_counter() - start
+    summary = summarize(level.name, level.concurrency, level.prompt_tokens, level.max_tokens, results, wall)
+    print(
+        f"{level.name}: {summary['requests']} requests, {summary['errors']} errors, "
+        f"{summary['output_tokens']} tokens in {wall:.1f}s",
+        file=sys.stderr,
+    )
+    for sample in summary["error_samples"]:
+        print(f"  error: {sample}", file=sys.stderr)
+    if summary["prompt_token_mismatches"]:
+        print(f"  warning: {summary['prompt_token_mismatches']} prompts counted differently by the server", file=sys.stderr)
+    return summary
+
+
+async def served_model(session: aiohttp.ClientSession, url: str) -> str | None:
+    """The first model `/v1/models` lists (vLLM needs its name); None when it lists none."""
+    try:
+        async with session.get(f"{url}/v1/models") as response:
+            if response.status == 200:
+                models = (await response.json()).get("data") or []
+                return models[0].get("id") if models else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+        pass
+    return None
+
+
+def sweep_levels(args: argparse.Namespace) -> list[Level]:
+    return [
+        Level(
+            f"sweep c={c}",
+            concurrency=c,
+            prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens,
+            requests=args.requests or max(2 * c, 16),
+        )
+        for c in args.concurrency
+    ]
+
+
+async def main_async(args: argparse.Namespace) -> list[dict]:
+    builder = PromptBuilder(Tokenizer.from_file(str(args.tokenizer)), seed=args.seed)
+    levels = SCENARIOS if args.scenario else sweep_levels(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    # No connection cap: the concurrency of a level is the only limit.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+        model = args.model or await served_model(session, args.url)
+        if args.warmup_requests:
+            warmup = Level("warmup", 1, min(level.prompt_tokens for level in levels), 16, args.warmup_requests)
+            await run_level(session, args.url, model, builder, warmup)
+        return [await run_level(session, args.url, model, builder, level) for level in levels]
+
+
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers of at least 1, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://localhost:8080", help="server base URL")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="the model's tokenizer.json")
+    parser.add_argument("--model", help="model name to send (default: the first of /v1/models)")
+    parser.add_argument("--scenario", action="store_true", help="run the issue's three targets instead of the sweep")
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32, 64, 128, 256])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, help="requests per level (default: max(2 x concurrency, 16))")
+    parser.add_argument("--warmup-requests", type=int, default=2, help="untimed requests first")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.prompt_tokens < 1 or args.max_tokens < 1 or (args.requests is not None and args.requests < 1):
+        parser.error("--prompt-tokens, --max-tokens and --requests must be at least 1")
+    if not args.tokenizer.is_file():
+        parser.error(f"--tokenizer {args.tokenizer} is not a file")
+    args.url = args.url.rstrip("/")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        levels = asyncio.run(main_async(args))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"url": args.url, "levels": levels}, indent=2))
+    print(markdown_table(levels))
+    return 1 if any(level["errors"] for level in levels) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
