@@ -65,7 +65,8 @@ class PromptBuilder:
     """Distinct prompts of exactly N tokens as the server counts them (special tokens the
     tokenizer adds included), cut from ordinary prose."""
 
-    MAX_ADJUSTMENTS = 16
+    ATTEMPTS = 8
+    ADJUSTMENTS = 4
 
     def __init__(self, tokenizer: Tokenizer, seed: int = 0):
         self.tokenizer = tokenizer
@@ -78,14 +79,22 @@ class PromptBuilder:
         return len(self.tokenizer.encode(text, add_special_tokens=True).ids)
 
     def build(self, n_tokens: int) -> str:
-        """A prompt of exactly `n_tokens` tokens; a random start in the filler and a
-        random number in front keep prompts distinct (no shared prefix to cache)."""
-        prefix = f"{self.rng.randrange(10**6)}. "
-        start = self.rng.randrange(len(self.filler))
+        """A prompt of exactly `n_tokens` tokens. A random number in front and a random
+        start in the filler keep prompts distinct: no shared prefix for a cache to reuse."""
+        for _ in range(self.ATTEMPTS):
+            prefix = f"{self.rng.randrange(10**6)}. "
+            if self.count(prefix) >= n_tokens:
+                prefix = ""
+            text = self._fit(prefix, self.rng.randrange(len(self.filler)), n_tokens)
+            if text is not None:
+                return text
+        raise ValueError(f"cannot build a prompt of exactly {n_tokens} tokens with this tokenizer")
+
+    def _fit(self, prefix: str, start: int, n_tokens: int) -> str | None:
         length = n_tokens - self.count(prefix)
-        for _ in range(self.MAX_ADJUSTMENTS):
+        for _ in range(self.ADJUSTMENTS):
             if length < 0:
-                break
+                return None
             ids = [self.filler[(start + i) % len(self.filler)] for i in range(length)]
             text = prefix + self.tokenizer.decode(ids)
             # Decoding then encoding again can merge or split tokens at the seams: adjust.
@@ -93,7 +102,7 @@ class PromptBuilder:
             if counted == n_tokens:
                 return text
             length += n_tokens - counted
-        raise ValueError(f"cannot build a prompt of exactly {n_tokens} tokens with this tokenizer")
+        return None
 
 
 async def stream_completion(
