@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds the four binaries for the GPU machine (CUDA 13, H100 = sm_90) on this machine,
+# which has no GPU, into target-cuda/, and copies them into .bin/ for benchmark/run_gpu.sh.
+# Also extracts the benchmark's tokenizer into .bench-assets/ (the GPU machine has no npm).
+#
+#   benchmark/build_for_gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared="${SHARED_DIR:-$(cd .. && pwd)/shared}"
+# shellcheck source=/dev/null
+source "$shared/cuda/toolchain.sh"
+
+binaries=(text-generation-launcher text-generation-shard text-generation-router text-generation-benchmark)
+packages=()
+for binary in "${binaries[@]}"; do packages+=(-p "$binary"); done
+cargo build --release --target-dir target-cuda "${packages[@]}" --features text-generation-shard/cuda
+
+mkdir -p .bin
+for binary in "${binaries[@]}"; do
+    cp "target-cuda/release/$binary" .bin/
+done
+benchmark/fetch_tokenizer.sh
+echo "build_for_gpu.sh: ${binaries[*]} in .bin/; tokenizer in .bench-assets/" >&2

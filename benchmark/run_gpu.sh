@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark, run ON THE GPU MACHINE from the repository root, with the
+# binaries that benchmark/build_for_gpu.sh put into .bin/ and the tokenizer it put into
+# .bench-assets/ (carry both):
+#   1. writes a random Llama-3.1-8B-shaped bf16 model to $MODEL_DIR (once),
+#   2. starts the launcher on it and waits for /health,
+#   3. runs benchmark/load.py: the issue's scenarios, then the concurrency sweep,
+#   4. stops the launcher, runs the shard microbenchmark on a shard of its own,
+#   5. prints the tables, and copies the JSON results and logs to $OUT when set.
+#
+#   benchmark/run_gpu.sh
+# Environment: PRESET (llama-3.1-8b | tiny), MODEL_DIR, PORT, RESULTS_DIR,
+# CONCURRENCY (sweep levels, e.g. 1,8,32), SKIP_SHARD_BENCH=1, SHARD_BENCH_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PRESET="${PRESET:-llama-3.1-8b}"
+MODEL_DIR="${MODEL_DIR:-/tmp/llama-8b-random}"
+PORT="${PORT:-8080}"
+RESULTS_DIR="${RESULTS_DIR:-/tmp/bench-results}"
+CONCURRENCY="${CONCURRENCY:-1,8,32,64,128,256}"
+SHARD_UDS="/tmp/bench-shard"
+# The router's limits, the same for the launcher and the shard microbenchmark.
+LIMITS=(--max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192)
+
+export PATH="$PWD/.bin:$PATH"
+for env_script in shared/cuda/device-env.sh ../shared/cuda/device-env.sh; do
+    # shellcheck source=/dev/null
+    if [ -f "$env_script" ]; then source "$env_script"; break; fi
+done
+for binary in text-generation-launcher text-generation-shard text-generation-router text-generation-benchmark; do
+    [ -x ".bin/$binary" ] || { echo "run_gpu.sh: .bin/$binary is missing: run benchmark/build_for_gpu.sh first" >&2; exit 1; }
+done
+mkdir -p "$RESULTS_DIR"
+
+server_pid=""
+stop_server() {
+    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid"
+        # The launcher stops its children on SIGTERM; give it time before forcing.
+        for _ in $(seq 60); do kill -0 "$server_pid" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    server_pid=""
+}
+collect() {
+    stop_server
+    if [ -n "${OUT:-}" ]; then cp -r "$RESULTS_DIR"/. "$OUT"/ 2>/dev/null || true; fi
+}
+trap collect EXIT
+
+# Waits until `check` succeeds, failing early when the server process has exited.
+wait_for() {
+    local what="$1" timeout="$2" log="$3"; shift 3
+    local started=$SECONDS
+    until "$@" >/dev/null 2>&1; do
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            echo "run_gpu.sh: the process exited before $what; last lines of $log:" >&2
+            tail -n 40 "$log" >&2
+            exit 1
+        fi
+        if (( SECONDS - started > timeout )); then
+            echo "run_gpu.sh: no $what after ${timeout}s; last lines of $log:" >&2
+            tail -n 40 "$log" >&2
+            exit 1
+        fi
+        sleep 2
+    done
+    echo "run_gpu.sh: $what after $((SECONDS - started))s" >&2
+}
+
+healthy() {
+    python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS_DIR/gpu.txt" || true
+
+if [ ! -f "$MODEL_DIR/model.safetensors.index.json" ]; then
+    python3 benchmark/make_random_model.py "$MODEL_DIR" --preset "$PRESET"
+fi
+
+text-generation-launcher --model-id "$MODEL_DIR" --dtype bfloat16 --hostname 127.0.0.1 --port "$PORT" \
+    "${LIMITS[@]}" --max-concurrent-requests 1024 >"$RESULTS_DIR/launcher.log" 2>&1 &
+server_pid=$!
+wait_for "/health" 900 "$RESULTS_DIR/launcher.log" healthy "http://127.0.0.1:$PORT/health"
+
+load=(python3 benchmark/load.py --url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR/tokenizer.json")
+status=0
+"${load[@]}" --scenario --out "$RESULTS_DIR/scenario.json" | tee "$RESULTS_DIR/scenario.md" || status=1
+"${load[@]}" --concurrency "$CONCURRENCY" --out "$RESULTS_DIR/sweep.json" | tee "$RESULTS_DIR/sweep.md" || status=1
+stop_server
+
+if [ "${SKIP_SHARD_BENCH:-0}" != 1 ]; then
+    rm -f "$SHARD_UDS-0"
+    text-generation-shard --model-path "$MODEL_DIR" --uds-path "$SHARD_UDS" --dtype bfloat16 \
+        >"$RESULTS_DIR/shard.log" 2>&1 &
+    server_pid=$!
+    wait_for "the shard's socket" 900 "$RESULTS_DIR/shard.log" test -S "$SHARD_UDS-0"
+    # shellcheck disable=SC2086
+    text-generation-benchmark --uds-path "$SHARD_UDS-0" "${LIMITS[@]}" \
+        --out "$RESULTS_DIR/shard.json" ${SHARD_BENCH_ARGS:-} | tee "$RESULTS_DIR/shard.md" || status=1
+    stop_server
+fi
+
+echo
+echo "## Results ($PRESET, $(head -n 1 "$RESULTS_DIR/gpu.txt" 2>/dev/null || echo 'unknown GPU'))"
+for table in scenario sweep shard; do
+    if [ -f "$RESULTS_DIR/$table.md" ]; then echo; echo "### $table"; cat "$RESULTS_DIR/$table.md"; fi
+done
+exit "$status"
