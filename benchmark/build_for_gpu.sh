@@ -18,6 +18,9 @@ cargo build --release --target-dir target-cuda "${packages[@]}" --features text-
 mkdir -p .bin
 for binary in "${binaries[@]}"; do
     cp "target-cuda/release/$binary" .bin/
+    # Symbols are dead weight on the GPU machine, and what a run carries is capped (64 MiB).
+    strip ".bin/$binary"
 done
 benchmark/fetch_tokenizer.sh
+du -ch .bin/* .bench-assets | tail -n 1 | sed 's/^/build_for_gpu.sh: to carry (64 MiB at most): /' >&2
 echo "build_for_gpu.sh: ${binaries[*]} in .bin/; tokenizer in .bench-assets/" >&2
