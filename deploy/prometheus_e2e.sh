@@ -5,7 +5,9 @@
 #
 #   ROUTER_URL=http://127.0.0.1:3000 deploy/prometheus_e2e.sh [options]
 #   deploy/prometheus_e2e.sh http://127.0.0.1:3000 [--requests N] [--api-key KEY]
-#   deploy/prometheus_e2e.sh --fake     # against deploy/tests/fake_router.py (self-test)
+#   deploy/prometheus_e2e.sh --launch MODEL   # starts target/release/text-generation-launcher
+#                                             # with kubernetes/tgi.env, on the CPU
+#   deploy/prometheus_e2e.sh --fake           # against deploy/tests/fake_router.py (self-test)
 #
 # Loopback addresses only. Installs Debian's prometheus and PyYAML when missing.
 set -euo pipefail
@@ -26,8 +28,7 @@ if [ "${1:-}" = "--fake" ]; then
   for _ in $(seq 50); do [ -s "$port_file" ] && break; sleep 0.1; done
   [ -s "$port_file" ] || { echo "error: fake router did not start" >&2; exit 1; }
   set -- "http://127.0.0.1:$(head -1 "$port_file")" "$@"
-elif [ $# -eq 0 ] || [ "${1#-}" != "$1" ]; then
-  [ -n "${ROUTER_URL:-}" ] || { echo "error: give the router URL as ROUTER_URL or the first argument" >&2; exit 2; }
+elif [ -n "${ROUTER_URL:-}" ] && { [ $# -eq 0 ] || [ "${1#-}" != "$1" ]; }; then
   set -- "$ROUTER_URL" "$@"
 fi
 python3 "$deploy/tools/prometheus_e2e.py" "$@"

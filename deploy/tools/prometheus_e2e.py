@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
-"""End-to-end test of the monitoring setup against a running router (see prometheus_e2e.sh).
+"""End-to-end test of the monitoring setup against a router (see prometheus_e2e.sh).
 
+The router is one already running at ROUTER_URL, or, with --launch MODEL, a
+text-generation-launcher started here with the Kubernetes settings (kubernetes/tgi.env)
+made local: the model given, loopback, a free port, the CPU, a temporary cache.
 Starts a real Prometheus server on loopback with deploy/prometheus/rules.yml and a scrape
-job for ROUTER_URL, sends a few /generate requests to the router, then through the
+job for the router, sends a few /generate requests to the router, then through the
 Prometheus HTTP API checks that:
   - the router's scrape target is up and the required tgi_* metrics were ingested,
   - tgi_request_count counts the requests sent,
   - every query of the Grafana dashboard evaluates without error,
   - the Prometheus adapter's query behind the HPA returns tgi_queue_size per pod,
-  - every recording and alerting rule evaluates without error.
+  - every recording and alerting rule evaluates without error,
+and, with --launch, that the launcher stops on SIGTERM within the pod's grace period.
 """
 import argparse
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +38,10 @@ DEPLOY = Path(__file__).resolve().parent.parent
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 ADAPTER_CONFIG = DEPLOY / "kubernetes" / "prometheus-adapter" / "config.yaml"
+LAUNCHER_SETTINGS = DEPLOY / "kubernetes" / "tgi.env"
+DEPLOYMENT = DEPLOY / "kubernetes" / "deployment.yaml"
+LAUNCHER = DEPLOY.parent / "target" / "release" / "text-generation-launcher"
+LAUNCH_TIMEOUT_S = 600
 # Labels the Kubernetes scrape attaches (ServiceMonitor), so the adapter's query can match.
 POD_LABELS = {"namespace": "e2e", "pod": "tgi-e2e-0"}
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
@@ -123,6 +133,57 @@ class Prometheus:
             return r.status == 200
 
 
+class LocalLauncher:
+    """The launcher with the Deployment's settings, made to run on this machine."""
+
+    def __init__(self, binary, model, workdir):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        settings = dict(line.split("=", 1) for line in LAUNCHER_SETTINGS.read_text().splitlines()
+                        if line.strip() and not line.startswith("#"))
+        self.drain_s = int(settings.get("GRACEFUL_TERMINATION_TIMEOUT", 90))
+        pod = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]
+        self.grace_s = pod.get("terminationGracePeriodSeconds", 30)
+        settings.update({
+            "MODEL_ID": str(model), "HOSTNAME": "127.0.0.1", "PORT": str(self.port),
+            "DEVICE": "cpu", "DTYPE": "float32", "HF_HUB_OFFLINE": "1",
+            "HUGGINGFACE_HUB_CACHE": str(workdir / "cache"), "HF_HOME": str(workdir / "cache"),
+            "SHARD_UDS_PATH": str(workdir / "shard"),
+        })
+        self.log_path = workdir / "launcher.log"
+        self.process = subprocess.Popen([binary], env={**os.environ, **settings},
+                                        stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
+
+    def log_tail(self):
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+
+    def healthy(self):
+        if self.process.poll() is not None:
+            raise Failure(f"launcher exited with {self.process.returncode}:\n{self.log_tail()}")
+        with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+            return r.status == 200
+
+    def stop_within_grace(self):
+        """SIGTERM, as the kubelet sends; the launcher must be gone before the SIGKILL."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=self.grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise Failure(f"launcher still running {self.grace_s}s after SIGTERM "
+                          f"(terminationGracePeriodSeconds):\n{self.log_tail()}")
+        if code != 0:
+            raise Failure(f"launcher exited with {code} after SIGTERM:\n{self.log_tail()}")
+        print(f"launcher stopped {time.monotonic() - started:.1f}s after SIGTERM")
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 def send_requests(router_url, count, api_key):
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -207,7 +268,12 @@ def run_checks(prom, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("router_url", help="router base URL on loopback, e.g. http://127.0.0.1:3000")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("router_url", nargs="?",
+                        help="router base URL on loopback, e.g. http://127.0.0.1:3000")
+    target.add_argument("--launch", metavar="MODEL", type=Path,
+                        help="start the launcher with kubernetes/tgi.env, serving MODEL")
+    parser.add_argument("--launcher", default=str(LAUNCHER), help="launcher binary for --launch")
     parser.add_argument("--requests", type=int, default=2, help="/generate requests to send")
     parser.add_argument("--require", nargs="+",
                         default=["tgi_request_count", "tgi_request_success", "tgi_queue_size",
@@ -218,32 +284,50 @@ def main():
     parser.add_argument("--timeout", type=float, default=60, help="seconds to wait per check")
     parser.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="prometheus-e2e-") as workdir:
+        return run(args, Path(workdir))
 
+
+def run(args, workdir):
+    launcher = None
+    if args.launch:
+        if not Path(args.launcher).is_file():
+            sys.exit(f"error: {args.launcher} is missing: run `cargo build --release` first")
+        launcher = LocalLauncher(args.launcher, args.launch.resolve(), workdir)
+        args.router_url = launcher.url
     router = urllib.parse.urlsplit(args.router_url)
     if router.scheme not in ("http", "https") or not router.hostname:
         sys.exit(f"error: {args.router_url!r} is not an http(s) URL")
     if not router.netloc.startswith(LOOPBACK_HOSTS):
         sys.exit(f"error: {router.netloc} is not a loopback address")
 
+    prom = None
     try:
+        if launcher:
+            wait_for("the launcher's /health", launcher.healthy, LAUNCH_TIMEOUT_S)
         send_requests(args.router_url, args.requests, args.api_key)
+        prom = Prometheus(args.prometheus, router, workdir, scrape_interval_s=1)
+        wait_for("prometheus to become ready", prom.ready, args.timeout)
+        results = run_checks(prom, args)
     except (OSError, urllib.error.URLError, ValueError, Failure) as e:
-        sys.exit(f"error: sending /generate to {args.router_url}: {e}")
-
-    with tempfile.TemporaryDirectory(prefix="prometheus-e2e-") as workdir:
-        prom = Prometheus(args.prometheus, router, Path(workdir), scrape_interval_s=1)
-        try:
-            wait_for("prometheus to become ready", prom.ready, args.timeout)
-            results = run_checks(prom, args)
-        except Failure as e:
-            results = [("prometheus starts", str(e))]
-        finally:
+        results = [("router and prometheus start", str(e))]
+    finally:
+        if prom:
             prom.stop()
-        failed = [r for r in results if r[1]]
-        for name, error in results:
-            print(f"{'FAIL' if error else 'PASS'}: {name}" + (f": {error}" if error else ""))
-        if failed:
-            print(f"prometheus log (tail):\n{prom.log_tail()}", file=sys.stderr)
+    if launcher and launcher.process.poll() is None:
+        try:
+            launcher.stop_within_grace()
+            results.append(("launcher stops on SIGTERM within the grace period", None))
+        except Failure as e:
+            results.append(("launcher stops on SIGTERM within the grace period", str(e)))
+    if launcher:
+        launcher.kill()
+
+    failed = [r for r in results if r[1]]
+    for name, error in results:
+        print(f"{'FAIL' if error else 'PASS'}: {name}" + (f": {error}" if error else ""))
+    if failed and prom:
+        print(f"prometheus log (tail):\n{prom.log_tail()}", file=sys.stderr)
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
