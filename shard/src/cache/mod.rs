@@ -26,6 +26,10 @@ impl KvCache {
         2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * spec.dtype.size_in_bytes()
     }
 
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }

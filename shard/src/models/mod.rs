@@ -4,8 +4,48 @@
 //! Models do not own the KV cache: `forward` takes the paged cache and a
 //! `ForwardBatch` describing where every token goes.
 
+pub mod llama;
+
 use crate::cache::KvCache;
+use crate::weights::Weights;
+use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
+use model_store::{Layout, ModelFiles};
+
+/// config.json `model_type`s served by `llama::Llama`.
+const HF_LLAMA_FAMILY: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+/// GGUF `general.architecture`s served by `llama::Llama`.
+const GGUF_LLAMA_FAMILY: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// Loads the model at `files` onto `device`, computing in `dtype`.
+pub fn load_model(files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Box<dyn Model>> {
+    match files.layout() {
+        Layout::HuggingFace => {
+            let config = files.config_json()?;
+            let model_type = config["model_type"].as_str().context("config.json has no model_type")?;
+            if !HF_LLAMA_FAMILY.contains(&model_type) {
+                bail!("unsupported model_type {model_type:?} (supported: {})", HF_LLAMA_FAMILY.join(", "))
+            }
+            let config = llama::LlamaConfig::from_json(&config)?;
+            let weights = Weights::from_safetensors_dir(files.path(), dtype, device)?;
+            Ok(Box::new(llama::Llama::from_hf(config, &weights)?))
+        }
+        Layout::Gguf => {
+            let content = files.gguf_content()?;
+            let arch = content
+                .metadata
+                .get("general.architecture")
+                .and_then(|v| v.to_string().ok())
+                .context("GGUF has no general.architecture")?
+                .clone();
+            if !GGUF_LLAMA_FAMILY.contains(&arch.as_str()) {
+                bail!("unsupported GGUF architecture {arch:?} (supported: {})", GGUF_LLAMA_FAMILY.join(", "))
+            }
+            let weights = Weights::from_gguf(files.path(), content, dtype, device)?;
+            Ok(Box::new(llama::Llama::from_gguf(&arch, &weights)?))
+        }
+    }
+}
 
 /// What the runner and the cache need to know about a loaded model.
 #[derive(Debug, Clone)]

@@ -1,0 +1,343 @@
+//! Self-attention over the paged KV cache.
+//!
+//! Two seams are meant for device kernels: `write_kv_cache` (store the new tokens' keys
+//! and values at their slots) and `paged_attention` (every new token attends over its
+//! sequence's cached context through the block table). Both are written here with
+//! device-agnostic candle ops; a CUDA path can dispatch inside them.
+
+use super::linear::Linear;
+use super::norm::RmsNorm;
+use super::rotary::RotaryAt;
+use crate::models::ForwardBatch;
+use crate::weights::Weights;
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+/// Shape and options of one attention layer.
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Biases on q/k/v (Qwen2).
+    pub qkv_bias: bool,
+    /// RMSNorm of every query/key head before the rotation (Qwen3), with this epsilon.
+    pub qk_norm_eps: Option<f64>,
+    /// Keys further back than this many positions are not attended (Mistral).
+    pub sliding_window: Option<usize>,
+}
+
+/// One sequence's share of the batch, as the candle path reads the cache.
+struct SequenceKeys {
+    /// Rows of this sequence in the flattened batch.
+    first_token: usize,
+    new_tokens: usize,
+    /// `[kv_len]` u32: cache slots of the attended keys, oldest first.
+    slots: Tensor,
+    /// `[new_tokens, kv_len]` additive mask (0 / -inf) in f32, when anything is masked.
+    mask: Option<Tensor>,
+}
+
+/// The batch's cache addressing, prepared once per forward pass and sliding window.
+pub struct PagedAttentionInput<'a> {
+    pub batch: &'a ForwardBatch,
+    pub sliding_window: Option<usize>,
+    /// `[tokens]` i64 slots of the new tokens (the runner's `batch.slots`, checked).
+    slots: Tensor,
+    seqs: Vec<SequenceKeys>,
+}
+
+impl<'a> PagedAttentionInput<'a> {
+    /// Checks the batch against a cache of `num_blocks` blocks of `block_size` slots.
+    pub fn new(
+        batch: &'a ForwardBatch,
+        block_size: usize,
+        num_blocks: usize,
+        sliding_window: Option<usize>,
+    ) -> Result<Self> {
+        let device = batch.input_ids.device();
+        let total_tokens = batch.input_ids.dim(0)?;
+        let new_token_sum: usize = batch.seqs.iter().map(|s| s.new_tokens).sum();
+        if new_token_sum != total_tokens {
+            bail!("batch layout covers {new_token_sum} tokens, input_ids has {total_tokens}")
+        }
+        let num_slots = block_size * num_blocks;
+        let slots = batch.slots.to_dtype(DType::I64)?;
+        if let Some(bad) = slots.to_vec1::<i64>()?.into_iter().find(|&s| s < 0 || s as usize >= num_slots) {
+            bail!("KV slot {bad} outside the cache's {num_slots} slots")
+        }
+        let mut seqs = Vec::with_capacity(batch.seqs.len());
+        let mut first_token = 0;
+        for (i, seq) in batch.seqs.iter().enumerate() {
+            let n = seq.new_tokens;
+            if n == 0 || n > seq.context_len {
+                bail!("sequence {i}: {n} new tokens for a context of {}", seq.context_len)
+            }
+            if seq.block_table.len() * block_size < seq.context_len {
+                bail!("sequence {i}: {} blocks cannot hold {} tokens", seq.block_table.len(), seq.context_len)
+            }
+            if let Some(&bad) = seq.block_table.iter().find(|&&b| b as usize >= num_blocks) {
+                bail!("sequence {i}: block {bad} outside the cache's {num_blocks} blocks")
+            }
+            let start = seq.context_len - n;
+            // The first new token sees back to `start - window + 1`; later ones less far.
+            let kv_start = sliding_window.map_or(0, |w| (start + 1).saturating_sub(w));
+            let slot_ids: Vec<u32> = (kv_start..seq.context_len)
+                .map(|p| seq.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32)
+                .collect();
+            let kv_len = slot_ids.len();
+            let masked = |q: usize, k: usize| {
+                let (q_pos, k_pos) = (start + q, kv_start + k);
+                k_pos > q_pos || sliding_window.is_some_and(|w| q_pos - k_pos >= w)
+            };
+            let needs_mask = (0..n).any(|q| masked(q, 0) || masked(q, kv_len - 1));
+            let mask = if needs_mask {
+                let values: Vec<f32> = (0..n * kv_len)
+                    .map(|j| if masked(j / kv_len, j % kv_len) { f32::NEG_INFINITY } else { 0.0 })
+                    .collect();
+                Some(Tensor::from_vec(values, (n, kv_len), device)?)
+            } else {
+                None
+            };
+            seqs.push(SequenceKeys { first_token, new_tokens: n, slots: Tensor::new(slot_ids, device)?, mask });
+            first_token += n;
+        }
+        Ok(Self { batch, sliding_window, slots, seqs })
+    }
+}
+
+/// Stores the new tokens' keys and values (`[tokens, kv_heads, head_dim]`) into the
+/// layer's cache (`[slots, kv_heads, head_dim]`) at `input`'s slots, in place.
+pub fn write_kv_cache(
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    input: &PagedAttentionInput,
+) -> Result<()> {
+    let (tokens, kv_heads, head_dim) = k.dims3()?;
+    let row = kv_heads * head_dim;
+    // scatter_set writes whole rows of the flattened cache: every element of a token's
+    // row carries that token's slot.
+    let index = input.slots.unsqueeze(1)?.broadcast_as((tokens, row))?.contiguous()?;
+    for (cache, new) in [(key_cache, k), (value_cache, v)] {
+        let flat_cache = cache.reshape((cache.dim(0)?, row))?;
+        let new = new.to_dtype(cache.dtype())?.contiguous()?.reshape((tokens, row))?;
+        flat_cache.scatter_set(&index, &new, 0)?;
+    }
+    Ok(())
+}
+
+/// Causal attention of every new token (`q`: `[tokens, heads, head_dim]`) over its
+/// sequence's context read from the cache; returns `[tokens, heads * head_dim]`.
+/// Grouped-query heads share their KV head; softmax runs in f32.
+pub fn paged_attention(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    input: &PagedAttentionInput,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, num_heads, head_dim) = q.dims3()?;
+    let num_kv_heads = key_cache.dim(1)?;
+    if num_heads % num_kv_heads != 0 {
+        bail!("{num_heads} query heads cannot share {num_kv_heads} KV heads")
+    }
+    let group = num_heads / num_kv_heads;
+    let outputs = input
+        .seqs
+        .iter()
+        .map(|seq| {
+            let n = seq.new_tokens;
+            // [n, H, D] -> [Hkv, group * n, D]: query heads of one KV head side by side.
+            let q = q.narrow(0, seq.first_token, n)?.transpose(0, 1)?.contiguous()?;
+            let q = q.reshape((num_kv_heads, group * n, head_dim))?;
+            let k = key_cache.index_select(&seq.slots, 0)?.transpose(0, 1)?.contiguous()?;
+            let v = value_cache.index_select(&seq.slots, 0)?.transpose(0, 1)?.contiguous()?;
+            let kv_len = k.dim(1)?;
+            let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+            let scores = scores.reshape((num_heads, n, kv_len))?;
+            let scores = match &seq.mask {
+                Some(mask) => scores.broadcast_add(mask)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            let out = probs.reshape((num_kv_heads, group * n, kv_len))?.matmul(&v)?;
+            out.reshape((num_heads, n, head_dim))?.transpose(0, 1)?.reshape((n, num_heads * head_dim))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outputs, 0)
+}
+
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// `w` points at the layer's `self_attn`.
+    pub fn load(w: &Weights, cfg: &AttentionConfig) -> Result<Self> {
+        let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let qk_norm = |name: &str| cfg.qk_norm_eps.map(|eps| RmsNorm::load(&w.pp(name), cfg.head_dim, eps)).transpose();
+        Ok(Self {
+            q_proj: Linear::load(&w.pp("q_proj"), cfg.hidden_size, q_dim, cfg.qkv_bias)?,
+            k_proj: Linear::load(&w.pp("k_proj"), cfg.hidden_size, kv_dim, cfg.qkv_bias)?,
+            v_proj: Linear::load(&w.pp("v_proj"), cfg.hidden_size, kv_dim, cfg.qkv_bias)?,
+            o_proj: Linear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, false)?,
+            q_norm: qk_norm("q_norm")?,
+            k_norm: qk_norm("k_norm")?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// `x`: `[tokens, hidden]`; `kv_cache`: this layer's (keys, values).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryAt,
+        kv_cache: &(Tensor, Tensor),
+        input: &PagedAttentionInput,
+    ) -> Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let heads = |proj: &Linear, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let h = proj.forward(x)?.reshape((tokens, heads, self.head_dim))?;
+            match norm {
+                Some(norm) => norm.forward(&h),
+                None => Ok(h),
+            }
+        };
+        let q = rotary.apply(&heads(&self.q_proj, self.num_heads, &self.q_norm)?)?;
+        let k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads, &self.k_norm)?)?;
+        let v = heads(&self.v_proj, self.num_kv_heads, &None)?;
+        let (key_cache, value_cache) = kv_cache;
+        write_kv_cache(key_cache, value_cache, &k, &v, input)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = paged_attention(&q, key_cache, value_cache, input, scale)?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Checks a cache layer against the attention's KV shape (clear error instead of a
+/// failing matmul deep inside).
+pub fn check_cache_layer(
+    cache: &(Tensor, Tensor),
+    num_kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<()> {
+    let (_, heads, dim) = cache.0.dims3()?;
+    if heads != num_kv_heads || dim != head_dim {
+        bail!("KV cache holds {heads} heads of {dim}, the model needs {num_kv_heads} of {head_dim}")
+    }
+    if cache.0.dtype() != dtype {
+        bail!("KV cache is {:?}, the model computes in {dtype:?}", cache.0.dtype())
+    }
+    if !cache.0.device().same_device(device) {
+        bail!("KV cache and model are on different devices")
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::SequenceInput;
+
+    /// Naive attention of one sequence: q `[n, H, D]`, k/v `[ctx, Hkv, D]`, the last n
+    /// keys being the new tokens'.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], n: usize, ctx: usize, h: usize, hkv: usize, d: usize, window: Option<usize>) -> Vec<f32> {
+        let mut out = vec![0f32; n * h * d];
+        for t in 0..n {
+            let pos = ctx - n + t;
+            for head in 0..h {
+                let kvh = head / (h / hkv);
+                let allowed: Vec<usize> = (0..=pos).filter(|&j| window.is_none_or(|w| pos - j < w)).collect();
+                let scores: Vec<f32> = allowed
+                    .iter()
+                    .map(|&j| (0..d).map(|e| q[(t * h + head) * d + e] * k[(j * hkv + kvh) * d + e]).sum::<f32>() / (d as f32).sqrt())
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                for (p, &j) in exps.iter().zip(&allowed) {
+                    for e in 0..d {
+                        out[(t * h + head) * d + e] += p / sum * v[(j * hkv + kvh) * d + e];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn paged_attention_matches_naive_with_gqa_window_and_prefix() -> Result<()> {
+        let dev = Device::Cpu;
+        let (h, hkv, d, block_size, num_blocks) = (4, 2, 8, 4, 8);
+        let (ctx, n) = (11, 3); // 8 tokens already cached, 3 new
+        let window = Some(5);
+        // Blocks deliberately out of order.
+        let block_table = [5u32, 1, 6];
+        let slots: Vec<u32> = (0..ctx).map(|p| block_table[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
+        let ids = vec![0u32; n];
+        let batch = ForwardBatch::new(
+            &[SequenceInput { new_token_ids: &ids, start_position: ctx - n, slots: &slots, block_table: &block_table }],
+            &[2],
+            &dev,
+        )?;
+        let cache_shape = (num_blocks * block_size, hkv, d);
+        let (kc, vc) = (Tensor::zeros(cache_shape, DType::F32, &dev)?, Tensor::zeros(cache_shape, DType::F32, &dev)?);
+        let (k_all, v_all, q) = (values(ctx * hkv * d, 1), values(ctx * hkv * d, 2), values(n * h * d, 3));
+        // The cached prefix, written as an earlier pass would have.
+        let prefix = ForwardBatch::new(
+            &[SequenceInput { new_token_ids: &vec![0u32; ctx - n], start_position: 0, slots: &slots, block_table: &block_table }],
+            &[0],
+            &dev,
+        )?;
+        let prefix_input = PagedAttentionInput::new(&prefix, block_size, num_blocks, window)?;
+        let kv = |data: &[f32], from: usize, len: usize| Tensor::from_slice(&data[from * hkv * d..(from + len) * hkv * d], (len, hkv, d), &dev);
+        write_kv_cache(&kc, &vc, &kv(&k_all, 0, ctx - n)?, &kv(&v_all, 0, ctx - n)?, &prefix_input)?;
+        let input = PagedAttentionInput::new(&batch, block_size, num_blocks, window)?;
+        write_kv_cache(&kc, &vc, &kv(&k_all, ctx - n, n)?, &kv(&v_all, ctx - n, n)?, &input)?;
+        let q_t = Tensor::from_slice(&q, (n, h, d), &dev)?;
+        let out = paged_attention(&q_t, &kc, &vc, &input, 1.0 / (d as f64).sqrt())?.flatten_all()?.to_vec1::<f32>()?;
+        let expected = naive(&q, &k_all, &v_all, n, ctx, h, hkv, d, window);
+        for (a, b) in out.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_slots_and_blocks_outside_the_cache() -> Result<()> {
+        let dev = Device::Cpu;
+        let ids = [1u32, 2];
+        let bad_slot = ForwardBatch::new(
+            &[SequenceInput { new_token_ids: &ids, start_position: 0, slots: &[0, 99], block_table: &[0] }],
+            &[1],
+            &dev,
+        )?;
+        assert!(PagedAttentionInput::new(&bad_slot, 4, 2, None).is_err());
+        let bad_block = ForwardBatch::new(
+            &[SequenceInput { new_token_ids: &ids, start_position: 0, slots: &[0, 1], block_table: &[7] }],
+            &[1],
+            &dev,
+        )?;
+        let err = PagedAttentionInput::new(&bad_block, 4, 2, None).err().unwrap();
+        assert!(err.to_string().contains("block 7"), "{err}");
+        Ok(())
+    }
+}

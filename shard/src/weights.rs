@@ -1,0 +1,258 @@
+//! Checkpoint access behind one VarBuilder-like interface: model code asks for tensors
+//! by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`) whatever the
+//! file format. Safetensors are memory-mapped (single file or sharded through
+//! `model.safetensors.index.json`); GGUF names are translated (`blk.0.attn_q.weight`)
+//! and quantized matrices stay quantized behind `QMatMul`.
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+enum Checkpoint {
+    Safetensors(MmapedSafetensors),
+    Gguf { content: gguf_file::Content, file: Mutex<File>, path: PathBuf },
+}
+
+/// A view of a checkpoint under a name prefix; cheap to clone.
+#[derive(Clone)]
+pub struct Weights {
+    checkpoint: Arc<Checkpoint>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// The safetensors of an HF-layout directory: the files named by
+    /// `model.safetensors.index.json` when present, else `model.safetensors`, else
+    /// every `*.safetensors` file of the directory.
+    pub fn from_safetensors_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are mapped read-only; the server does not modify its model files.
+        let tensors = unsafe { MmapedSafetensors::multi(&files)? };
+        Ok(Self::new(Checkpoint::Safetensors(tensors), dtype, device))
+    }
+
+    /// A GGUF file whose header `content` was already read.
+    pub fn from_gguf(path: &Path, content: gguf_file::Content, dtype: DType, device: &Device) -> Result<Self> {
+        let file = File::open(path).map_err(|e| candle_core::Error::msg(format!("opening {}: {e}", path.display())))?;
+        Ok(Self::new(
+            Checkpoint::Gguf { content, file: Mutex::new(file), path: path.to_path_buf() },
+            dtype,
+            device,
+        ))
+    }
+
+    fn new(checkpoint: Checkpoint, dtype: DType, device: &Device) -> Self {
+        Self { checkpoint: Arc::new(checkpoint), prefix: String::new(), dtype, device: device.clone() }
+    }
+
+    /// The same checkpoint with `name` appended to the prefix (`pp("model").pp("layers")`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        self.gguf_content().is_some()
+    }
+
+    /// The GGUF header (metadata and tensor index); None for safetensors.
+    pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        match &*self.checkpoint {
+            Checkpoint::Gguf { content, .. } => Some(content),
+            Checkpoint::Safetensors(_) => None,
+        }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// The name of the tensor in the file (GGUF names differ from the HF ones).
+    fn file_name(&self, name: &str) -> Result<String> {
+        let full = self.full_name(name);
+        match &*self.checkpoint {
+            Checkpoint::Safetensors(_) => Ok(full),
+            Checkpoint::Gguf { .. } => match gguf_name(&full) {
+                Some(gguf) => Ok(gguf),
+                None => bail!("no GGUF name for tensor {full}"),
+            },
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        let Ok(file_name) = self.file_name(name) else { return false };
+        match &*self.checkpoint {
+            Checkpoint::Safetensors(st) => st.get(&file_name).is_ok(),
+            Checkpoint::Gguf { content, .. } => content.tensor_infos.contains_key(&file_name),
+        }
+    }
+
+    /// A dense tensor in the activation dtype (quantized GGUF tensors are dequantized).
+    pub fn tensor(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let tensor = match &*self.checkpoint {
+            Checkpoint::Safetensors(st) => st.load(&self.file_name(name)?, &self.device)?,
+            Checkpoint::Gguf { .. } => self.qtensor(name)?.dequantize(&self.device)?,
+        };
+        self.check_shape(name, tensor.shape(), &shape)?;
+        tensor.to_dtype(self.dtype)
+    }
+
+    /// The weight of a linear layer, `[out, in]`: quantized GGUF tensors stay quantized.
+    pub fn matmul_weight(&self, name: &str, shape: impl Into<Shape>) -> Result<QMatMul> {
+        let shape = shape.into();
+        match &*self.checkpoint {
+            Checkpoint::Safetensors(_) => Ok(QMatMul::Tensor(self.tensor(name, shape)?)),
+            Checkpoint::Gguf { .. } => {
+                let qtensor = self.qtensor(name)?;
+                self.check_shape(name, qtensor.shape(), &shape)?;
+                match QMatMul::from_qtensor(qtensor)? {
+                    // Unquantized (F32/F16) GGUF matrices come back dense: use the activation dtype.
+                    QMatMul::Tensor(t) => Ok(QMatMul::Tensor(t.to_dtype(self.dtype)?)),
+                    quantized => Ok(quantized),
+                }
+            }
+        }
+    }
+
+    /// The ggml type of a GGUF tensor (e.g. "Q4_1"); None for safetensors.
+    pub fn gguf_dtype(&self, name: &str) -> Option<String> {
+        let Checkpoint::Gguf { content, .. } = &*self.checkpoint else { return None };
+        let info = content.tensor_infos.get(&self.file_name(name).ok()?)?;
+        Some(format!("{:?}", info.ggml_dtype))
+    }
+
+    /// A GGUF tensor without an HF counterpart (e.g. `rope_freqs.weight`), dequantized;
+    /// None when absent or for safetensors.
+    pub fn gguf_only_tensor(&self, gguf_name: &str) -> Result<Option<Tensor>> {
+        let Checkpoint::Gguf { content, file, .. } = &*self.checkpoint else { return Ok(None) };
+        if !content.tensor_infos.contains_key(gguf_name) {
+            return Ok(None);
+        }
+        let mut file = file.lock().map_err(|_| candle_core::Error::msg("GGUF file lock poisoned"))?;
+        Ok(Some(content.tensor(&mut *file, gguf_name, &self.device)?.dequantize(&self.device)?))
+    }
+
+    fn qtensor(&self, name: &str) -> Result<QTensor> {
+        let Checkpoint::Gguf { content, file, path } = &*self.checkpoint else {
+            bail!("{name}: not a GGUF checkpoint")
+        };
+        let file_name = self.file_name(name)?;
+        if !content.tensor_infos.contains_key(&file_name) {
+            bail!("tensor {file_name} ({}) not found in {}", self.full_name(name), path.display())
+        }
+        let mut file = file.lock().map_err(|_| candle_core::Error::msg("GGUF file lock poisoned"))?;
+        content.tensor(&mut *file, &file_name, &self.device)
+    }
+
+    fn check_shape(&self, name: &str, actual: &Shape, expected: &Shape) -> Result<()> {
+        if actual != expected {
+            bail!("tensor {}: shape {actual:?} in the checkpoint, the config implies {expected:?}", self.full_name(name))
+        }
+        Ok(())
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io_err = |what: &Path, e: std::io::Error| candle_core::Error::msg(format!("reading {}: {e}", what.display()));
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| candle_core::Error::msg(format!("parsing {}: {e}", index.display())))?;
+        let Some(map) = json["weight_map"].as_object() else {
+            bail!("{} has no weight_map", index.display())
+        };
+        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io_err(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("safetensors"))
+        .collect();
+    if files.is_empty() {
+        bail!("{} holds no .safetensors weights", dir.display())
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// llama.cpp's name of an HF Llama-family tensor.
+fn gguf_name(hf: &str) -> Option<String> {
+    let global = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = global {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, param) = rest.rsplit_once('.')?;
+    let gguf_module = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{gguf_module}.{param}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_hf_names_to_gguf() {
+        assert_eq!(gguf_name("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
+        assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(gguf_name("model.layers.12.self_attn.q_proj.bias").as_deref(), Some("blk.12.attn_q.bias"));
+        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
+        assert_eq!(
+            gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(),
+            Some("blk.3.ffn_norm.weight")
+        );
+        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(gguf_name("model.layers.1.unknown.weight"), None);
+    }
+
+    #[test]
+    fn missing_safetensors_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("shard-weights-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = Weights::from_safetensors_dir(&dir, DType::F32, &Device::Cpu).err().unwrap();
+        assert!(err.to_string().contains("no .safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

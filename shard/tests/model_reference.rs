@@ -1,0 +1,215 @@
+//! The shard's models against the independent numpy reference (shard/reference/).
+//!
+//! Fixtures come from `python shard/reference/make_fixtures.py DIR --gguf GGUF`;
+//! point `SHARD_FIXTURES` at DIR. The SmolLM2 tests read the GGUF from `SHARD_GGUF`
+//! (default: the workspace's models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf).
+
+use candle_core::{DType, Device, Tensor};
+use model_store::ModelFiles;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use text_generation_shard::cache::KvCache;
+use text_generation_shard::models::{load_model, ForwardBatch, Model, SequenceInput};
+
+const TINY_MODELS: &[&str] = &["llama_mha", "llama3_gqa_tied", "qwen2_bias", "mistral_window", "qwen3_qknorm"];
+const BLOCK_SIZE: usize = 4;
+const NUM_BLOCKS: usize = 64;
+
+fn fixtures_dir() -> PathBuf {
+    let dir = std::env::var("SHARD_FIXTURES").unwrap_or_else(|_| {
+        panic!("SHARD_FIXTURES is not set: run `python shard/reference/make_fixtures.py DIR --gguf GGUF` and set SHARD_FIXTURES=DIR")
+    });
+    let dir = PathBuf::from(dir);
+    assert!(dir.is_dir(), "SHARD_FIXTURES={} is not a directory: generate it with shard/reference/make_fixtures.py", dir.display());
+    dir
+}
+
+fn gguf_path() -> PathBuf {
+    let path = std::env::var("SHARD_GGUF").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.is_file(), "SmolLM2 GGUF {} missing: run scripts/fetch-default-model.sh or set SHARD_GGUF", path.display());
+    path
+}
+
+/// The reference's sequences and logits: `(token ids, [len, vocab] logits)`.
+fn expected(model_dir: &std::path::Path) -> Vec<(Vec<u32>, Tensor)> {
+    let file = model_dir.join("expected.safetensors");
+    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&file, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    (0..)
+        .map_while(|i| {
+            let ids = tensors.remove(&format!("input_ids.{i}"))?;
+            let logits = tensors.remove(&format!("logits.{i}")).expect("logits for every input");
+            let ids = ids.to_vec1::<i64>().unwrap().into_iter().map(|t| t as u32).collect();
+            Some((ids, logits))
+        })
+        .collect()
+}
+
+fn load(path: &std::path::Path) -> (Box<dyn Model>, KvCache) {
+    let files = ModelFiles::open(path).unwrap();
+    let model = load_model(&files, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
+    let cache = KvCache::new(model.spec(), NUM_BLOCKS, BLOCK_SIZE, &Device::Cpu).unwrap();
+    (model, cache)
+}
+
+/// Max of `|a - b| / (1 + |b|)`.
+fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    let diff = (actual - expected).unwrap().abs().unwrap();
+    let scale = (expected.abs().unwrap() + 1.0).unwrap();
+    (diff / scale).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// A sequence placed in the paged cache on scattered blocks.
+struct PagedSequence {
+    tokens: Vec<u32>,
+    block_table: Vec<u32>,
+    slots: Vec<u32>,
+    /// Tokens already in the cache.
+    cached: usize,
+    /// Logits of every position computed so far, `[1, vocab]` each.
+    logits: Vec<Tensor>,
+}
+
+impl PagedSequence {
+    /// Sequence `index` of `count` gets every `count`-th block, backwards, so that
+    /// sequences interleave in the cache and blocks are not in slot order. Blocks and
+    /// slots cover `capacity` tokens.
+    fn new(tokens: Vec<u32>, capacity: usize, index: usize, count: usize) -> Self {
+        let blocks = capacity.div_ceil(BLOCK_SIZE);
+        let block_table: Vec<u32> = (0..blocks).rev().map(|b| (index + b * count) as u32).collect();
+        let slots = (0..capacity)
+            .map(|p| block_table[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
+            .collect();
+        Self { tokens, block_table, slots, cached: 0, logits: vec![] }
+    }
+}
+
+/// Runs one forward pass in which every sequence advances up to `upto(sequence)`
+/// tokens (those with nothing new sit out), asking for the logits of every new token.
+fn step(model: &dyn Model, cache: &mut KvCache, seqs: &mut [PagedSequence], upto: impl Fn(&PagedSequence) -> usize) {
+    let ends: Vec<usize> = seqs.iter().map(|s| upto(s).min(s.tokens.len())).collect();
+    let active: Vec<usize> = (0..seqs.len()).filter(|&i| ends[i] > seqs[i].cached).collect();
+    if active.is_empty() {
+        return;
+    }
+    let inputs: Vec<SequenceInput> = active
+        .iter()
+        .map(|&i| SequenceInput {
+            new_token_ids: &seqs[i].tokens[seqs[i].cached..ends[i]],
+            start_position: seqs[i].cached,
+            slots: &seqs[i].slots,
+            block_table: &seqs[i].block_table,
+        })
+        .collect();
+    let total: u32 = inputs.iter().map(|s| s.new_token_ids.len() as u32).sum();
+    let rows: Vec<u32> = (0..total).collect();
+    let batch = ForwardBatch::new(&inputs, &rows, &Device::Cpu).unwrap();
+    let logits = model.forward(&batch, cache).unwrap();
+    assert_eq!(logits.dims(), &[total as usize, model.spec().vocab_size]);
+    let mut row = 0;
+    for &i in &active {
+        for _ in seqs[i].cached..ends[i] {
+            seqs[i].logits.push(logits.narrow(0, row, 1).unwrap());
+            row += 1;
+        }
+        seqs[i].cached = ends[i];
+    }
+}
+
+fn all_logits(seq: &PagedSequence) -> Tensor {
+    Tensor::cat(&seq.logits, 0).unwrap()
+}
+
+#[test]
+fn tiny_models_match_the_numpy_reference() {
+    let dir = fixtures_dir();
+    for name in TINY_MODELS {
+        let model_dir = dir.join(name);
+        let (model, mut cache) = load(&model_dir);
+        for (i, (ids, reference)) in expected(&model_dir).into_iter().enumerate() {
+            let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
+            step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+            let err = max_relative_error(&all_logits(&seq[0]), &reference);
+            assert!(err < 1e-3, "{name} sequence {i}: relative error {err}");
+        }
+    }
+}
+
+/// Sequences of different lengths batched together, going through a prefill, a chunk
+/// continuing the cached prefix, and batched decode steps, give each sequence's logits
+/// alone (and the reference's).
+#[test]
+fn ragged_batches_with_cached_prefixes_and_decode_match_single_sequences() {
+    let dir = fixtures_dir();
+    for name in ["llama3_gqa_tied", "mistral_window"] {
+        let model_dir = dir.join(name);
+        let (model, mut cache) = load(&model_dir);
+        let expected = expected(&model_dir);
+        let count = expected.len();
+        let single: Vec<Tensor> = expected
+            .iter()
+            .map(|(ids, _)| {
+                let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
+                step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+                all_logits(&seq[0])
+            })
+            .collect();
+        let mut seqs: Vec<PagedSequence> =
+            expected.iter().enumerate().map(|(i, (ids, _))| PagedSequence::new(ids.clone(), ids.len(), i, count)).collect();
+        step(model.as_ref(), &mut cache, &mut seqs, |_| 4);
+        step(model.as_ref(), &mut cache, &mut seqs, |_| 7);
+        while seqs.iter().any(|s| s.cached < s.tokens.len()) {
+            step(model.as_ref(), &mut cache, &mut seqs, |s| s.cached + 1);
+        }
+        for (i, seq) in seqs.iter().enumerate() {
+            let batched = all_logits(seq);
+            let err = max_relative_error(&batched, &single[i]);
+            assert!(err < 1e-4, "{name} sequence {i}: batched vs alone, relative error {err}");
+            let err = max_relative_error(&batched, &expected[i].1);
+            assert!(err < 1e-3, "{name} sequence {i}: batched vs reference, relative error {err}");
+        }
+    }
+}
+
+fn argmax_rows(logits: &Tensor) -> Vec<u32> {
+    logits.argmax(1).unwrap().to_vec1::<u32>().unwrap()
+}
+
+/// candle's quantized matmul also quantizes the activations (to 8 bits), so the GGUF
+/// model is compared loosely with the reference on dequantized weights: same top token
+/// at every position and close logits.
+#[test]
+fn smollm2_gguf_matches_the_numpy_reference() {
+    let (ids, reference) = expected(&fixtures_dir().join("smollm2")).remove(0);
+    let path = gguf_path();
+    let tokenizer = ModelFiles::open(&path).unwrap().tokenizer().unwrap();
+    let encoded = tokenizer.encode("The capital of France is", false).unwrap();
+    assert_eq!(encoded.get_ids(), ids.as_slice(), "the fixture's prompt ids are not the tokenizer's");
+    let (model, mut cache) = load(&path);
+    assert_eq!(model.spec().quantization, "gguf:Q4_1");
+    let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
+    step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+    let logits = all_logits(&seq[0]);
+    assert_eq!(argmax_rows(&logits), argmax_rows(&reference));
+    let err = max_relative_error(&logits, &reference);
+    assert!(err < 0.1, "relative error {err}");
+}
+
+#[test]
+fn smollm2_greedy_says_paris() {
+    let path = gguf_path();
+    let tokenizer = ModelFiles::open(&path).unwrap().tokenizer().unwrap();
+    let prompt = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    let (model, mut cache) = load(&path);
+    let new_tokens = 3;
+    let mut seq = [PagedSequence::new(prompt.clone(), prompt.len() + new_tokens, 0, 1)];
+    for _ in 0..new_tokens {
+        step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+        let next = argmax_rows(seq[0].logits.last().unwrap())[0];
+        seq[0].tokens.push(next);
+    }
+    let text = tokenizer.decode(&seq[0].tokens[prompt.len()..], false).unwrap();
+    assert!(text.starts_with(" Paris."), "greedy continuation {text:?}");
+}
