@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"url": args.url, "levels": levels}, indent=2))
+        settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+        settings.pop("api_key")
+        args.out.write_text(json.dumps({"settings": settings, "levels": levels}, indent=2))
     print(markdown_table(levels))
     return 1 if any(level["errors"] for level in levels) else 0
 
