@@ -3,8 +3,9 @@
 #   - YAML lint (yamllint) of every manifest and config,
 #   - Dockerfile lint (hadolint) and the images' runtime contract,
 #   - the Kubernetes manifests, rendered by kustomize, against the Kubernetes JSON schemas
-#     (kubernetes-validate, strict) and the ServiceMonitor against the Prometheus Operator
-#     CRD schema, then their consistency (probes, ports, grace period, HPA metric ...),
+#     (kubernetes-validate, strict), the ServiceMonitor and PrometheusRule against the
+#     Prometheus Operator CRD schemas, then their consistency (probes, ports, grace period,
+#     HPA metric ...), and the PrometheusRule up to date with prometheus/rules.yml,
 #   - the Prometheus config and rules (promtool check) and the rules' unit tests
 #     (promtool test rules),
 #   - the Grafana dashboard: up to date with its generator, tgi_* metrics only, PromQL parses,
@@ -90,6 +91,8 @@ check "image runtime contract" \
 check "kustomize renders the manifests" render
 check "Kubernetes schemas (strict)" validate_kubernetes "$work/app.yaml" "$work/adapter.yaml"
 check "Prometheus Operator CRD schemas" node "$tools/validate_crds.mjs" "$work/app.yaml"
+check "PrometheusRule generated from rules.yml" \
+  python3 "$deploy/tools/generate_prometheusrule.py" --check
 check "manifest consistency" \
   python3 "$deploy/tools/deploy_checks.py" manifests "$work/app.yaml" "$work/adapter.yaml"
 check "promtool check config" promtool check config "$deploy/prometheus/prometheus.yml"
