@@ -102,8 +102,8 @@ pub struct Args {
     #[arg(long, env, default_value_t = 29500)]
     pub master_port: u16,
 
-    /// Share of GPU memory the shard may use (weights, activations, KV cache).
-    /// 0.9 rather than TGI's 1.0 leaves room for the CUDA context and allocator slack.
+    /// Share of the GPU memory left free after warmup that the KV cache takes. 0.9
+    /// rather than TGI's 1.0 leaves room for the CUDA context and allocator slack.
     #[arg(long, env, default_value_t = 0.9)]
     pub cuda_memory_fraction: f32,
 

@@ -318,7 +318,6 @@ fn router_spec(args: &Args, model_path: &Path, limits: &TokenLimits, program: &P
     let optional = [
         ("--max-batch-total-tokens", limits.max_batch_total_tokens.map(|n| n.to_string())),
         ("--max-batch-size", args.max_batch_size.map(|n| n.to_string())),
-        ("--api-key", args.api_key.clone()),
     ];
     for (flag, value) in optional {
         if let Some(value) = value {
@@ -335,7 +334,8 @@ fn router_spec(args: &Args, model_path: &Path, limits: &TokenLimits, program: &P
         name: "router".into(),
         program: program.to_path_buf(),
         args: flags,
-        envs: Vec::new(),
+        // In the environment, not on the command line, where `ps` would show it.
+        envs: args.api_key.iter().map(|key| ("API_KEY".to_string(), key.clone())).collect(),
         json_output: args.json_output,
     }
 }
@@ -417,7 +417,12 @@ mod tests {
         assert_eq!(flag(&spec, "--port"), Some("8080"));
         assert_eq!(spec.args.iter().filter(|a| *a == "--cors-allow-origin").count(), 2);
         assert!(!spec.args.contains(&"--json-output".to_string()));
+        assert!(spec.envs.is_empty());
+        let with_key = router_spec(&self::args(&["--api-key", "secret"]), Path::new("/m"), &limits, Path::new("/r"));
+        assert_eq!(with_key.envs, vec![("API_KEY".to_string(), "secret".to_string())]);
+        assert!(!with_key.args.iter().any(|a| a.contains("secret")));
     }
+
 
     #[test]
     fn port_in_use_names_the_flag() {
