@@ -15,6 +15,7 @@ Prometheus HTTP API checks that:
 and, with --launch, that the launcher stops on SIGTERM within the pod's grace period.
 """
 import argparse
+import ipaddress
 import json
 import os
 import shutil
@@ -44,7 +45,6 @@ LAUNCHER = DEPLOY.parent / "target" / "release" / "text-generation-launcher"
 LAUNCH_TIMEOUT_S = 600
 # Labels the Kubernetes scrape attaches (ServiceMonitor), so the adapter's query can match.
 POD_LABELS = {"namespace": "e2e", "pod": "tgi-e2e-0"}
-LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
 
 
 class Failure(Exception):
@@ -55,6 +55,15 @@ def http_json(url, data=None, headers=None, timeout=30):
     request = urllib.request.Request(url, data=data, headers=headers or {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port():
@@ -298,30 +307,33 @@ def run(args, workdir):
     router = urllib.parse.urlsplit(args.router_url)
     if router.scheme not in ("http", "https") or not router.hostname:
         sys.exit(f"error: {args.router_url!r} is not an http(s) URL")
-    if not router.netloc.startswith(LOOPBACK_HOSTS):
-        sys.exit(f"error: {router.netloc} is not a loopback address")
+    if not is_loopback(router.hostname):
+        sys.exit(f"error: {router.hostname} is not a loopback address")
 
     prom = None
     try:
-        if launcher:
-            wait_for("the launcher's /health", launcher.healthy, LAUNCH_TIMEOUT_S)
-        send_requests(args.router_url, args.requests, args.api_key)
-        prom = Prometheus(args.prometheus, router, workdir, scrape_interval_s=1)
-        wait_for("prometheus to become ready", prom.ready, args.timeout)
-        results = run_checks(prom, args)
-    except (OSError, urllib.error.URLError, ValueError, Failure) as e:
-        results = [("router and prometheus start", str(e))]
-    finally:
-        if prom:
-            prom.stop()
-    if launcher and launcher.process.poll() is None:
         try:
-            launcher.stop_within_grace()
-            results.append(("launcher stops on SIGTERM within the grace period", None))
-        except Failure as e:
-            results.append(("launcher stops on SIGTERM within the grace period", str(e)))
-    if launcher:
-        launcher.kill()
+            if launcher:
+                wait_for("the launcher's /health", launcher.healthy, LAUNCH_TIMEOUT_S)
+            send_requests(args.router_url, args.requests, args.api_key)
+            prom = Prometheus(args.prometheus, router, workdir, scrape_interval_s=1)
+            wait_for("prometheus to become ready", prom.ready, args.timeout)
+            results = run_checks(prom, args)
+        except (OSError, urllib.error.URLError, ValueError, Failure) as e:
+            results = [("router and prometheus start", str(e))]
+        finally:
+            if prom:
+                prom.stop()
+        if launcher and launcher.process.poll() is None:
+            check = "launcher stops on SIGTERM within the grace period"
+            try:
+                launcher.stop_within_grace()
+                results.append((check, None))
+            except Failure as e:
+                results.append((check, str(e)))
+    finally:
+        if launcher:
+            launcher.kill()
 
     failed = [r for r in results if r[1]]
     for name, error in results:
