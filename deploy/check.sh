@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks of everything under deploy/ that need no cluster and no Docker engine:
 #   - YAML lint (yamllint) of every manifest and config,
-#   - Dockerfile lint (hadolint) and the images' runtime contract,
+#   - Dockerfile lint (hadolint), the images' runtime contract, shell lint (shellcheck),
 #   - the Kubernetes manifests, rendered by kustomize, against the Kubernetes JSON schemas
 #     (kubernetes-validate, strict), the ServiceMonitor and PrometheusRule against the
 #     Prometheus Operator CRD schemas, then their consistency (probes, ports, grace period,
@@ -25,6 +25,7 @@ trap 'rm -rf "$work"' EXIT
 install_tools() {
   local apt_packages=()
   command -v promtool >/dev/null || apt_packages+=(prometheus)
+  command -v shellcheck >/dev/null || apt_packages+=(shellcheck)
   command -v npm >/dev/null || apt_packages+=(nodejs npm)
   # Machines without kubectl get Debian's, whose built-in kustomize renders these files too.
   command -v kubectl >/dev/null || apt_packages+=(kubernetes-client)
@@ -86,6 +87,7 @@ install_tools || { echo "FAIL: installing the check tools"; echo "0 passed, 1 fa
 
 check "yamllint" yamllint --strict -c "$deploy/.yamllint.yaml" "$deploy"
 check "hadolint" hadolint "$deploy/Dockerfile" "$deploy/Dockerfile.cpu"
+check "shellcheck" shellcheck "$deploy/check.sh" "$deploy/prometheus_e2e.sh"
 check "image runtime contract" \
   python3 "$deploy/tools/deploy_checks.py" dockerfile "$deploy/Dockerfile" "$deploy/Dockerfile.cpu"
 check "kustomize renders the manifests" render
