@@ -1,0 +1,162 @@
+//! The shard-side state of cached batches. The KV cache is paged and the router owns
+//! block allocation, so a batch is just a list of request states: concatenating and
+//! filtering batches moves request states around and never touches the cache.
+
+use super::sampler::{NextTokenChooser, SamplingParams};
+use super::stopping::{IncrementalDecoder, StoppingCriteria};
+use anyhow::{bail, ensure, Context, Result};
+use proto::v3::{CachedBatch, Request};
+
+pub struct RequestState {
+    pub id: u64,
+    /// Prompt then generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Tokens whose keys/values are in the KV cache.
+    pub cached_len: usize,
+    /// KV slot of every position (the router allocates input + max_new_tokens).
+    pub slots: Vec<u32>,
+    pub blocks: Vec<u32>,
+    pub prefill_logprobs: bool,
+    pub chooser: NextTokenChooser,
+    pub stopping: StoppingCriteria,
+    pub decoder: IncrementalDecoder,
+}
+
+impl RequestState {
+    pub fn from_proto(request: &Request) -> Result<Self> {
+        let id = request.id;
+        let prompt_len = request.input_ids.len();
+        ensure!(prompt_len > 0, "request {id}: empty input_ids");
+        // A fully cached prompt still feeds its last token: its logits pick the first token.
+        let cached_len = (request.cache_len.unwrap_or(0) as usize).min(prompt_len - 1);
+        ensure!(
+            request.slots.len() >= prompt_len,
+            "request {id}: {} slots for a {prompt_len}-token prompt",
+            request.slots.len()
+        );
+        let params = SamplingParams::from_proto(request.parameters.as_ref())
+            .with_context(|| format!("request {id}"))?;
+        Ok(Self {
+            id,
+            tokens: request.input_ids.clone(),
+            prompt_len,
+            cached_len,
+            slots: request.slots.clone(),
+            blocks: request.blocks.clone(),
+            prefill_logprobs: request.prefill_logprobs,
+            chooser: NextTokenChooser::new(params, request.top_n_tokens as usize, &request.input_ids),
+            stopping: StoppingCriteria::new(request.stopping_parameters.as_ref()),
+            decoder: IncrementalDecoder::new(prompt_len),
+        })
+    }
+
+    /// Tokens not yet in the KV cache: the uncached prompt at prefill, the last token at decode.
+    pub fn pending_tokens(&self) -> &[u32] {
+        &self.tokens[self.cached_len..]
+    }
+
+    /// Input plus the most tokens it may still generate.
+    fn max_tokens(&self) -> u32 {
+        self.prompt_len as u32 + self.stopping.max_new_tokens()
+    }
+
+    /// Checks that the slots cover the next forward pass, for a clear error instead of a kernel fault.
+    pub fn check_slots(&self) -> Result<()> {
+        if self.slots.len() < self.tokens.len() {
+            bail!(
+                "request {}: no KV slot for position {} ({} slots)",
+                self.id,
+                self.tokens.len() - 1,
+                self.slots.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+pub struct BatchState {
+    pub id: u64,
+    pub requests: Vec<RequestState>,
+}
+
+impl BatchState {
+    pub fn to_cached(&self) -> CachedBatch {
+        CachedBatch {
+            id: self.id,
+            request_ids: self.requests.iter().map(|r| r.id).collect(),
+            size: self.requests.len() as u32,
+            max_tokens: self.requests.iter().map(RequestState::max_tokens).sum(),
+            current_tokens: self.requests.iter().map(|r| r.cached_len as u64).sum(),
+        }
+    }
+
+    /// Keeps the named requests, in their current order.
+    pub fn filter(&mut self, request_ids: &[u64]) -> Result<()> {
+        for id in request_ids {
+            ensure!(
+                self.requests.iter().any(|r| r.id == *id),
+                "request {id} is not in batch {}",
+                self.id
+            );
+        }
+        self.requests.retain(|r| request_ids.contains(&r.id));
+        Ok(())
+    }
+
+    /// Appends the requests of `others` (the first batch's id is kept).
+    pub fn concatenate(&mut self, others: Vec<BatchState>) {
+        for other in others {
+            self.requests.extend(other.requests);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::v3::StoppingCriteriaParameters;
+
+    fn request(id: u64, prompt: &[u32]) -> Request {
+        Request {
+            id,
+            input_ids: prompt.to_vec(),
+            slots: (0..prompt.len() as u32 + 4).collect(),
+            blocks: vec![0],
+            stopping_parameters: Some(StoppingCriteriaParameters { max_new_tokens: 4, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn batch(id: u64, requests: &[Request]) -> BatchState {
+        BatchState { id, requests: requests.iter().map(|r| RequestState::from_proto(r).unwrap()).collect() }
+    }
+
+    #[test]
+    fn cached_batch_counts_tokens() {
+        let b = batch(7, &[request(1, &[1, 2, 3]), request(2, &[4])]);
+        let cached = b.to_cached();
+        assert_eq!(cached.id, 7);
+        assert_eq!(cached.request_ids, vec![1, 2]);
+        assert_eq!(cached.max_tokens, 3 + 4 + 1 + 4);
+        assert_eq!(cached.current_tokens, 0);
+    }
+
+    #[test]
+    fn concatenate_then_filter() {
+        let mut a = batch(1, &[request(1, &[1]), request(2, &[2])]);
+        a.concatenate(vec![batch(2, &[request(3, &[3])])]);
+        a.filter(&[3, 1]).unwrap();
+        assert_eq!(a.to_cached().request_ids, vec![1, 3]);
+        assert!(a.filter(&[2]).is_err());
+    }
+
+    #[test]
+    fn rejects_empty_prompts_and_missing_slots_and_clamps_full_cache_hits() {
+        assert!(RequestState::from_proto(&request(1, &[])).is_err());
+        let no_slots = Request { slots: vec![0], ..request(1, &[1, 2]) };
+        assert!(RequestState::from_proto(&no_slots).is_err());
+        let cached = Request { cache_len: Some(2), ..request(1, &[1, 2]) };
+        assert_eq!(RequestState::from_proto(&cached).unwrap().pending_tokens(), &[2]);
+    }
+}

@@ -1,0 +1,356 @@
+//! The execution side of the shard: one `Runner` owns the model, the KV cache and the
+//! cached batches, and runs on its own OS thread (`worker`); the gRPC handlers send it
+//! jobs. Each Prefill/Decode is one forward pass plus one token choice per request.
+
+pub mod batch;
+pub mod sampler;
+pub mod stopping;
+pub mod warmup;
+pub mod worker;
+
+use crate::cache::KvCache;
+use crate::models::{ForwardBatch, Model, SequenceInput};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use batch::{BatchState, RequestState};
+use candle_core::{DType, Device, Tensor};
+use model_store::ModelFiles;
+use proto::v3::{
+    Batch, CachedBatch, DecodeResponse, GeneratedText, Generation, InfoResponse, PrefillResponse,
+    Tokens,
+};
+use sampler::Choice;
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+use stopping::{decode_generated, IncrementalDecoder};
+use tokenizers::Tokenizer;
+use warmup::KvMemory;
+
+pub struct Runner {
+    model: Box<dyn Model>,
+    device: Device,
+    tokenizer: Tokenizer,
+    eos_token_ids: Vec<u32>,
+    special_token_ids: HashSet<u32>,
+    /// Fed to the health check's one-token forward pass.
+    health_token_id: u32,
+    block_size: usize,
+    kv_memory: KvMemory,
+    /// Created by Warmup.
+    cache: Option<KvCache>,
+    batches: HashMap<u64, BatchState>,
+}
+
+/// Generations of one step and how long its parts took.
+struct StepOutput {
+    generations: Vec<Generation>,
+    forward_ns: u64,
+    decode_ns: u64,
+}
+
+/// Where a request's rows sit in the logits of a step.
+struct LogitsRows {
+    /// Row of the last fed token: it picks the next token.
+    last: u32,
+    /// First row of the prompt tokens when the prompt's logprobs are wanted.
+    prompt_start: Option<u32>,
+}
+
+impl Runner {
+    pub fn new(
+        model: Box<dyn Model>,
+        device: Device,
+        files: &ModelFiles,
+        block_size: usize,
+        kv_memory: KvMemory,
+    ) -> Result<Self> {
+        ensure!(block_size > 0, "block size must be positive");
+        let tokenizer = files.tokenizer()?;
+        let special = files.special_tokens()?;
+        let special_token_ids = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect();
+        Ok(Self {
+            model,
+            device,
+            tokenizer,
+            eos_token_ids: special.eos_token_ids,
+            special_token_ids,
+            health_token_id: special.bos_token_id.unwrap_or(0),
+            block_size,
+            kv_memory,
+            cache: None,
+            batches: HashMap::new(),
+        })
+    }
+
+    pub fn info(&self, rank: u32, world_size: u32) -> InfoResponse {
+        let spec = self.model.spec();
+        InfoResponse {
+            requires_padding: false,
+            dtype: dtype_name(spec.dtype).to_string(),
+            device_type: if self.device.is_cuda() { "cuda" } else { "cpu" }.to_string(),
+            window_size: spec.sliding_window.map(|w| w as u32),
+            speculate: 0,
+            support_chunking: false,
+            use_prefix_caching: false,
+            attention_impl: "paged".to_string(),
+            block_size: self.block_size as u32,
+            model_type: spec.model_type.clone(),
+            max_position_embeddings: spec.max_position_embeddings as u32,
+            rank,
+            world_size,
+            quantization: spec.quantization.clone(),
+        }
+    }
+
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    pub fn prefill(&mut self, batch: Batch) -> Result<PrefillResponse> {
+        let start = Instant::now();
+        ensure!(!self.batches.contains_key(&batch.id), "batch {} already exists", batch.id);
+        ensure!(!batch.requests.is_empty(), "batch {} has no requests", batch.id);
+        let requests = batch.requests.iter().map(RequestState::from_proto).collect::<Result<_>>()?;
+        let mut state = BatchState { id: batch.id, requests };
+        let step = self.step(&mut state.requests, true)?;
+        let cached = self.keep(state);
+        Ok(PrefillResponse {
+            generations: step.generations,
+            batch: cached,
+            forward_ns: step.forward_ns,
+            decode_ns: step.decode_ns,
+            total_ns: start.elapsed().as_nanos() as u64,
+        })
+    }
+
+    pub fn decode(&mut self, batches: Vec<CachedBatch>) -> Result<DecodeResponse> {
+        let start = Instant::now();
+        ensure!(!batches.is_empty(), "decode needs at least one batch");
+        if let Some(missing) = batches.iter().find(|b| !self.batches.contains_key(&b.id)) {
+            bail!("batch {} not found", missing.id);
+        }
+        let mut states = batches.iter().filter_map(|b| self.batches.remove(&b.id));
+        let mut state = states.next().context("decode needs at least one batch")?;
+        state.concatenate(states.collect());
+        let concat_ns = start.elapsed().as_nanos() as u64;
+        let step = self.step(&mut state.requests, false);
+        // The batch stays cached even when the step failed: the router decides to clear it.
+        let cached = self.keep(state);
+        let step = step?;
+        Ok(DecodeResponse {
+            generations: step.generations,
+            batch: cached,
+            forward_ns: step.forward_ns,
+            decode_ns: step.decode_ns,
+            total_ns: start.elapsed().as_nanos() as u64,
+            concat_ns: Some(concat_ns),
+        })
+    }
+
+    pub fn filter(&mut self, batch_id: u64, request_ids: &[u64]) -> Result<CachedBatch> {
+        let state = self.batches.get_mut(&batch_id).with_context(|| format!("batch {batch_id} not found"))?;
+        state.filter(request_ids)?;
+        let cached = state.to_cached();
+        if cached.size == 0 {
+            self.batches.remove(&batch_id);
+        }
+        Ok(cached)
+    }
+
+    /// Drops one cached batch (unknown ids are ignored), or all of them.
+    pub fn clear(&mut self, batch_id: Option<u64>) {
+        match batch_id {
+            Some(id) => {
+                self.batches.remove(&id);
+            }
+            None => self.batches.clear(),
+        }
+    }
+
+    /// A one-token forward pass writing only to the reserved block 0.
+    pub fn health(&mut self) -> Result<()> {
+        let cache = self.cache.as_mut().context("no KV cache yet")?;
+        let seq = SequenceInput {
+            new_token_ids: &[self.health_token_id],
+            start_position: 0,
+            slots: &[0],
+            block_table: &[0],
+        };
+        let batch = ForwardBatch::new(&[seq], &[0], &self.device)?;
+        self.model.forward(&batch, cache)?;
+        Ok(())
+    }
+
+    /// Caches the batch unless every request finished; returns what the router needs of it.
+    fn keep(&mut self, state: BatchState) -> Option<CachedBatch> {
+        if state.requests.is_empty() {
+            return None;
+        }
+        let cached = state.to_cached();
+        self.batches.insert(state.id, state);
+        Some(cached)
+    }
+
+    /// One forward pass and one new token for each request; finished requests are removed.
+    fn step(&mut self, requests: &mut Vec<RequestState>, is_prefill: bool) -> Result<StepOutput> {
+        let start = Instant::now();
+        let cache = self.cache.as_mut().context("the KV cache does not exist yet: call Warmup first")?;
+        for request in requests.iter() {
+            request.check_slots()?;
+        }
+        let mut logits_rows = Vec::new();
+        let mut rows = Vec::with_capacity(requests.len());
+        let mut token_offset = 0u32;
+        for request in requests.iter() {
+            let fed = request.pending_tokens().len() as u32;
+            let wants_prompt = is_prefill && request.prefill_logprobs;
+            let prompt_start = wants_prompt.then_some(logits_rows.len() as u32);
+            if wants_prompt {
+                logits_rows.extend(token_offset..token_offset + fed);
+            } else {
+                logits_rows.push(token_offset + fed - 1);
+            }
+            rows.push(LogitsRows { last: logits_rows.len() as u32 - 1, prompt_start });
+            token_offset += fed;
+        }
+        let inputs: Vec<SequenceInput> = requests
+            .iter()
+            .map(|r| SequenceInput {
+                new_token_ids: r.pending_tokens(),
+                start_position: r.cached_len,
+                slots: &r.slots,
+                block_table: &r.blocks,
+            })
+            .collect();
+        let forward_batch = ForwardBatch::new(&inputs, &logits_rows, &self.device)?;
+        let logits = self.model.forward(&forward_batch, cache)?;
+        self.device.synchronize()?;
+        let forward_ns = start.elapsed().as_nanos() as u64;
+
+        let decode_start = Instant::now();
+        let last_rows: Vec<u32> = rows.iter().map(|r| r.last).collect();
+        let last_logits = logits.index_select(&Tensor::new(last_rows, &self.device)?, 0)?;
+        let mut choosers: Vec<_> = requests.iter_mut().map(|r| &mut r.chooser).collect();
+        let choices = sampler::choose_tokens(&last_logits, &mut choosers)?;
+        let prompt_logprobs = self.prompt_logprobs(&logits, requests, &rows)?;
+
+        let mut generations = Vec::with_capacity(requests.len());
+        let mut finished = Vec::new();
+        for ((request, choice), prompt_logprobs) in requests.iter_mut().zip(choices).zip(prompt_logprobs) {
+            let prefill_tokens = prompt_logprobs.map(|lp| self.prompt_tokens(request, lp)).transpose()?;
+            let (generation, done) = self.advance(request, choice)?;
+            if done {
+                finished.push(request.id);
+            }
+            generations.push(Generation { prefill_tokens, ..generation });
+        }
+        requests.retain(|r| !finished.contains(&r.id));
+        Ok(StepOutput { generations, forward_ns, decode_ns: decode_start.elapsed().as_nanos() as u64 })
+    }
+
+    /// For each request, the logprobs of its prompt tokens (NaN where no logits precede
+    /// the token: the first token, and cached ones), when it asked for them.
+    fn prompt_logprobs(
+        &self,
+        logits: &Tensor,
+        requests: &[RequestState],
+        rows: &[LogitsRows],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        // Row i of a prompt predicts fed token i + 1.
+        let mut gather_rows = Vec::new();
+        let mut targets = Vec::new();
+        for (request, row) in requests.iter().zip(rows) {
+            if let Some(first) = row.prompt_start {
+                let predicted = &request.tokens[request.cached_len + 1..request.prompt_len];
+                gather_rows.extend(first..first + predicted.len() as u32);
+                targets.extend_from_slice(predicted);
+            }
+        }
+        let mut gathered = if gather_rows.is_empty() {
+            vec![]
+        } else {
+            let selected = logits.index_select(&Tensor::new(gather_rows, &self.device)?, 0)?;
+            sampler::target_logprobs(&selected, &targets)?
+        }
+        .into_iter();
+        Ok(requests
+            .iter()
+            .zip(rows)
+            .map(|(request, row)| {
+                row.prompt_start.map(|_| {
+                    let mut logprobs = vec![f32::NAN; request.cached_len + 1];
+                    logprobs.extend(gathered.by_ref().take(request.prompt_len - request.cached_len - 1));
+                    logprobs
+                })
+            })
+            .collect())
+    }
+
+    fn prompt_tokens(&self, request: &RequestState, logprobs: Vec<f32>) -> Result<Tokens> {
+        let prompt = &request.tokens[..request.prompt_len];
+        let mut decoder = IncrementalDecoder::new(0);
+        let texts = (1..=prompt.len()).map(|n| decoder.next(&self.tokenizer, &prompt[..n])).collect::<Result<_>>()?;
+        Ok(Tokens {
+            ids: prompt.to_vec(),
+            logprobs,
+            texts,
+            is_special: prompt.iter().map(|id| self.special_token_ids.contains(id)).collect(),
+        })
+    }
+
+    /// Appends the chosen token to the request; returns its Generation and whether it finished.
+    fn advance(&self, request: &mut RequestState, choice: Choice) -> Result<(Generation, bool)> {
+        request.tokens.push(choice.id);
+        request.cached_len = request.tokens.len() - 1;
+        request.chooser.record(choice.id);
+        let text = request.decoder.next(&self.tokenizer, &request.tokens)?;
+        let finish_reason = request.stopping.check(choice.id, &text, &self.eos_token_ids);
+        let generated_text = finish_reason
+            .map(|reason| -> Result<GeneratedText> {
+                let params = request.chooser.params();
+                Ok(GeneratedText {
+                    text: decode_generated(&self.tokenizer, &request.tokens, request.prompt_len)?,
+                    generated_tokens: request.stopping.generated_tokens(),
+                    finish_reason: reason as i32,
+                    seed: params.do_sample.then_some(params.seed),
+                })
+            })
+            .transpose()?;
+        let top_tokens = if choice.top.is_empty() {
+            vec![]
+        } else {
+            let (ids, logprobs): (Vec<u32>, Vec<f32>) = choice.top.into_iter().unzip();
+            let texts = ids
+                .iter()
+                .map(|&id| self.tokenizer.decode(&[id], false).map_err(|e| anyhow!("detokenizing: {e}")))
+                .collect::<Result<_>>()?;
+            vec![self.tokens(ids, logprobs, texts)]
+        };
+        let generation = Generation {
+            request_id: request.id,
+            prefill_tokens: None,
+            tokens: Some(self.tokens(vec![choice.id], vec![choice.logprob], vec![text])),
+            top_tokens,
+            generated_text,
+        };
+        Ok((generation, finish_reason.is_some()))
+    }
+
+    fn tokens(&self, ids: Vec<u32>, logprobs: Vec<f32>, texts: Vec<String>) -> Tokens {
+        let is_special = ids.iter().map(|id| self.special_token_ids.contains(id)).collect();
+        Tokens { ids, logprobs, texts, is_special }
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        other => other.as_str(),
+    }
+}

@@ -1,0 +1,80 @@
+//! The dedicated OS thread that owns the `Runner`. Model forward passes are blocking,
+//! so async handlers send it jobs over a channel and await the answer on a oneshot.
+
+use super::Runner;
+use anyhow::{anyhow, Result};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce(&mut Runner) + Send>;
+
+/// What the handlers may know of the worker without queueing behind its jobs.
+#[derive(Default)]
+struct WorkerStatus {
+    busy: AtomicBool,
+    has_cache: AtomicBool,
+}
+
+pub struct RunnerHandle {
+    jobs: mpsc::Sender<Job>,
+    status: Arc<WorkerStatus>,
+    thread: JoinHandle<()>,
+}
+
+impl RunnerHandle {
+    pub fn spawn(mut runner: Runner) -> Result<Self> {
+        let (jobs, receiver) = mpsc::channel::<Job>();
+        let status = Arc::new(WorkerStatus::default());
+        let worker_status = status.clone();
+        let thread = std::thread::Builder::new().name("shard-runner".into()).spawn(move || {
+            for job in receiver {
+                worker_status.busy.store(true, Ordering::SeqCst);
+                job(&mut runner);
+                worker_status.has_cache.store(runner.has_cache(), Ordering::SeqCst);
+                worker_status.busy.store(false, Ordering::SeqCst);
+            }
+        })?;
+        Ok(Self { jobs, status, thread })
+    }
+
+    /// Runs `job` on the worker thread. A panic in it is reported as an error, and
+    /// the worker keeps serving.
+    pub async fn run<T, F>(&self, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Runner) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |runner| {
+            let result = catch_unwind(AssertUnwindSafe(|| job(runner)))
+                .unwrap_or_else(|panic| Err(anyhow!("shard runner panicked: {}", panic_message(&panic))));
+            // The handler may have gone away (client cancelled): nothing to answer then.
+            let _ = reply.send(result);
+        });
+        self.jobs.send(job).map_err(|_| anyhow!("the shard runner thread has stopped"))?;
+        answer.await.map_err(|_| anyhow!("the shard runner thread has stopped"))?
+    }
+
+    /// OK while the worker lives; once a cache exists and no step is running, also
+    /// runs a one-token forward pass.
+    pub async fn health(&self) -> Result<()> {
+        if self.thread.is_finished() {
+            return Err(anyhow!("the shard runner thread has stopped"));
+        }
+        if self.status.busy.load(Ordering::SeqCst) || !self.status.has_cache.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.run(Runner::health).await
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}

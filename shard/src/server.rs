@@ -1,0 +1,230 @@
+//! The shard process: command line, model loading, and the `TextGenerationService`
+//! gRPC server on a unix socket, whose handlers forward to the runner thread.
+
+use crate::models::load_model;
+use crate::runner::warmup::KvMemory;
+use crate::runner::worker::RunnerHandle;
+use crate::runner::Runner;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, ValueEnum};
+use model_store::ModelFiles;
+use proto::v3::text_generation_service_server::{TextGenerationService, TextGenerationServiceServer};
+use proto::v3::*;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(dtype: DTypeArg) -> Self {
+        match dtype {
+            DTypeArg::Float32 => DType::F32,
+            DTypeArg::Bfloat16 => DType::BF16,
+            DTypeArg::Float16 => DType::F16,
+        }
+    }
+}
+
+/// Serves one shard of a model to the router over a unix socket.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "text-generation-shard", version)]
+pub struct ShardArgs {
+    /// HF-layout model directory or `.gguf` file.
+    #[arg(long, env = "MODEL_PATH")]
+    pub model_path: PathBuf,
+    /// The socket is `{uds_path}-{rank}`.
+    #[arg(long, env = "UDS_PATH")]
+    pub uds_path: String,
+    #[arg(long, env = "RANK", default_value_t = 0)]
+    pub rank: u32,
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    pub world_size: u32,
+    #[arg(long, env = "MASTER_ADDR")]
+    pub master_addr: Option<String>,
+    #[arg(long, env = "MASTER_PORT")]
+    pub master_port: Option<u16>,
+    /// Activation and KV cache dtype; bfloat16 on CUDA and float32 on CPU by default.
+    #[arg(long, env = "DTYPE", value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// cuda when built with CUDA and a GPU is present, else cpu.
+    #[arg(long, env = "DEVICE", value_enum)]
+    pub device: Option<DeviceArg>,
+    /// Share of the free GPU memory (after warmup) that the KV cache takes.
+    #[arg(long, env = "CUDA_MEMORY_FRACTION", default_value_t = 0.9)]
+    pub cuda_memory_fraction: f64,
+    /// KV cache size on CPU, unless the router fixes max_batch_total_tokens.
+    #[arg(long, env = "CPU_KV_CACHE_MB", default_value_t = 1024)]
+    pub cpu_kv_cache_mb: usize,
+    /// Tokens per KV cache block.
+    #[arg(long, env = "BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Log as JSON lines.
+    #[arg(long, env = "JSON_OUTPUT")]
+    pub json_output: bool,
+}
+
+impl ShardArgs {
+    pub fn socket_path(&self, rank: u32) -> PathBuf {
+        PathBuf::from(format!("{}-{rank}", self.uds_path))
+    }
+}
+
+/// Loads the model and serves until SIGTERM or SIGINT.
+pub async fn run(args: ShardArgs) -> Result<()> {
+    ensure!(args.rank < args.world_size, "rank {} is not below world size {}", args.rank, args.world_size);
+    if args.world_size > 1 {
+        bail!("tensor parallelism (world size {}) is not supported yet: run with --world-size 1", args.world_size);
+    }
+    ensure!(
+        args.cuda_memory_fraction > 0.0 && args.cuda_memory_fraction <= 1.0,
+        "--cuda-memory-fraction must be in (0, 1], got {}",
+        args.cuda_memory_fraction
+    );
+    let device = select_device(args.device, args.rank as usize)?;
+    let dtype = args.dtype.map(DType::from).unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
+    let files = ModelFiles::open(&args.model_path)?;
+    tracing::info!(path = %files.path().display(), ?device, ?dtype, "loading model");
+    let model = load_model(&files, &device, dtype)
+        .with_context(|| format!("loading model {}", files.path().display()))?;
+    let kv_memory = KvMemory {
+        cuda_memory_fraction: args.cuda_memory_fraction,
+        cpu_bytes: args.cpu_kv_cache_mb << 20,
+    };
+    let runner = Runner::new(model, device, &files, args.block_size, kv_memory)?;
+    let info = runner.info(args.rank, args.world_size);
+    let service = ShardService {
+        runner: Arc::new(RunnerHandle::spawn(runner)?),
+        info,
+        urls: (0..args.world_size).map(|r| format!("unix://{}", args.socket_path(r).display())).collect(),
+    };
+    serve(service, &args.socket_path(args.rank), shutdown_signal()).await
+}
+
+fn select_device(device: Option<DeviceArg>, ordinal: usize) -> Result<Device> {
+    Ok(match device {
+        Some(DeviceArg::Cpu) => Device::Cpu,
+        Some(DeviceArg::Cuda) => Device::new_cuda(ordinal)
+            .context("--device cuda needs a GPU and a build with the `cuda` feature")?,
+        None => Device::cuda_if_available(ordinal)?,
+    })
+}
+
+async fn shutdown_signal() {
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
+
+/// Serves `service` on the unix socket `path` until `shutdown` completes, then removes the socket.
+pub async fn serve(service: ShardService, path: &Path, shutdown: impl Future<Output = ()>) -> Result<()> {
+    if path.exists() {
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    tracing::info!("Server started at unix://{}", path.display());
+    let served = tonic::transport::Server::builder()
+        .add_service(TextGenerationServiceServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(path);
+    served.context("gRPC server")
+}
+
+pub struct ShardService {
+    runner: Arc<RunnerHandle>,
+    info: InfoResponse,
+    urls: Vec<String>,
+}
+
+fn status(error: anyhow::Error) -> Status {
+    Status::internal(format!("{error:#}"))
+}
+
+#[tonic::async_trait]
+impl TextGenerationService for ShardService {
+    async fn info(&self, _: GrpcRequest<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+
+    async fn health(&self, _: GrpcRequest<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        self.runner.health().await.map_err(status)?;
+        Ok(Response::new(HealthResponse {}))
+    }
+
+    async fn service_discovery(
+        &self,
+        _: GrpcRequest<ServiceDiscoveryRequest>,
+    ) -> Result<Response<ServiceDiscoveryResponse>, Status> {
+        Ok(Response::new(ServiceDiscoveryResponse { urls: self.urls.clone() }))
+    }
+
+    async fn clear_cache(
+        &self,
+        request: GrpcRequest<ClearCacheRequest>,
+    ) -> Result<Response<ClearCacheResponse>, Status> {
+        let id = request.into_inner().id;
+        self.runner
+            .run(move |runner| {
+                runner.clear(id);
+                Ok(())
+            })
+            .await.map_err(status)?;
+        Ok(Response::new(ClearCacheResponse {}))
+    }
+
+    async fn filter_batch(
+        &self,
+        request: GrpcRequest<FilterBatchRequest>,
+    ) -> Result<Response<FilterBatchResponse>, Status> {
+        let request = request.into_inner();
+        let batch = self
+            .runner
+            .run(move |runner| runner.filter(request.batch_id, &request.request_ids))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(FilterBatchResponse { batch: Some(batch) }))
+    }
+
+    async fn warmup(&self, request: GrpcRequest<WarmupRequest>) -> Result<Response<WarmupResponse>, Status> {
+        let request = request.into_inner();
+        let response = self.runner.run(move |runner| runner.warmup(request)).await.map_err(status)?;
+        Ok(Response::new(response))
+    }
+
+    async fn prefill(&self, request: GrpcRequest<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
+        let batch = request.into_inner().batch.ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
+        let response = self.runner.run(move |runner| runner.prefill(batch)).await.map_err(status)?;
+        Ok(Response::new(response))
+    }
+
+    async fn decode(&self, request: GrpcRequest<DecodeRequest>) -> Result<Response<DecodeResponse>, Status> {
+        let batches = request.into_inner().batches;
+        let response = self.runner.run(move |runner| runner.decode(batches)).await.map_err(status)?;
+        Ok(Response::new(response))
+    }
+}

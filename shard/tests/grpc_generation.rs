@@ -1,0 +1,344 @@
+//! End-to-end tests of the shard binary over its gRPC unix socket, with the real
+//! SmolLM2-135M-Instruct GGUF on CPU (`scripts/fetch-default-model.sh` fetches it).
+
+use hyper_util::rt::TokioIo;
+use model_store::ModelFiles;
+use proto::v3::text_generation_service_client::TextGenerationServiceClient;
+use proto::v3::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const BLOCK_SIZE: u32 = 16;
+const PROMPT: &str = "The capital of France is";
+
+fn model_path() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run scripts/fetch-default-model.sh", path.display());
+    path
+}
+
+/// The shard binary serving the default model on a temporary socket; SIGTERM on drop.
+struct Shard {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Shard {
+    fn spawn() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("shard");
+        let child = Command::new(env!("CARGO_BIN_EXE_text-generation-shard"))
+            .arg("--model-path")
+            .arg(model_path())
+            .arg("--uds-path")
+            .arg(&prefix)
+            .args(["--device", "cpu", "--block-size", &BLOCK_SIZE.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let socket = PathBuf::from(format!("{}-0", prefix.display()));
+        let mut shard = Self { child, socket, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !shard.socket.exists() {
+            if let Some(status) = shard.child.try_wait().unwrap() {
+                panic!("shard exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "shard did not listen within 120 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        shard
+    }
+
+    async fn client(&self) -> TextGenerationServiceClient<Channel> {
+        let socket = self.socket.clone();
+        let channel = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .unwrap();
+        TextGenerationServiceClient::new(channel)
+    }
+
+    /// A client on a warmed-up shard whose cache holds 4096 tokens.
+    async fn warm_client(&self) -> TextGenerationServiceClient<Channel> {
+        let mut client = self.client().await;
+        let warmup = client
+            .warmup(WarmupRequest {
+                batch: Some(Batch { id: 0, requests: vec![], size: 0, max_tokens: 0, max_blocks: 0 }),
+                max_input_tokens: 1024,
+                max_prefill_tokens: 1024,
+                max_total_tokens: 2048,
+                max_batch_total_tokens: Some(4096),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(warmup.max_supported_total_tokens, 4096);
+        client
+    }
+}
+
+impl Shard {
+    /// SIGTERM, as the launcher stops shards.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            return status;
+        }
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Hands out KV blocks as the router would (block 0 is reserved).
+struct Blocks {
+    next: u32,
+}
+
+impl Blocks {
+    fn new() -> Self {
+        Self { next: 1 }
+    }
+
+    fn request(&mut self, id: u64, prompt: &str, max_new_tokens: u32) -> Request {
+        let tokenizer = ModelFiles::open(model_path()).unwrap().tokenizer().unwrap();
+        let input_ids = tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+        let total = input_ids.len() as u32 + max_new_tokens;
+        let blocks: Vec<u32> = (self.next..self.next + total.div_ceil(BLOCK_SIZE)).collect();
+        self.next += blocks.len() as u32;
+        let slots = blocks.iter().flat_map(|b| b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE).take(total as usize).collect();
+        Request {
+            id,
+            input_ids,
+            inputs: prompt.to_string(),
+            parameters: Some(NextTokenChooserParameters {
+                temperature: 1.0,
+                top_p: 1.0,
+                typical_p: 1.0,
+                repetition_penalty: 1.0,
+                ..Default::default()
+            }),
+            stopping_parameters: Some(StoppingCriteriaParameters { max_new_tokens, ..Default::default() }),
+            blocks,
+            slots,
+            ..Default::default()
+        }
+    }
+}
+
+fn batch(id: u64, requests: Vec<Request>) -> Batch {
+    Batch { id, size: requests.len() as u32, requests, max_tokens: 0, max_blocks: 0 }
+}
+
+/// Generated token ids and final texts by request id.
+#[derive(Default, Debug)]
+struct Outputs {
+    tokens: HashMap<u64, Vec<u32>>,
+    finished: HashMap<u64, GeneratedText>,
+}
+
+impl Outputs {
+    fn record(&mut self, generations: Vec<Generation>) {
+        for g in generations {
+            self.tokens.entry(g.request_id).or_default().extend(g.tokens.unwrap().ids);
+            if let Some(text) = g.generated_text {
+                self.finished.insert(g.request_id, text);
+            }
+        }
+    }
+}
+
+async fn prefill(client: &mut TextGenerationServiceClient<Channel>, batch: Batch, outputs: &mut Outputs) -> Option<CachedBatch> {
+    let response = client.prefill(PrefillRequest { batch: Some(batch) }).await.unwrap().into_inner();
+    outputs.record(response.generations);
+    response.batch
+}
+
+async fn decode(
+    client: &mut TextGenerationServiceClient<Channel>,
+    batches: Vec<CachedBatch>,
+    outputs: &mut Outputs,
+) -> Option<CachedBatch> {
+    let response = client.decode(DecodeRequest { batches }).await.unwrap().into_inner();
+    outputs.record(response.generations);
+    response.batch
+}
+
+/// Prefills then decodes the batch until every request finished.
+async fn generate(client: &mut TextGenerationServiceClient<Channel>, batch: Batch) -> Outputs {
+    let mut outputs = Outputs::default();
+    let mut cached = prefill(client, batch, &mut outputs).await;
+    while let Some(batch) = cached {
+        cached = decode(client, vec![batch], &mut outputs).await;
+    }
+    outputs
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_generation_info_and_health() {
+    let shard = Shard::spawn();
+    let mut client = shard.client().await;
+    client.health(HealthRequest {}).await.expect("health before warmup");
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.block_size, info.device_type.as_str(), info.dtype.as_str()), (BLOCK_SIZE, "cpu", "float32"));
+    assert_eq!((info.model_type.as_str(), info.rank, info.world_size), ("llama", 0, 1));
+    assert!(!info.support_chunking);
+    assert!(info.quantization.contains("Q4_1"), "{}", info.quantization);
+    let urls = client.service_discovery(ServiceDiscoveryRequest {}).await.unwrap().into_inner().urls;
+    assert_eq!(urls, vec![format!("unix://{}", shard.socket.display())]);
+
+    let mut client = shard.warm_client().await;
+    let outputs = generate(&mut client, batch(1, vec![Blocks::new().request(1, PROMPT, 3)])).await;
+    let text = &outputs.finished[&1];
+    assert_eq!(text.text, " Paris.");
+    assert_eq!(text.finish_reason, FinishReason::Length as i32);
+    assert_eq!(text.generated_tokens, 3);
+    assert_eq!(text.seed, None);
+    client.health(HealthRequest {}).await.expect("health after warmup");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn continuous_batching_does_not_change_greedy_tokens() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let alone = generate(&mut client, batch(1, vec![blocks.request(1, PROMPT, 12)])).await;
+
+    // The same request shares its batch with a short one, then a longer one joins.
+    let mut outputs = Outputs::default();
+    let first = batch(2, vec![blocks.request(10, PROMPT, 12), blocks.request(11, "Hello", 3)]);
+    let mut cached = prefill(&mut client, first, &mut outputs).await.unwrap();
+    for _ in 0..3 {
+        cached = decode(&mut client, vec![cached], &mut outputs).await.unwrap();
+    }
+    // Request 11 finished (3 tokens): the router filters it out.
+    assert!(outputs.finished.contains_key(&11));
+    assert_eq!(cached.request_ids, vec![10]);
+    let joining = batch(3, vec![blocks.request(12, "Once upon a time, in a faraway land, there", 20)]);
+    let joined = prefill(&mut client, joining, &mut outputs).await.unwrap();
+    let mut cached = decode(&mut client, vec![cached, joined], &mut outputs).await;
+    while let Some(batch) = cached {
+        let batch = if outputs.finished.contains_key(&10) && batch.request_ids.contains(&10) {
+            let keep: Vec<u64> = batch.request_ids.iter().copied().filter(|&id| id != 10).collect();
+            let request = FilterBatchRequest { batch_id: batch.id, request_ids: keep };
+            client.filter_batch(request).await.unwrap().into_inner().batch.unwrap()
+        } else {
+            batch
+        };
+        assert_eq!(batch.id, 2, "concatenation keeps the first batch's id");
+        cached = decode(&mut client, vec![batch], &mut outputs).await;
+    }
+    assert_eq!(outputs.tokens[&10], alone.tokens[&1]);
+    assert_eq!(outputs.finished[&10].text, alone.finished[&1].text);
+    assert_eq!(outputs.tokens[&12].len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_sampling_is_reproducible_across_batches() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let sampled = |blocks: &mut Blocks, id: u64, seed: u64| {
+        let mut request = blocks.request(id, "My favourite food is", 10);
+        let parameters = request.parameters.as_mut().unwrap();
+        parameters.do_sample = true;
+        parameters.seed = seed;
+        parameters.temperature = 1.5;
+        request
+    };
+    let alone = generate(&mut client, batch(1, vec![sampled(&mut blocks, 1, 42)])).await;
+    let mixed = batch(2, vec![blocks.request(2, PROMPT, 4), sampled(&mut blocks, 3, 42), sampled(&mut blocks, 4, 7)]);
+    let mixed = generate(&mut client, mixed).await;
+    assert_eq!(alone.tokens[&1], mixed.tokens[&3]);
+    assert_ne!(mixed.tokens[&3], mixed.tokens[&4], "different seeds gave the same 10 tokens");
+    assert_eq!(mixed.finished[&3].seed, Some(42));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_sequence_and_length_finish_reasons() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let mut stopped = blocks.request(1, PROMPT, 20);
+    stopped.stopping_parameters.as_mut().unwrap().stop_sequences = vec!["ris".to_string()];
+    let long = blocks.request(2, PROMPT, 5);
+    let outputs = generate(&mut client, batch(1, vec![stopped, long])).await;
+    let stop = &outputs.finished[&1];
+    assert_eq!(stop.finish_reason, FinishReason::StopSequence as i32);
+    assert_eq!(stop.text, " Paris", "the text includes the stop sequence");
+    let length = &outputs.finished[&2];
+    assert_eq!((length.finish_reason, length.generated_tokens), (FinishReason::Length as i32, 5));
+    assert_eq!(outputs.tokens[&2].len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefill_logprobs_and_top_n_tokens() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut request = Blocks::new().request(1, PROMPT, 2);
+    request.prefill_logprobs = true;
+    request.top_n_tokens = 3;
+    let prompt_len = request.input_ids.len();
+    let response = client.prefill(PrefillRequest { batch: Some(batch(1, vec![request])) }).await.unwrap().into_inner();
+    let generation = &response.generations[0];
+    let prefill = generation.prefill_tokens.as_ref().expect("prefill tokens");
+    assert_eq!((prefill.ids.len(), prefill.logprobs.len(), prefill.texts.len()), (prompt_len, prompt_len, prompt_len));
+    assert!(prefill.logprobs[0].is_nan());
+    assert!(prefill.logprobs[1..].iter().all(|&l| l.is_finite() && l <= 0.0));
+    assert_eq!(prefill.texts.concat(), PROMPT);
+    assert_eq!(generation.top_tokens.len(), 1);
+    let top = &generation.top_tokens[0];
+    assert_eq!((top.ids.len(), top.logprobs.len(), top.texts.len()), (3, 3, 3));
+    assert!(top.logprobs.windows(2).all(|w| w[0] >= w[1]));
+    let chosen = generation.tokens.as_ref().unwrap();
+    assert_eq!(chosen.ids[0], top.ids[0], "greedy picks the most likely token");
+    assert!((chosen.logprobs[0] - top.logprobs[0]).abs() < 1e-5);
+    assert_eq!(chosen.texts[0], " Paris");
+    assert!(response.forward_ns > 0 && response.total_ns >= response.forward_ns);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clear_cache_drops_batches() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let mut outputs = Outputs::default();
+    let first = prefill(&mut client, batch(1, vec![blocks.request(1, PROMPT, 10)]), &mut outputs).await.unwrap();
+    let second = prefill(&mut client, batch(2, vec![blocks.request(2, PROMPT, 10)]), &mut outputs).await.unwrap();
+    client.clear_cache(ClearCacheRequest { id: Some(1) }).await.unwrap();
+    let error = client.decode(DecodeRequest { batches: vec![first] }).await.unwrap_err();
+    assert!(error.message().contains("batch 1 not found"), "{}", error.message());
+    let second = decode(&mut client, vec![second], &mut outputs).await.unwrap();
+    client.clear_cache(ClearCacheRequest { id: None }).await.unwrap();
+    assert!(client.decode(DecodeRequest { batches: vec![second] }).await.is_err());
+
+    let mut shard = shard;
+    assert!(shard.terminate().success(), "SIGTERM is a clean exit");
+    assert!(!shard.socket.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn startup_errors_exit_with_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_text-generation-shard"))
+        .args(["--model-path", "/definitely/not/a/model", "--uds-path"])
+        .arg(dir.path().join("shard"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let logs = String::from_utf8_lossy(&output.stdout);
+    assert!(logs.contains("/definitely/not/a/model"), "{logs}");
+}
