@@ -1,0 +1,435 @@
+//! OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use crate::infer_types::Token;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send a last chunk with the token usage (and no choices) before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    /// The text parts joined, as the chat template sees them.
+    pub fn into_text(self) -> String {
+        match self {
+            MessageContent::Text(text) => text,
+            MessageContent::Parts(parts) => parts
+                .into_iter()
+                .map(|ContentPart::Text { text }| text)
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+pub struct Message {
+    pub role: Role,
+    pub content: MessageContent,
+    #[serde(default)]
+    #[schema(nullable)]
+    pub name: Option<String>,
+}
+
+/// `model` and `user` are accepted and ignored: the served model answers.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    #[schema(min_items = 1)]
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
+    pub presence_penalty: Option<f32>,
+    /// Return the log-probability of each generated token.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token, with `logprobs` (at most --max-top-n-tokens).
+    #[serde(default)]
+    #[schema(nullable, minimum = 0)]
+    pub top_logprobs: Option<u32>,
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`; unset: the rest of the context.
+    #[serde(default)]
+    #[schema(nullable, minimum = 1)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    #[schema(nullable, minimum = 1)]
+    pub max_completion_tokens: Option<u32>,
+    /// Only 1 is supported.
+    #[serde(default)]
+    #[schema(nullable, minimum = 1, maximum = 1)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    #[schema(nullable, minimum = 0)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    #[schema(nullable)]
+    pub stop: Option<OneOrMany>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    #[schema(nullable)]
+    pub stream_options: Option<StreamOptions>,
+    /// 0 means greedy decoding; unset means 1 (sampling).
+    #[serde(default)]
+    #[schema(nullable, minimum = 0.0)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    #[schema(nullable, exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f32>,
+}
+
+/// `model` and `user` are accepted and ignored: the served model answers.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    /// One choice is generated per prompt.
+    pub prompt: OneOrMany,
+    /// Unset: the rest of the context.
+    #[serde(default)]
+    #[schema(nullable, minimum = 1)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    #[schema(nullable, minimum = 0.0)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    #[schema(nullable, exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f32>,
+    /// Only 1 is supported.
+    #[serde(default)]
+    #[schema(nullable, minimum = 1, maximum = 1)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    #[schema(nullable)]
+    pub stream_options: Option<StreamOptions>,
+    /// Number of alternatives per token to return with the log-probabilities.
+    #[serde(default)]
+    #[schema(nullable, minimum = 0)]
+    pub logprobs: Option<u32>,
+    /// Prepend the prompt to the completion.
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(default)]
+    #[schema(nullable)]
+    pub stop: Option<OneOrMany>,
+    #[serde(default)]
+    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    #[schema(nullable, minimum = 0)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, other: Usage) -> Usage {
+        Usage::new(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+    }
+}
+
+/// The fields every OpenAI response and chunk shares; `C` is the kind of choice.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiResponse<C> {
+    pub id: String,
+    /// `chat.completion`, `chat.completion.chunk` or `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<C>,
+    /// In non-streamed responses, and in the last chunk with `stream_options.include_usage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// `message` of a chat choice, `delta` of a chat chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl AssistantMessage {
+    pub fn new(content: String) -> Self {
+        Self { role: Role::Assistant, content }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl From<&Token> for TopLogprob {
+    fn from(token: &Token) -> Self {
+        Self { token: token.text.clone(), logprob: token.logprob, bytes: token.text.as_bytes().to_vec() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatLogprob>,
+}
+
+impl ChatLogprobs {
+    /// `tokens` and their alternatives (`top_tokens` may be empty when none were asked for).
+    pub fn new(tokens: &[Token], top_tokens: &[Vec<Token>]) -> Self {
+        let content = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| {
+                let TopLogprob { token, logprob, bytes } = TopLogprob::from(token);
+                let top_logprobs = top_tokens.get(i).map(|t| t.iter().map(TopLogprob::from).collect());
+                ChatLogprob { token, logprob, bytes, top_logprobs: top_logprobs.unwrap_or_default() }
+            })
+            .collect();
+        Self { content }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    #[schema(nullable)]
+    pub logprobs: Option<ChatLogprobs>,
+    #[schema(value_type = String, example = "stop")]
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: AssistantMessage,
+    #[schema(nullable)]
+    pub logprobs: Option<ChatLogprobs>,
+    /// `stop` or `length`, on the last chunk of the choice.
+    #[schema(nullable, value_type = Option<String>, example = "stop")]
+    pub finish_reason: Option<&'static str>,
+}
+
+/// The legacy completions' log-probabilities, one entry per token.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Character offset of each token in the choice's text.
+    pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// `offset`: characters of the choice's text before `tokens[0]`.
+    pub fn new(tokens: &[Token], top_tokens: &[Vec<Token>], mut offset: usize) -> Self {
+        let mut text_offset = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            text_offset.push(offset);
+            offset += token.text.chars().count();
+        }
+        Self {
+            tokens: tokens.iter().map(|t| t.text.clone()).collect(),
+            token_logprobs: tokens.iter().map(|t| t.logprob).collect(),
+            top_logprobs: (0..tokens.len())
+                .map(|i| {
+                    top_tokens.get(i).map(|top| top.iter().map(|t| (t.text.clone(), t.logprob)).collect())
+                })
+                .map(Option::unwrap_or_default)
+                .collect(),
+            text_offset,
+        }
+    }
+}
+
+/// A choice of a completion, or its part in a streamed chunk.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    #[schema(nullable)]
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`: always set when not streaming; on the last chunk of the choice when streaming.
+    #[schema(nullable, value_type = Option<String>, example = "length")]
+    pub finish_reason: Option<&'static str>,
+}
+
+pub type ChatCompletion = OpenAiResponse<ChatChoice>;
+pub type ChatCompletionChunk = OpenAiResponse<ChatChunkChoice>;
+pub type Completion = OpenAiResponse<CompletionChoice>;
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub error_type: String,
+    #[schema(nullable)]
+    pub param: Option<String>,
+    #[schema(nullable)]
+    pub code: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiErrorResponse {
+    pub error: OpenAiErrorDetail,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chat_request_accepts_text_parts_and_stop_forms() {
+        let request: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "tgi",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}
+            ],
+            "stop": "\n",
+            "stream_options": {"include_usage": true}
+        }))
+        .unwrap();
+        assert_eq!(request.messages[1].content.clone().into_text(), "Hi there");
+        assert_eq!(request.stop.unwrap().into_vec(), vec!["\n".to_string()]);
+        assert!(request.stream_options.unwrap().include_usage);
+        let many: OneOrMany = serde_json::from_value(json!(["a", "b"])).unwrap();
+        assert_eq!(many.into_vec().len(), 2);
+    }
+
+    #[test]
+    fn chat_request_rejects_unknown_roles_and_parts() {
+        let bad_role = json!({"messages": [{"role": "wizard", "content": "x"}]});
+        assert!(serde_json::from_value::<ChatCompletionRequest>(bad_role).is_err());
+        let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
+        assert!(serde_json::from_value::<ChatCompletionRequest>(image).is_err());
+    }
+
+    #[test]
+    fn chunk_shape_matches_openai() {
+        let chunk = ChatCompletionChunk {
+            id: "chatcmpl-1".into(),
+            object: "chat.completion.chunk",
+            created: 7,
+            model: "m".into(),
+            system_fingerprint: "fp".into(),
+            choices: vec![ChatChunkChoice {
+                index: 0,
+                delta: AssistantMessage::new("Hi".into()),
+                logprobs: None,
+                finish_reason: Some("stop"),
+            }],
+            usage: None,
+        };
+        assert_eq!(
+            serde_json::to_value(chunk).unwrap(),
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                   "system_fingerprint": "fp",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"},
+                                "logprobs": null, "finish_reason": "stop"}]})
+        );
+    }
+
+    #[test]
+    fn logprobs_shapes() {
+        let token = |text: &str, logprob| Token { id: 0, text: text.into(), logprob, special: false };
+        let tokens = [token("a", -0.5), token("bc", -1.0)];
+        let top = [vec![token("a", -0.5), token("x", -2.0)]];
+        let chat = serde_json::to_value(ChatLogprobs::new(&tokens, &top)).unwrap();
+        assert_eq!(chat["content"][0]["top_logprobs"][1], json!({"token": "x", "logprob": -2.0, "bytes": [120]}));
+        assert_eq!(chat["content"][1]["top_logprobs"], json!([]));
+        let legacy = CompletionLogprobs::new(&tokens, &top, 3);
+        assert_eq!(legacy.text_offset, vec![3, 4]);
+        assert_eq!(legacy.top_logprobs[0]["x"], -2.0);
+        assert!(legacy.top_logprobs[1].is_empty());
+    }
+
+    #[test]
+    fn usage_adds_up() {
+        assert_eq!(Usage::new(3, 4) + Usage::new(1, 1), Usage { prompt_tokens: 4, completion_tokens: 5, total_tokens: 9 });
+    }
+}

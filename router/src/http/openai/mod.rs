@@ -1,0 +1,143 @@
+//! OpenAI-compatible routes: they translate requests into TGI's parameters, go
+//! through the same validation and inference, and answer in OpenAI's shapes.
+
+pub mod chat;
+pub mod completions;
+
+use crate::api::generate::GenerateParameters;
+use crate::api::openai::{ModelCard, ModelList, OneOrMany, OpenAiResponse, Usage};
+use crate::http::openapi::OpenAiErrors;
+use crate::http::server::AppState;
+use crate::validation::ValidationError;
+use axum::extract::State;
+use axum::response::sse::Event;
+use axum::Json;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The sampling fields chat and completion requests share.
+pub struct OpenAiSampling {
+    pub n: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<OneOrMany>,
+    pub max_tokens: Option<u32>,
+    pub top_n_tokens: Option<u32>,
+}
+
+impl OpenAiSampling {
+    pub fn into_parameters(self) -> Result<GenerateParameters, ValidationError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ValidationError::OutOfRange { name: "n", expected: "1 (several choices are not supported)" });
+        }
+        // OpenAI samples unless the temperature is 0, which means greedy.
+        let greedy = self.temperature == Some(0.0);
+        Ok(GenerateParameters {
+            do_sample: !greedy,
+            temperature: self.temperature.filter(|_| !greedy),
+            top_p: self.top_p.filter(|_| !greedy),
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed,
+            stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+            max_new_tokens: self.max_tokens,
+            top_n_tokens: self.top_n_tokens,
+            ..GenerateParameters::default()
+        })
+    }
+}
+
+/// What every response and chunk of one request shares.
+pub struct ResponseContext {
+    id: String,
+    created: u64,
+    model: String,
+    system_fingerprint: String,
+}
+
+impl ResponseContext {
+    /// `prefix`: `chatcmpl` or `cmpl`, as OpenAI's ids start.
+    pub fn new(state: &AppState, prefix: &str) -> Self {
+        Self {
+            id: format!("{prefix}-{:032x}", rand::random::<u128>()),
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            model: state.info.model_id.clone(),
+            system_fingerprint: format!("{}-{}", state.info.version, state.info.model_dtype),
+        }
+    }
+
+    pub fn response<C>(&self, object: &'static str, choices: Vec<C>, usage: Option<Usage>) -> OpenAiResponse<C> {
+        OpenAiResponse {
+            id: self.id.clone(),
+            object,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.system_fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+/// The end of an OpenAI stream: the usage chunk when asked for, then `[DONE]`.
+pub fn stream_end<C: serde::Serialize>(context: &ResponseContext, object: &'static str, usage: Option<Usage>) -> Vec<Event> {
+    let usage_chunk = usage.map(|usage| super::stream::json_event(&context.response::<C>(object, vec![], Some(usage))));
+    usage_chunk.into_iter().chain([Event::default().data("[DONE]")]).collect()
+}
+
+/// The served model.
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
+    responses((status = 200, description = "The served model", body = ModelList), OpenAiErrors))]
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: state.info.model_id.clone(),
+            object: "model",
+            created: 0,
+            owned_by: "text-generation-inference",
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(temperature: Option<f32>, n: Option<u32>) -> OpenAiSampling {
+        OpenAiSampling {
+            n,
+            temperature,
+            top_p: Some(0.9),
+            frequency_penalty: None,
+            presence_penalty: None,
+            seed: None,
+            stop: Some(OneOrMany::One("\n".into())),
+            max_tokens: None,
+            top_n_tokens: None,
+        }
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy_and_unset_samples() {
+        let greedy = sampling(Some(0.0), None).into_parameters().unwrap();
+        assert!(!greedy.do_sample);
+        assert_eq!((greedy.temperature, greedy.top_p), (None, None));
+        let sampled = sampling(None, Some(1)).into_parameters().unwrap();
+        assert!(sampled.do_sample);
+        assert_eq!(sampled.top_p, Some(0.9));
+        assert_eq!(sampled.stop, vec!["\n".to_string()]);
+        // Unset max_tokens: the rest of the context (not the native routes' 100).
+        assert_eq!(sampled.max_new_tokens, None);
+    }
+
+    #[test]
+    fn only_one_choice() {
+        assert!(matches!(
+            sampling(None, Some(2)).into_parameters(),
+            Err(ValidationError::OutOfRange { name: "n", .. })
+        ));
+    }
+}

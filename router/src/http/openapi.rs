@@ -1,0 +1,99 @@
+//! `GET /openapi.json`: the OpenAPI description, generated from the same types
+//! the routes deserialize, so that it cannot drift from what the server accepts.
+
+use crate::api::generate::ErrorResponse;
+use crate::api::openai::OpenAiErrorResponse;
+use crate::http::{generate, info, metrics, openai, tokenize};
+use axum::Json;
+use utoipa::{IntoResponses, OpenApi};
+
+/// The errors of the native routes.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // Only its OpenAPI description is used.
+pub enum TgiErrors {
+    #[response(status = 400, description = "Malformed JSON")]
+    MalformedJson(#[to_schema] ErrorResponse),
+    #[response(status = 401, description = "Missing or wrong API key")]
+    Unauthorized(#[to_schema] ErrorResponse),
+    #[response(status = 413, description = "Payload too large")]
+    PayloadTooLarge(#[to_schema] ErrorResponse),
+    #[response(status = 415, description = "Not a JSON body")]
+    UnsupportedMediaType(#[to_schema] ErrorResponse),
+    #[response(status = 422, description = "Input validation error")]
+    Validation(#[to_schema] ErrorResponse),
+    #[response(status = 424, description = "Generation error")]
+    Generation(#[to_schema] ErrorResponse),
+    #[response(status = 429, description = "Model is overloaded")]
+    Overloaded(#[to_schema] ErrorResponse),
+    #[response(status = 500, description = "Incomplete generation")]
+    Incomplete(#[to_schema] ErrorResponse),
+}
+
+/// The errors of the OpenAI routes.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // Only its OpenAPI description is used.
+pub enum OpenAiErrors {
+    #[response(status = 400, description = "Malformed JSON")]
+    MalformedJson(#[to_schema] OpenAiErrorResponse),
+    #[response(status = 401, description = "Missing or wrong API key")]
+    Unauthorized(#[to_schema] OpenAiErrorResponse),
+    #[response(status = 413, description = "Payload too large")]
+    PayloadTooLarge(#[to_schema] OpenAiErrorResponse),
+    #[response(status = 415, description = "Not a JSON body")]
+    UnsupportedMediaType(#[to_schema] OpenAiErrorResponse),
+    #[response(status = 422, description = "Input validation error")]
+    Validation(#[to_schema] OpenAiErrorResponse),
+    #[response(status = 424, description = "Generation error")]
+    Generation(#[to_schema] OpenAiErrorResponse),
+    #[response(status = 429, description = "Model is overloaded")]
+    Overloaded(#[to_schema] OpenAiErrorResponse),
+    #[response(status = 500, description = "Incomplete generation")]
+    Incomplete(#[to_schema] OpenAiErrorResponse),
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Text Generation Inference", description = "TGI- and OpenAI-compatible text generation API"),
+    paths(
+        generate::generate,
+        generate::generate_stream,
+        generate::compat_generate,
+        tokenize::tokenize,
+        info::info,
+        info::health,
+        openai::chat::chat_completions,
+        openai::completions::completions,
+        openai::models,
+        metrics::render,
+        openapi_json,
+    ),
+    tags((name = "Text Generation Inference"), (name = "OpenAI"), (name = "Server"))
+)]
+pub struct ApiDoc;
+
+/// This description.
+#[utoipa::path(get, path = "/openapi.json", tag = "Server",
+    responses((status = 200, description = "OpenAPI 3 description", content_type = "application/json")))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_every_route_with_its_schemas() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for path in ["/generate", "/generate_stream", "/", "/tokenize", "/info", "/health", "/metrics",
+                     "/v1/chat/completions", "/v1/completions", "/v1/models", "/openapi.json"] {
+            assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+        let schemas = &doc["components"]["schemas"];
+        for schema in ["GenerateRequest", "GenerateParameters", "ChatCompletionRequest", "CompletionRequest", "ErrorResponse"] {
+            assert!(schemas[schema].is_object(), "{schema} missing");
+        }
+        assert_eq!(doc["paths"]["/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"],
+                   "#/components/schemas/ErrorResponse");
+    }
+}

@@ -1,0 +1,170 @@
+//! Range checks of the sampling and stopping parameters (no tokenizer needed).
+
+use super::{ValidationError, ValidationLimits};
+use crate::api::generate::GenerateParameters;
+use crate::infer_types::ValidParameters;
+
+/// The parameters that passed every check, before the prompt length is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedParameters {
+    pub sampling: ValidParameters,
+    pub stop_sequences: Vec<String>,
+    /// `None`: as many as the context leaves.
+    pub max_new_tokens: Option<u32>,
+    pub truncate: Option<u32>,
+    pub top_n_tokens: u32,
+}
+
+fn check<T: Copy + Into<f64>>(
+    name: &'static str,
+    value: Option<T>,
+    valid: impl Fn(f64) -> bool,
+    expected: &'static str,
+) -> Result<Option<T>, ValidationError> {
+    match value {
+        Some(v) if !(v.into().is_finite() && valid(v.into())) => Err(ValidationError::OutOfRange { name, expected }),
+        _ => Ok(value),
+    }
+}
+
+pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Result<CheckedParameters, ValidationError> {
+    check("best_of", p.best_of, |v| v == 1.0, "1 (best_of is not supported)")?;
+    if p.watermark {
+        return Err(ValidationError::OutOfRange { name: "watermark", expected: "false (watermarking is not supported)" });
+    }
+    let temperature = check("temperature", p.temperature, |v| v > 0.0, "strictly positive")?;
+    let repetition_penalty = check("repetition_penalty", p.repetition_penalty, |v| v > 0.0, "strictly positive")?;
+    let penalty = |v: f64| (-2.0..=2.0).contains(&v);
+    let frequency_penalty = check("frequency_penalty", p.frequency_penalty, penalty, "in [-2, 2]")?;
+    let presence_penalty = check("presence_penalty", p.presence_penalty, penalty, "in [-2, 2]")?;
+    let top_k = check("top_k", p.top_k, |v| v > 0.0, "strictly positive")?;
+    let top_p = check("top_p", p.top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?.filter(|&v| v < 1.0);
+    let typical_p = check("typical_p", p.typical_p, |v| v > 0.0 && v < 1.0, "in (0, 1)")?;
+    let max_new_tokens = check("max_new_tokens", p.max_new_tokens, |v| v > 0.0, "strictly positive")?;
+    let truncate = check("truncate", p.truncate, |v| v > 0.0, "strictly positive")?;
+    if let Some(truncate) = truncate {
+        if truncate > limits.max_input_tokens {
+            return Err(ValidationError::Truncate { truncate, max_input_tokens: limits.max_input_tokens });
+        }
+    }
+
+    if p.stop.len() > limits.max_stop_sequences {
+        return Err(ValidationError::StopSequences { count: p.stop.len(), max: limits.max_stop_sequences });
+    }
+    if p.stop.iter().any(String::is_empty) {
+        return Err(ValidationError::OutOfRange { name: "stop", expected: "a list of non-empty strings" });
+    }
+    let top_n_tokens = p.top_n_tokens.unwrap_or(0);
+    if top_n_tokens > limits.max_top_n_tokens {
+        return Err(ValidationError::TopNTokens { value: top_n_tokens, max: limits.max_top_n_tokens });
+    }
+
+    // As TGI's shards do: any warper turns sampling on.
+    let do_sample = p.do_sample
+        || temperature.is_some_and(|t| t != 1.0)
+        || top_k.is_some()
+        || top_p.is_some()
+        || typical_p.is_some();
+    let seed = match p.seed {
+        Some(seed) => seed,
+        None if do_sample => rand::random(),
+        None => 0,
+    };
+    Ok(CheckedParameters {
+        sampling: ValidParameters {
+            temperature: temperature.unwrap_or(1.0),
+            top_k: top_k.map_or(0, |k| k as u32),
+            top_p: top_p.unwrap_or(1.0),
+            typical_p: typical_p.unwrap_or(1.0),
+            do_sample,
+            seed,
+            repetition_penalty: repetition_penalty.unwrap_or(1.0),
+            frequency_penalty: frequency_penalty.unwrap_or(0.0),
+            presence_penalty: presence_penalty.unwrap_or(0.0),
+        },
+        stop_sequences: p.stop.clone(),
+        max_new_tokens,
+        truncate,
+        top_n_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ValidationLimits =
+        ValidationLimits { max_input_tokens: 10, max_total_tokens: 20, max_stop_sequences: 2, max_top_n_tokens: 3 };
+
+    fn checked(p: GenerateParameters) -> Result<CheckedParameters, ValidationError> {
+        check_parameters(&p, &LIMITS)
+    }
+
+    fn out_of_range(result: Result<CheckedParameters, ValidationError>) -> &'static str {
+        match result {
+            Err(ValidationError::OutOfRange { name, .. }) => name,
+            other => panic!("expected OutOfRange, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_greedy_and_disabled() {
+        let c = checked(GenerateParameters::default()).unwrap();
+        assert!(!c.sampling.do_sample);
+        assert_eq!(c.sampling.seed, 0);
+        assert_eq!((c.sampling.temperature, c.sampling.top_k, c.sampling.top_p), (1.0, 0, 1.0));
+        assert_eq!((c.sampling.repetition_penalty, c.sampling.frequency_penalty), (1.0, 0.0));
+        assert_eq!(c.max_new_tokens, Some(100));
+        assert_eq!(c.top_n_tokens, 0);
+    }
+
+    #[test]
+    fn warpers_enable_sampling() {
+        let c = checked(GenerateParameters { top_k: Some(5), seed: Some(7), ..Default::default() }).unwrap();
+        assert!(c.sampling.do_sample);
+        assert_eq!((c.sampling.top_k, c.sampling.seed), (5, 7));
+        // top_p = 1 is "disabled", not a warper.
+        let c = checked(GenerateParameters { top_p: Some(1.0), ..Default::default() }).unwrap();
+        assert!(!c.sampling.do_sample);
+    }
+
+    #[test]
+    fn rejects_out_of_range_and_non_finite_values() {
+        let cases: Vec<(&str, GenerateParameters)> = vec![
+            ("temperature", GenerateParameters { temperature: Some(0.0), ..Default::default() }),
+            ("temperature", GenerateParameters { temperature: Some(f32::NAN), ..Default::default() }),
+            ("temperature", GenerateParameters { temperature: Some(f32::INFINITY), ..Default::default() }),
+            ("top_p", GenerateParameters { top_p: Some(0.0), ..Default::default() }),
+            ("top_p", GenerateParameters { top_p: Some(1.5), ..Default::default() }),
+            ("top_k", GenerateParameters { top_k: Some(0), ..Default::default() }),
+            ("typical_p", GenerateParameters { typical_p: Some(1.0), ..Default::default() }),
+            ("repetition_penalty", GenerateParameters { repetition_penalty: Some(-1.0), ..Default::default() }),
+            ("frequency_penalty", GenerateParameters { frequency_penalty: Some(2.5), ..Default::default() }),
+            ("presence_penalty", GenerateParameters { presence_penalty: Some(-3.0), ..Default::default() }),
+            ("max_new_tokens", GenerateParameters { max_new_tokens: Some(0), ..Default::default() }),
+            ("best_of", GenerateParameters { best_of: Some(2), ..Default::default() }),
+            ("watermark", GenerateParameters { watermark: true, ..Default::default() }),
+            ("stop", GenerateParameters { stop: vec![String::new()], ..Default::default() }),
+        ];
+        for (name, parameters) in cases {
+            assert_eq!(out_of_range(checked(parameters)), name);
+        }
+    }
+
+    #[test]
+    fn enforces_limits() {
+        let stop = vec!["a".to_string(); 3];
+        assert!(matches!(
+            checked(GenerateParameters { stop, ..Default::default() }),
+            Err(ValidationError::StopSequences { count: 3, max: 2 })
+        ));
+        assert!(matches!(
+            checked(GenerateParameters { top_n_tokens: Some(4), ..Default::default() }),
+            Err(ValidationError::TopNTokens { value: 4, max: 3 })
+        ));
+        assert!(matches!(
+            checked(GenerateParameters { truncate: Some(11), ..Default::default() }),
+            Err(ValidationError::Truncate { truncate: 11, max_input_tokens: 10 })
+        ));
+    }
+}
