@@ -361,7 +361,7 @@ pub mod tests {
         // Enough entries, but the prefill budget stops at two.
         let wants_three = BatchLimits {
             min_size: Some(3),
-            ..limits(40, 1000)
+            ..limits(25, 1000)
         };
         assert!(state.next_batch(wants_three).is_none());
         assert_eq!(state.allocator.free_block_count(), 64);

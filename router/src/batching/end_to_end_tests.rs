@@ -1,0 +1,228 @@
+//! The whole scheduler (Infer, queue, batching loop, sharded client) against an
+//! in-process fake shard over a real unix socket.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::queue::tests::request;
+use crate::client::fake_shard::{FakeShard, FakeShardConfig, FIRST_TOKEN, POISON_DECODE, POISON_PREFILL};
+use crate::infer::{Infer, SchedulerConfig, ShardSummary};
+use crate::infer_types::{FinishReason, InferError, InferStreamResponse, ValidGenerateRequest};
+
+const BLOCK_SIZE: u32 = 16;
+
+fn config() -> SchedulerConfig {
+    SchedulerConfig {
+        max_concurrent_requests: 16,
+        max_batch_prefill_tokens: 128,
+        max_batch_total_tokens: None,
+        max_batch_size: None,
+        waiting_served_ratio: 0.3,
+        max_waiting_tokens: 20,
+        max_input_tokens: 64,
+        max_total_tokens: 128,
+    }
+}
+
+async fn start(kv_blocks: u32, config: SchedulerConfig) -> (Infer, ShardSummary, FakeShard) {
+    let shard = FakeShard::start(FakeShardConfig {
+        block_size: BLOCK_SIZE,
+        kv_capacity_tokens: kv_blocks * BLOCK_SIZE,
+        decode_delay: Duration::from_millis(5),
+    })
+    .await;
+    let (infer, summary) = Infer::connect(&shard.path(), config).await.unwrap();
+    (infer, summary, shard)
+}
+
+async fn within_seconds<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("timed out")
+}
+
+fn with_input(input_ids: Vec<u32>, max_new_tokens: u32) -> ValidGenerateRequest {
+    ValidGenerateRequest {
+        input_ids: Arc::new(input_ids),
+        ..request(1, max_new_tokens)
+    }
+}
+
+#[tokio::test]
+async fn connects_warms_up_and_generates() {
+    let (infer, summary, shard) = start(64, config()).await;
+    assert_eq!(summary.max_batch_total_tokens, 64 * BLOCK_SIZE);
+    assert_eq!(summary.info.block_size, BLOCK_SIZE);
+
+    let warmup = &shard.warmups()[0];
+    let batch = warmup.batch.as_ref().unwrap();
+    assert_eq!(batch.requests.len(), 2, "128 prefill tokens in prompts of at most 64");
+    for request in &batch.requests {
+        assert_eq!(request.input_ids.len(), 64);
+        assert_eq!(request.stopping_parameters.as_ref().unwrap().max_new_tokens, 64);
+    }
+    assert_eq!(warmup.max_batch_total_tokens, None);
+
+    let response = within_seconds(infer.generate(request(5, 4))).await.unwrap();
+    let ids: Vec<u32> = response.tokens.iter().map(|t| t.id).collect();
+    assert_eq!(ids, (0..4).map(|k| FIRST_TOKEN + k).collect::<Vec<_>>());
+    assert_eq!(response.generated_text.text, " w0 w1 w2 w3");
+    assert_eq!(response.generated_text.generated_tokens, 4);
+    assert_eq!(response.generated_text.finish_reason, FinishReason::Length);
+    assert_eq!(response.input_length, 5);
+    assert_eq!(shard.cached_request_count(), 0);
+    assert!(infer.health().await);
+}
+
+#[tokio::test]
+async fn streams_prompt_details_then_tokens_then_the_end() {
+    let (infer, _, _shard) = start(64, config()).await;
+    let mut request = request(3, 3);
+    request.decoder_input_details = true;
+    request.top_n_tokens = 2;
+    let (_permit, stream) = infer.generate_stream(request).unwrap();
+    let responses: Vec<_> = within_seconds(stream.collect::<Vec<_>>()).await;
+    assert_eq!(responses.len(), 4);
+    match &responses[0] {
+        Ok(InferStreamResponse::Prefill(tokens)) => assert_eq!(tokens.len(), 3),
+        other => panic!("expected the prompt tokens first, got {other:?}"),
+    }
+    for response in &responses[1..3] {
+        match response {
+            Ok(InferStreamResponse::Intermediate { top_tokens, .. }) => assert_eq!(top_tokens.len(), 2),
+            other => panic!("expected an intermediate token, got {other:?}"),
+        }
+    }
+    match &responses[3] {
+        Ok(InferStreamResponse::End { token, generated_text, .. }) => {
+            assert_eq!(token.id, FIRST_TOKEN + 2);
+            assert_eq!(generated_text.generated_tokens, 3);
+        }
+        other => panic!("expected the end, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn new_requests_join_the_running_batch() {
+    let (infer, _, shard) = start(64, config()).await;
+    let (_permit, mut long) = infer.generate_stream(request(10, 60)).unwrap();
+    // The long request is decoding once its second token arrives.
+    for _ in 0..2 {
+        within_seconds(long.next()).await.unwrap().unwrap();
+    }
+    let short = within_seconds(infer.generate(request(10, 5))).await.unwrap();
+    assert_eq!(short.generated_text.generated_tokens, 5);
+    let rest: Vec<_> = within_seconds(long.collect::<Vec<_>>()).await;
+    assert_eq!(rest.len(), 58);
+    assert!(matches!(rest.last(), Some(Ok(InferStreamResponse::End { .. }))));
+    assert!(
+        shard.decode_batch_counts().contains(&2),
+        "the short request was decoded together with the long one"
+    );
+    assert!(shard.filter_calls() > 0, "the finished short request was filtered out");
+    assert_eq!(shard.cached_request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_disconnected_client_frees_its_blocks() {
+    // The KV cache holds exactly one maximal request.
+    let (infer, summary, shard) = start(8, config()).await;
+    assert_eq!(summary.max_batch_total_tokens, 128);
+    let (_permit, mut abandoned) = infer.generate_stream(request(10, 118)).unwrap();
+    within_seconds(abandoned.next()).await.unwrap().unwrap();
+    drop(abandoned);
+    // Schedulable only once the abandoned request's blocks are back.
+    let response = within_seconds(infer.generate(request(10, 118))).await.unwrap();
+    assert_eq!(response.generated_text.generated_tokens, 118);
+    assert_eq!(shard.cached_request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_decode_fails_its_batch_and_serving_goes_on() {
+    let (infer, _, shard) = start(64, config()).await;
+    let (_permit, mut running) = infer.generate_stream(request(10, 100)).unwrap();
+    within_seconds(running.next()).await.unwrap().unwrap();
+    let poisoned = within_seconds(infer.generate(with_input(vec![POISON_DECODE], 10))).await;
+    assert!(matches!(poisoned, Err(InferError::GenerationError(_))), "{poisoned:?}");
+    let rest: Vec<_> = within_seconds(running.collect::<Vec<_>>()).await;
+    assert!(
+        matches!(rest.last(), Some(Err(InferError::GenerationError(_)))),
+        "the request decoded with the poisoned one fails too"
+    );
+    assert_eq!(shard.cached_request_count(), 0, "the shards' cache was cleared");
+
+    assert!(infer.health().await, "the shards still answer Health");
+    let response = within_seconds(infer.generate(request(4, 3))).await.unwrap();
+    assert_eq!(response.generated_text.generated_tokens, 3);
+}
+
+#[tokio::test]
+async fn a_failed_prefill_fails_only_its_requests() {
+    let (infer, _, _shard) = start(64, config()).await;
+    let (_permit, mut running) = infer.generate_stream(request(10, 30)).unwrap();
+    within_seconds(running.next()).await.unwrap().unwrap();
+    let poisoned = within_seconds(infer.generate(with_input(vec![POISON_PREFILL], 10))).await;
+    assert!(matches!(poisoned, Err(InferError::GenerationError(_))), "{poisoned:?}");
+    let rest: Vec<_> = within_seconds(running.collect::<Vec<_>>()).await;
+    assert_eq!(rest.len(), 29);
+    assert!(matches!(rest.last(), Some(Ok(InferStreamResponse::End { .. }))));
+}
+
+#[tokio::test]
+async fn admission_limits() {
+    let (infer, _, _shard) = start(
+        64,
+        SchedulerConfig {
+            max_concurrent_requests: 1,
+            ..config()
+        },
+    )
+    .await;
+    let held = infer.generate_stream(request(4, 50)).unwrap();
+    assert!(matches!(infer.generate_stream(request(4, 5)), Err(InferError::Overloaded)));
+    drop(held);
+    assert!(matches!(
+        infer.generate_stream(request(10, 64 * BLOCK_SIZE)),
+        Err(InferError::ValidationError(_))
+    ));
+    assert!(matches!(
+        infer.generate_stream(request(200, 5)),
+        Err(InferError::ValidationError(_))
+    ));
+}
+
+#[tokio::test]
+async fn max_batch_total_tokens_goes_to_warmup_and_sizes_the_allocator() {
+    let config = SchedulerConfig {
+        max_batch_total_tokens: Some(512),
+        ..config()
+    };
+    let (_infer, summary, shard) = start(64, config).await;
+    assert_eq!(shard.warmups()[0].max_batch_total_tokens, Some(512));
+    assert_eq!(summary.max_batch_total_tokens, 512);
+}
+
+#[tokio::test]
+async fn connecting_to_a_missing_socket_fails_clearly() {
+    let error = Infer::connect("/nonexistent/shard.sock", config())
+        .await
+        .err()
+        .expect("no shard listens there");
+    assert!(format!("{error:#}").contains("/nonexistent/shard.sock"), "{error:#}");
+}
+
+#[tokio::test]
+async fn inconsistent_limits_are_refused_before_connecting() {
+    let config = SchedulerConfig {
+        max_batch_prefill_tokens: 32,
+        ..config()
+    };
+    let error = Infer::connect("/nonexistent/shard.sock", config)
+        .await
+        .err()
+        .expect("prompts of 64 tokens would never fit a prefill of 32");
+    assert!(error.to_string().contains("--max-batch-prefill-tokens"), "{error}");
+}

@@ -1,0 +1,357 @@
+//! An in-process shard for tests: serves the real gRPC protocol on a temporary
+//! unix socket and "generates" deterministic tokens (the k-th generated token
+//! of every request is `FIRST_TOKEN + k`, text " w{k}"), so that the router's
+//! scheduling can be tested end to end. It checks what a real shard relies on:
+//! every request comes with enough slots, and no KV block is used twice.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use proto::v3::text_generation_service_server::{TextGenerationService, TextGenerationServiceServer};
+use proto::v3::*;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Response, Status};
+
+pub const FIRST_TOKEN: u32 = 1000;
+/// A prompt containing this token makes the prefill fail.
+pub const POISON_PREFILL: u32 = 7_000_001;
+/// A prompt containing this token makes every decode of its batch fail.
+pub const POISON_DECODE: u32 = 7_000_002;
+
+#[derive(Debug, Clone)]
+pub struct FakeShardConfig {
+    pub block_size: u32,
+    /// What Warmup reports.
+    pub kv_capacity_tokens: u32,
+    /// How long every Decode takes, so that requests can join running batches.
+    pub decode_delay: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct FakeRequest {
+    id: u64,
+    input_ids: Vec<u32>,
+    generated: u32,
+    max_new_tokens: u32,
+    blocks: Vec<u32>,
+    top_n_tokens: u32,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    batches: HashMap<u64, Vec<FakeRequest>>,
+    warmups: Vec<WarmupRequest>,
+    /// How many cached batches each Decode received.
+    decode_batch_counts: Vec<usize>,
+    filter_calls: usize,
+    clear_calls: usize,
+}
+
+/// Handle on a running fake shard; the socket is removed when it is dropped.
+#[derive(Debug, Clone)]
+pub struct FakeShard {
+    config: FakeShardConfig,
+    state: Arc<Mutex<FakeState>>,
+    socket: Arc<SocketPath>,
+}
+
+#[derive(Debug)]
+struct SocketPath(PathBuf);
+
+impl Drop for SocketPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl FakeShard {
+    /// Serves on a fresh socket in the temp dir, on the current tokio runtime.
+    pub async fn start(config: FakeShardConfig) -> FakeShard {
+        static NEXT_SOCKET: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "fake-shard-{}-{}.sock",
+            std::process::id(),
+            NEXT_SOCKET.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("binding the fake shard socket");
+        let shard = FakeShard {
+            config,
+            state: Arc::default(),
+            socket: Arc::new(SocketPath(path)),
+        };
+        let server = tonic::transport::Server::builder()
+            .add_service(TextGenerationServiceServer::new(shard.clone()))
+            .serve_with_incoming(UnixListenerStream::new(listener));
+        tokio::spawn(server);
+        shard
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.0.display())
+    }
+
+    pub fn path(&self) -> String {
+        self.socket.0.display().to_string()
+    }
+
+    /// Requests the shard holds in its cached batches.
+    pub fn cached_request_count(&self) -> usize {
+        self.lock().batches.values().map(Vec::len).sum()
+    }
+
+    pub fn warmups(&self) -> Vec<WarmupRequest> {
+        self.lock().warmups.clone()
+    }
+
+    pub fn decode_batch_counts(&self) -> Vec<usize> {
+        self.lock().decode_batch_counts.clone()
+    }
+
+    pub fn filter_calls(&self) -> usize {
+        self.lock().filter_calls
+    }
+
+    pub fn clear_calls(&self) -> usize {
+        self.lock().clear_calls
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Generates the next token of every request; returns the generations and
+    /// the requests of the batch left cached.
+    fn step(requests: Vec<FakeRequest>) -> (Vec<Generation>, Vec<FakeRequest>) {
+        let mut generations = Vec::new();
+        let mut requests_after = Vec::new();
+        let mut any_running = false;
+        for mut request in requests {
+            let token = FIRST_TOKEN + request.generated;
+            request.generated += 1;
+            let finished = request.generated >= request.max_new_tokens;
+            let top_tokens = (request.top_n_tokens > 0)
+                .then(|| Tokens {
+                    ids: (0..request.top_n_tokens).map(|k| token + k).collect(),
+                    logprobs: (0..request.top_n_tokens).map(|k| -(k as f32)).collect(),
+                    texts: (0..request.top_n_tokens).map(|k| format!(" w{}", token + k - FIRST_TOKEN)).collect(),
+                    is_special: vec![false; request.top_n_tokens as usize],
+                })
+                .into_iter()
+                .collect();
+            generations.push(Generation {
+                request_id: request.id,
+                prefill_tokens: None,
+                tokens: Some(Tokens {
+                    ids: vec![token],
+                    logprobs: vec![-0.5],
+                    texts: vec![format!(" w{}", token - FIRST_TOKEN)],
+                    is_special: vec![false],
+                }),
+                top_tokens,
+                generated_text: finished.then(|| GeneratedText {
+                    text: (0..request.generated).map(|k| format!(" w{k}")).collect(),
+                    generated_tokens: request.generated,
+                    finish_reason: FinishReason::Length as i32,
+                    seed: None,
+                }),
+            });
+            any_running |= !finished;
+            requests_after.push(request);
+        }
+        // Like TGI's shards, finished requests stay in the batch until the
+        // router filters them out; a batch where all finished is dropped.
+        let running = if any_running { requests_after } else { Vec::new() };
+        (generations, running)
+    }
+
+    /// Caches the still running requests as batch `id`.
+    fn cache(state: &mut FakeState, id: u64, running: Vec<FakeRequest>) -> Option<CachedBatch> {
+        if running.is_empty() {
+            return None;
+        }
+        let batch = cached_batch(id, &running);
+        state.batches.insert(id, running);
+        Some(batch)
+    }
+}
+
+fn cached_batch(id: u64, requests: &[FakeRequest]) -> CachedBatch {
+    CachedBatch {
+        id,
+        request_ids: requests.iter().map(|r| r.id).collect(),
+        size: requests.len() as u32,
+        max_tokens: requests
+            .iter()
+            .map(|r| r.input_ids.len() as u32 + r.max_new_tokens)
+            .sum(),
+        current_tokens: requests
+            .iter()
+            .map(|r| (r.input_ids.len() as u32 + r.generated) as u64)
+            .sum(),
+    }
+}
+
+#[tonic::async_trait]
+impl TextGenerationService for FakeShard {
+    async fn info(&self, _: tonic::Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(InfoResponse {
+            dtype: "float32".to_string(),
+            device_type: "cpu".to_string(),
+            attention_impl: "paged".to_string(),
+            block_size: self.config.block_size,
+            model_type: "fake".to_string(),
+            max_position_embeddings: 4096,
+            world_size: 1,
+            quantization: "none".to_string(),
+            ..Default::default()
+        }))
+    }
+
+    async fn health(&self, _: tonic::Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse {}))
+    }
+
+    async fn service_discovery(
+        &self,
+        _: tonic::Request<ServiceDiscoveryRequest>,
+    ) -> Result<Response<ServiceDiscoveryResponse>, Status> {
+        Ok(Response::new(ServiceDiscoveryResponse { urls: vec![self.url()] }))
+    }
+
+    async fn clear_cache(
+        &self,
+        request: tonic::Request<ClearCacheRequest>,
+    ) -> Result<Response<ClearCacheResponse>, Status> {
+        let mut state = self.lock();
+        state.clear_calls += 1;
+        match request.into_inner().id {
+            Some(id) => {
+                state.batches.remove(&id);
+            }
+            None => state.batches.clear(),
+        }
+        Ok(Response::new(ClearCacheResponse {}))
+    }
+
+    async fn filter_batch(
+        &self,
+        request: tonic::Request<FilterBatchRequest>,
+    ) -> Result<Response<FilterBatchResponse>, Status> {
+        let request = request.into_inner();
+        let mut state = self.lock();
+        state.filter_calls += 1;
+        let keep: HashSet<u64> = request.request_ids.into_iter().collect();
+        let requests = state
+            .batches
+            .get_mut(&request.batch_id)
+            .ok_or_else(|| Status::not_found(format!("no batch {}", request.batch_id)))?;
+        requests.retain(|r| keep.contains(&r.id));
+        let batch = cached_batch(request.batch_id, requests);
+        Ok(Response::new(FilterBatchResponse { batch: Some(batch) }))
+    }
+
+    async fn warmup(&self, request: tonic::Request<WarmupRequest>) -> Result<Response<WarmupResponse>, Status> {
+        self.lock().warmups.push(request.into_inner());
+        Ok(Response::new(WarmupResponse {
+            max_supported_total_tokens: self.config.kv_capacity_tokens,
+        }))
+    }
+
+    async fn prefill(&self, request: tonic::Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
+        let batch = request
+            .into_inner()
+            .batch
+            .ok_or_else(|| Status::invalid_argument("no batch"))?;
+        let mut state = self.lock();
+        let mut used_blocks: HashSet<u32> = state
+            .batches
+            .values()
+            .flatten()
+            .flat_map(|r| r.blocks.iter().copied())
+            .collect();
+        let mut requests = Vec::new();
+        let mut prefill_tokens = HashMap::new();
+        for request in batch.requests {
+            if request.input_ids.contains(&POISON_PREFILL) {
+                return Err(Status::internal("poisoned prefill"));
+            }
+            let max_new_tokens = request.stopping_parameters.map_or(0, |s| s.max_new_tokens);
+            let needed = request.input_ids.len() + max_new_tokens as usize;
+            if request.slots.len() < needed {
+                return Err(Status::invalid_argument(format!(
+                    "request {} has {} slots for {needed} tokens",
+                    request.id,
+                    request.slots.len()
+                )));
+            }
+            for block in &request.blocks {
+                if *block == 0 || !used_blocks.insert(*block) {
+                    return Err(Status::invalid_argument(format!("block {block} is reserved or in use")));
+                }
+            }
+            if request.prefill_logprobs {
+                prefill_tokens.insert(
+                    request.id,
+                    Tokens {
+                        ids: request.input_ids.clone(),
+                        logprobs: vec![-1.0; request.input_ids.len()],
+                        texts: request.input_ids.iter().map(|id| format!("<{id}>")).collect(),
+                        is_special: vec![false; request.input_ids.len()],
+                    },
+                );
+            }
+            requests.push(FakeRequest {
+                id: request.id,
+                input_ids: request.input_ids,
+                generated: 0,
+                max_new_tokens,
+                blocks: request.blocks,
+                top_n_tokens: request.top_n_tokens,
+            });
+        }
+        let (mut generations, running) = Self::step(requests);
+        for generation in &mut generations {
+            generation.prefill_tokens = prefill_tokens.remove(&generation.request_id);
+        }
+        let batch = Self::cache(&mut state, batch.id, running);
+        Ok(Response::new(PrefillResponse {
+            generations,
+            batch,
+            ..Default::default()
+        }))
+    }
+
+    async fn decode(&self, request: tonic::Request<DecodeRequest>) -> Result<Response<DecodeResponse>, Status> {
+        tokio::time::sleep(self.config.decode_delay).await;
+        let batches = request.into_inner().batches;
+        let first_id = batches
+            .first()
+            .map(|b| b.id)
+            .ok_or_else(|| Status::invalid_argument("no batch to decode"))?;
+        let mut state = self.lock();
+        state.decode_batch_counts.push(batches.len());
+        let mut requests = Vec::new();
+        for batch in &batches {
+            let cached = state
+                .batches
+                .remove(&batch.id)
+                .ok_or_else(|| Status::not_found(format!("no batch {}", batch.id)))?;
+            requests.extend(cached);
+        }
+        if requests.iter().any(|r| r.input_ids.contains(&POISON_DECODE)) {
+            return Err(Status::internal("poisoned decode"));
+        }
+        let (generations, running) = Self::step(requests);
+        let batch = Self::cache(&mut state, first_id, running);
+        Ok(Response::new(DecodeResponse {
+            generations,
+            batch,
+            ..Default::default()
+        }))
+    }
+}
