@@ -179,7 +179,7 @@ fn argmax_rows(logits: &Tensor) -> Vec<u32> {
 
 /// candle's quantized matmul also quantizes the activations (to 8 bits), so the GGUF
 /// model is compared loosely with the reference on dequantized weights: same top token
-/// at every position and close logits.
+/// at every position and logits within a few percent.
 #[test]
 fn smollm2_gguf_matches_the_numpy_reference() {
     let (ids, reference) = expected(&fixtures_dir().join("smollm2")).remove(0);
@@ -193,8 +193,14 @@ fn smollm2_gguf_matches_the_numpy_reference() {
     step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
     let logits = all_logits(&seq[0]);
     assert_eq!(argmax_rows(&logits), argmax_rows(&reference));
-    let err = max_relative_error(&logits, &reference);
-    assert!(err < 0.1, "relative error {err}");
+    // Measured: 0.035 for both (the 8-bit activations' noise); a wrong rotation layout
+    // or a missing bias lands far above.
+    let diff = (&logits - &reference).unwrap();
+    let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let rms_err = rms(&diff) / rms(&reference);
+    let max_err = max_abs(&diff) / max_abs(&reference);
+    assert!(rms_err < 0.06 && max_err < 0.08, "relative RMS error {rms_err}, relative max error {max_err}");
 }
 
 #[test]
