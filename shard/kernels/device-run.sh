@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Checks and times the kernels on a GPU machine, from the repository root.
+#   shard/kernels/device-run.sh pack   # here: build the test and bench binaries with
+#                                      # CUDA, pack them into .bin/kernels/ (ignored)
+#   shard/kernels/device-run.sh        # there (`run` tool, carry .bin/kernels):
+#                                      # every kernel test, then the timing table
+# Logs go to $OUT when set.
+set -o pipefail
+pack=.bin/kernels/kernels.tar.xz
+if [ "$1" = pack ]; then
+  source /work/shared/cuda/toolchain.sh || exit 1
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
+  test_bin=$(cargo test --release --features cuda -p text-generation-kernels --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*/kernels-[^"]*"' | cut -d'"' -f4) || exit 1
+  cargo build --release --features cuda -p text-generation-kernels --example bench_kernels || exit 1
+  dir=$(mktemp -d)
+  cp "$test_bin" "$dir/kernels_test" && cp "$CARGO_TARGET_DIR/release/examples/bench_kernels" "$dir/" || exit 1
+  strip "$dir"/* && mkdir -p .bin/kernels && tar cJf "$pack" -C "$dir" kernels_test bench_kernels
+  rm -r "$dir"
+  ls -la "$pack"
+  exit
+fi
+dir=$(mktemp -d)
+tar xJf "$pack" -C "$dir" || exit 1
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib 2>/dev/null | tr '\n' :)
+out=${OUT:-$dir}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee "$out/gpu.txt"
+"$dir/kernels_test" --test-threads=1 2>&1 | tee "$out/tests.log"
+tests=$?
+"$dir/bench_kernels" 2>&1 | tee "$out/bench.log"
+bench=$?
+echo "tests exit $tests, bench exit $bench"

@@ -1,0 +1,132 @@
+//! Timing of the kernels on Llama-3.1-8B-shaped layers (32 heads, 8 KV heads,
+//! head_dim 128, bf16, block size 16, shuffled block tables), next to the two
+//! ceilings: a device-to-device copy (memory bandwidth) and the layer's GEMMs at
+//! the same token count (what prefill attention should be a fraction of).
+//!
+//! `cargo run --release --features cuda -p text-generation-kernels --example bench_kernels`
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand::seq::SliceRandom;
+use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache};
+
+const HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const BLOCK_SIZE: usize = 16;
+const HIDDEN: usize = 4096;
+const INTERMEDIATE: usize = 14336;
+
+/// Median wall time of `f` in microseconds, each sample synchronised.
+fn time_us(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let start = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+/// Caches holding `context_lens` tokens in shuffled blocks, and their block tables.
+fn paged(context_lens: &[usize], dev: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let blocks: Vec<usize> = context_lens.iter().map(|c| c.div_ceil(BLOCK_SIZE)).collect();
+    let num_blocks: usize = blocks.iter().sum();
+    let max_blocks = *blocks.iter().max().unwrap_or(&1);
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    ids.shuffle(&mut rand::rng());
+    let mut table = vec![0u32; context_lens.len() * max_blocks];
+    let mut next = ids.into_iter();
+    for (s, &n) in blocks.iter().enumerate() {
+        for b in 0..n {
+            table[s * max_blocks + b] = next.next().expect("enough blocks");
+        }
+    }
+    let shape = (num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM);
+    let k = Tensor::randn(0f32, 1., shape, dev)?.to_dtype(DType::BF16)?;
+    let v = Tensor::randn(0f32, 1., shape, dev)?.to_dtype(DType::BF16)?;
+    let table = Tensor::from_vec(table, (context_lens.len(), max_blocks), dev)?;
+    let lens: Vec<u32> = context_lens.iter().map(|&c| c as u32).collect();
+    let lens = Tensor::from_vec(lens, context_lens.len(), dev)?;
+    Ok((k, v, table, lens))
+}
+
+fn main() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    let scale = 1. / (HEAD_DIM as f32).sqrt();
+    println!("{:<52} {:>10} {:>12}", "case", "µs", "rate");
+
+    let big = Tensor::randn(0f32, 1., 256 * 1024 * 1024, &dev)?.to_dtype(DType::BF16)?;
+    let us = time_us(&dev, || big.copy().map(drop))?;
+    println!("{:<52} {:>10.1} {:>9.0} GB/s", "d2d copy 512 MiB (read + write)", us, 2. * 512. * 1048576. / us / 1e3);
+    drop(big);
+
+    for (seqs, ctx) in [(64, 1024), (64, 2048), (8, 8192), (1, 32768), (256, 512)] {
+        let context_lens = vec![ctx; seqs];
+        let (k, v, table, lens) = paged(&context_lens, &dev)?;
+        let q = Tensor::randn(0f32, 1., (seqs, HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
+        let us = time_us(&dev, || paged_attention_decode(&q, &k, &v, &table, &lens, BLOCK_SIZE, scale, None).map(drop))?;
+        let bytes = (seqs * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
+        println!("{:<52} {:>10.1} {:>9.0} GB/s", format!("decode {seqs} seqs x {ctx} ctx"), us, bytes / us / 1e3);
+    }
+
+    // (new tokens, context) per sequence.
+    for seqs in [vec![(2048usize, 2048usize)], vec![(512, 512); 4], vec![(2048, 4096)], vec![(8192, 8192)]] {
+        let context_lens: Vec<usize> = seqs.iter().map(|s| s.1).collect();
+        let (k, v, table, lens) = paged(&context_lens, &dev)?;
+        let total: usize = seqs.iter().map(|s| s.0).sum();
+        let q = Tensor::randn(0f32, 1., (total, HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
+        let mut cu = vec![0u32];
+        for s in &seqs {
+            cu.push(cu.last().unwrap() + s.0 as u32);
+        }
+        let cu = Tensor::from_vec(cu, seqs.len() + 1, &dev)?;
+        let us = time_us(&dev, || {
+            paged_attention_prefill(&q, &k, &v, &cu, &lens, &table, BLOCK_SIZE, scale, None).map(drop)
+        })?;
+        // QK^T and P.V over the visible (causal) keys only.
+        let visible: usize = seqs.iter().map(|&(new, ctx)| (ctx - new + 1..=ctx).sum::<usize>()).sum();
+        let flops = 4. * (HEADS * HEAD_DIM * visible) as f64;
+        let label = format!("prefill {} seqs, {} new / {} ctx each", seqs.len(), seqs[0].0, seqs[0].1);
+        println!("{label:<52} {us:>10.1} {:>7.0} TFLOP/s", flops / us / 1e6);
+        if seqs.len() == 1 && seqs[0] == (2048, 2048) {
+            let x = Tensor::randn(0f32, 1., (total, HIDDEN), &dev)?.to_dtype(DType::BF16)?;
+            let w = |rows, cols| Tensor::randn(0f32, 1., (rows, cols), &dev)?.to_dtype(DType::BF16);
+            let (qkv, o) = (w(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM)?, w(HIDDEN, HIDDEN)?);
+            let (gate_up, down) = (w(HIDDEN, 2 * INTERMEDIATE)?, w(INTERMEDIATE, HIDDEN)?);
+            let act = Tensor::randn(0f32, 1., (total, INTERMEDIATE), &dev)?.to_dtype(DType::BF16)?;
+            let gemm_us = time_us(&dev, || {
+                x.matmul(&qkv)?;
+                x.matmul(&o)?;
+                x.matmul(&gate_up)?;
+                act.matmul(&down).map(drop)
+            })?;
+            let gemm_flops = 2. * (total * HIDDEN * ((HEADS + 2 * KV_HEADS) * HEAD_DIM + HIDDEN + 3 * INTERMEDIATE)) as f64;
+            println!(
+                "{:<52} {:>10.1} {:>7.0} TFLOP/s  (attention = {:.0}% of it)",
+                "  the layer's GEMMs at 2048 tokens",
+                gemm_us,
+                gemm_flops / gemm_us / 1e6,
+                100. * us / gemm_us
+            );
+        }
+    }
+
+    let tokens = 2048;
+    let (kc, vc, _, _) = paged(&[tokens], &dev)?;
+    let key = Tensor::randn(0f32, 1., (tokens, KV_HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
+    let value = key.copy()?;
+    let mut slots: Vec<i64> = (0..tokens as i64).collect();
+    slots.shuffle(&mut rand::rng());
+    let slots = Tensor::from_vec(slots, tokens, &dev)?;
+    let us = time_us(&dev, || reshape_and_cache(&key, &value, &kc, &vc, &slots))?;
+    let bytes = (tokens * KV_HEADS * HEAD_DIM * 2 * 2 * 2) as f64;
+    println!("{:<52} {:>10.1} {:>9.0} GB/s", format!("reshape_and_cache {tokens} tokens"), us, bytes / us / 1e3);
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! CUDA kernels of the shard, over candle tensors on a CUDA device:
+//!
+//! - [`reshape_and_cache`]: writes new K/V rows into the paged KV cache by slot;
+//! - [`paged_attention_decode`]: one query token per sequence against its cached
+//!   context (split over the context for long sequences, then merged);
+//! - [`paged_attention_prefill`]: causal flash attention for ragged prefill batches
+//!   whose new tokens follow a (possibly cached) prefix, on tensor cores.
+//!
+//! Layouts follow the shard's paged cache: a cache tensor is
+//! `[num_blocks * block_size, num_kv_heads, head_dim]`, row `slot` holding the token
+//! at `block_tables[seq][pos / block_size] * block_size + pos % block_size`.
+//! Element types are bf16 and f16; head_dim 64 or 128; num_heads a multiple of
+//! num_kv_heads (GQA).
+//!
+//! Everything lives behind the `cuda` feature: without it the crate is empty and
+//! builds without a CUDA toolkit.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+#[cfg(feature = "cuda")]
+pub use cuda::{paged_attention_decode, paged_attention_prefill, reshape_and_cache};
