@@ -86,8 +86,14 @@ impl Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn main() {
+    if let Err(err) = run_benchmark(Args::parse()).await {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run_benchmark(args: Args) -> anyhow::Result<()> {
     args.validate()?;
     let mut client = client::connect(&args.uds_path, Duration::from_secs(args.connect_timeout_secs)).await?;
     let results = run::run(&mut client, &args).await?;

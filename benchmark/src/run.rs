@@ -98,7 +98,14 @@ pub async fn run(client: &mut ShardClient, args: &Args) -> anyhow::Result<Result
         } else {
             Outcome::Measured(measure(client, args, block_size, batch_size, &mut rng).await?)
         };
-        eprintln!("batch size {batch_size}: {outcome:?}");
+        match &outcome {
+            Outcome::Measured(m) => eprintln!(
+                "batch size {batch_size}: prefill {:.1} ms{}",
+                m.prefill_ms.mean,
+                m.decode_step_ms.as_ref().map_or(String::new(), |s| format!(", decode step {:.2} ms", s.mean))
+            ),
+            Outcome::Skipped { reason } => eprintln!("batch size {batch_size}: skipped ({reason})"),
+        }
         batches.push(BatchResult { batch_size, outcome });
     }
     Ok(Results {
