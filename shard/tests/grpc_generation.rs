@@ -30,6 +30,10 @@ struct Shard {
 
 impl Shard {
     fn spawn() -> Self {
+        Self::spawn_with(&[])
+    }
+
+    fn spawn_with(extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let prefix = dir.path().join("shard");
         let child = Command::new(env!("CARGO_BIN_EXE_text-generation-shard"))
@@ -38,6 +42,7 @@ impl Shard {
             .arg("--uds-path")
             .arg(&prefix)
             .args(["--device", "cpu", "--block-size", &BLOCK_SIZE.to_string()])
+            .args(extra_args)
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -201,13 +206,37 @@ async fn greedy_generation_info_and_health() {
     assert_eq!(urls, vec![format!("unix://{}", shard.socket.display())]);
 
     let mut client = shard.warm_client().await;
-    let outputs = generate(&mut client, batch(1, vec![Blocks::new().request(1, PROMPT, 3)])).await;
+    let outputs = generate(&mut client, batch(1, vec![Blocks::new().request(1, PROMPT, 2)])).await;
     let text = &outputs.finished[&1];
     assert_eq!(text.text, " Paris.");
     assert_eq!(text.finish_reason, FinishReason::Length as i32);
-    assert_eq!(text.generated_tokens, 3);
+    assert_eq!(text.generated_tokens, 2);
     assert_eq!(text.seed, None);
     client.health(HealthRequest {}).await.expect("health after warmup");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warmup_sizes_the_cache_from_the_cpu_budget() {
+    let shard = Shard::spawn_with(&["--cpu-kv-cache-mb", "64"]);
+    let mut client = shard.client().await;
+    let mut blocks = Blocks::new();
+    let long_prompt = "word ".repeat(200);
+    let warmup_batch = batch(0, vec![blocks.request(1, &long_prompt, 1), blocks.request(2, PROMPT, 1)]);
+    let request = WarmupRequest {
+        batch: Some(warmup_batch),
+        max_input_tokens: 256,
+        max_prefill_tokens: 512,
+        max_total_tokens: 512,
+        max_batch_total_tokens: None,
+    };
+    let warmup = client.warmup(request).await.unwrap().into_inner();
+    // SmolLM2: 30 layers x 3 KV heads x 64 dims, keys and values in f32, 16-token blocks.
+    let bytes_per_block = 2 * 30 * 3 * 64 * 4 * BLOCK_SIZE;
+    let blocks = (64 << 20) / bytes_per_block;
+    assert_eq!(warmup.max_supported_total_tokens, (blocks - 1) * BLOCK_SIZE);
+    // Warmup leaves no batch behind, and the cache serves requests.
+    let outputs = generate(&mut client, batch(1, vec![Blocks::new().request(1, PROMPT, 2)])).await;
+    assert_eq!(outputs.finished[&1].text, " Paris.");
 }
 
 #[tokio::test(flavor = "multi_thread")]
