@@ -66,14 +66,21 @@ async fn run(args: Args) -> Result<()> {
     let files = ModelFiles::open(&model_path)
         .with_context(|| format!("`--model-id` {}: not a servable model", args.model_id))?;
     let limits = args.token_limits(files.max_position_embeddings()?)?;
-    tracing::info!("Serving {} from {} with {num_shard} shard(s), {limits:?}", args.model_id, model_path.display());
+    tracing::info!(
+        num_shard,
+        limits.max_input_tokens,
+        limits.max_total_tokens,
+        limits.max_batch_prefill_tokens,
+        "Serving {} from {}",
+        args.model_id,
+        model_path.display()
+    );
+    let plan = Plan { num_shard, model_path, limits, shard_program, router_program };
 
     let mut supervisor = Supervisor::new(Duration::from_secs(args.graceful_termination_timeout))?;
-    let outcome = supervisor
-        .serve(&args, num_shard, &model_path, &limits, &shard_program, &router_program)
-        .await;
+    let outcome = supervisor.serve(&args, &plan).await;
     supervisor.shutdown().await;
-    remove_sockets(&args.shard_uds_path, num_shard);
+    remove_sockets(&args.shard_uds_path, plan.num_shard);
     match outcome {
         Stop::Signal(name) => {
             tracing::info!("Stopped on {name}");
@@ -81,6 +88,15 @@ async fn run(args: Args) -> Result<()> {
         }
         Stop::Failed(e) => Err(e),
     }
+}
+
+/// Everything settled before any process starts.
+struct Plan {
+    num_shard: usize,
+    model_path: PathBuf,
+    limits: TokenLimits,
+    shard_program: PathBuf,
+    router_program: PathBuf,
 }
 
 /// Why serving ended.
@@ -150,39 +166,23 @@ impl Supervisor {
     }
 
     /// Starts everything, then waits for a signal or a child's exit. Only returns to stop.
-    async fn serve(
-        &mut self,
-        args: &Args,
-        num_shard: usize,
-        model_path: &Path,
-        limits: &TokenLimits,
-        shard_program: &Path,
-        router_program: &Path,
-    ) -> Stop {
-        match self.start(args, num_shard, model_path, limits, shard_program, router_program).await {
+    async fn serve(&mut self, args: &Args, plan: &Plan) -> Stop {
+        match self.start(args, plan).await {
             Ok(()) => self.next_event().await.into(),
             Err(stop) => stop,
         }
     }
 
-    async fn start(
-        &mut self,
-        args: &Args,
-        num_shard: usize,
-        model_path: &Path,
-        limits: &TokenLimits,
-        shard_program: &Path,
-        router_program: &Path,
-    ) -> Result<(), Stop> {
-        for rank in 0..num_shard {
+    async fn start(&mut self, args: &Args, plan: &Plan) -> Result<(), Stop> {
+        for rank in 0..plan.num_shard {
             clear_stale_socket(&shard_socket(&args.shard_uds_path, rank)).await?;
         }
-        for rank in 0..num_shard {
-            let spec = shard_spec(args, rank, num_shard, model_path, shard_program);
+        for rank in 0..plan.num_shard {
+            let spec = shard_spec(args, rank, plan.num_shard, &plan.model_path, &plan.shard_program);
             self.shards.push(ManagedProcess::spawn(spec, self.exits_tx.clone())?);
         }
         let deadline = Instant::now() + Duration::from_secs(args.shard_startup_timeout);
-        for rank in 0..num_shard {
+        for rank in 0..plan.num_shard {
             let socket = shard_socket(&args.shard_uds_path, rank);
             let what = format!("shard-{rank} to listen on {}", socket.display());
             let socket = &socket;
@@ -190,7 +190,7 @@ impl Supervisor {
                 .await?;
         }
 
-        let spec = router_spec(args, model_path, limits, router_program);
+        let spec = router_spec(args, &plan.model_path, &plan.limits, &plan.router_program);
         self.router.push(ManagedProcess::spawn(spec, self.exits_tx.clone())?);
         let address = (probe_host(&args.hostname), args.port);
         let what = format!("the router to listen on port {}", args.port);
