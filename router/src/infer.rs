@@ -66,7 +66,7 @@ impl Infer {
             .await
             .context("clearing the shards' cache")?;
         let warmup_capacity = client
-            .warmup(warmup_request(&config))
+            .warmup(warmup_request(&config, info.block_size)?)
             .await
             .context("warming up the shards")?;
         let capacity = match config.max_batch_total_tokens {
@@ -220,6 +220,7 @@ impl Infer {
 }
 
 fn validate_config(config: &SchedulerConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(config.max_input_tokens > 0, "--max-input-tokens must be at least 1");
     anyhow::ensure!(
         config.max_input_tokens < config.max_total_tokens,
         "--max-input-tokens ({}) must be < --max-total-tokens ({})",
@@ -238,6 +239,11 @@ fn validate_config(config: &SchedulerConfig) -> anyhow::Result<()> {
             "--max-batch-total-tokens ({max_batch_total_tokens}) must be >= --max-total-tokens ({})",
             config.max_total_tokens
         );
+        anyhow::ensure!(
+            max_batch_total_tokens >= config.max_batch_prefill_tokens,
+            "--max-batch-total-tokens ({max_batch_total_tokens}) must be >= --max-batch-prefill-tokens ({})",
+            config.max_batch_prefill_tokens
+        );
     }
     anyhow::ensure!(
         config.max_batch_size != Some(0),
@@ -254,10 +260,21 @@ fn validate_config(config: &SchedulerConfig) -> anyhow::Result<()> {
 /// `max_batch_prefill_tokens` prompt tokens in requests of at most
 /// `max_input_tokens`, each asking for the rest of `max_total_tokens`, with
 /// every sampling feature on so that the shards measure their peak memory.
-fn warmup_request(config: &SchedulerConfig) -> WarmupRequest {
+/// The prompts are laid out in consecutive KV blocks from block 1: the shards
+/// size the cache to hold at least this batch.
+fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<WarmupRequest> {
     /// Any id in every vocabulary: the content of the prompts does not matter.
     const WARMUP_TOKEN: u32 = 100;
+    anyhow::ensure!(block_size > 0, "the shards reported a KV block size of 0");
+    // Every prompt starts on a fresh block, so each may waste up to one block.
+    let prompts = config.max_batch_prefill_tokens.div_ceil(config.max_input_tokens);
+    let placement = BlockAllocator::new(
+        config.max_batch_prefill_tokens + prompts * block_size,
+        block_size,
+    )?;
     let mut requests = Vec::new();
+    // Held until the batch is built, so that every prompt gets its own blocks.
+    let mut allocations = Vec::new();
     let mut prompt_tokens = 0;
     while prompt_tokens < config.max_batch_prefill_tokens
         && config.max_batch_size.is_none_or(|max_size| requests.len() < max_size)
@@ -265,6 +282,9 @@ fn warmup_request(config: &SchedulerConfig) -> WarmupRequest {
         let input_length = config
             .max_input_tokens
             .min(config.max_batch_prefill_tokens - prompt_tokens);
+        let allocation = placement
+            .allocate(input_length)
+            .context("placing the warmup prompts in KV blocks")?;
         requests.push(Request {
             id: requests.len() as u64,
             input_ids: vec![WARMUP_TOKEN; input_length as usize],
@@ -287,25 +307,25 @@ fn warmup_request(config: &SchedulerConfig) -> WarmupRequest {
             }),
             prefill_logprobs: true,
             top_n_tokens: 20,
-            // The shards place the warmup batch themselves: the cache is not sized yet.
-            blocks: vec![],
-            slots: vec![],
+            blocks: allocation.blocks.clone(),
+            slots: allocation.slots.clone(),
             cache_len: None,
             chunk_len: None,
         });
+        allocations.push(allocation);
         prompt_tokens += input_length;
     }
-    WarmupRequest {
+    Ok(WarmupRequest {
         batch: Some(Batch {
             id: 0,
             size: requests.len() as u32,
             max_tokens: prompt_tokens,
-            max_blocks: 0,
+            max_blocks: requests.iter().map(|r| r.blocks.len() as u32).sum(),
             requests,
         }),
         max_input_tokens: config.max_input_tokens,
         max_prefill_tokens: config.max_batch_prefill_tokens,
         max_total_tokens: config.max_total_tokens,
         max_batch_total_tokens: config.max_batch_total_tokens,
-    }
+    })
 }

@@ -62,8 +62,11 @@ async fn connects_warms_up_and_generates() {
     assert_eq!(batch.requests.len(), 2, "128 prefill tokens in prompts of at most 64");
     for request in &batch.requests {
         assert_eq!(request.input_ids.len(), 64);
+        assert_eq!(request.slots.len(), 64);
         assert_eq!(request.stopping_parameters.as_ref().unwrap().max_new_tokens, 64);
     }
+    let blocks: Vec<u32> = batch.requests.iter().flat_map(|r| r.blocks.clone()).collect();
+    assert_eq!(blocks, (1..=8).collect::<Vec<_>>(), "prompts laid out from block 1");
     assert_eq!(warmup.max_batch_total_tokens, None);
 
     let response = within_seconds(infer.generate(request(5, 4))).await.unwrap();
@@ -134,9 +137,14 @@ async fn a_disconnected_client_frees_its_blocks() {
     let (_permit, mut abandoned) = infer.generate_stream(request(10, 118)).unwrap();
     within_seconds(abandoned.next()).await.unwrap().unwrap();
     drop(abandoned);
+    let clears_before = shard.clear_calls();
     // Schedulable only once the abandoned request's blocks are back.
     let response = within_seconds(infer.generate(request(10, 118))).await.unwrap();
     assert_eq!(response.generated_text.generated_tokens, 118);
+    assert!(
+        shard.clear_calls() > clears_before,
+        "the abandoned request's batch was dropped from the shards"
+    );
     assert_eq!(shard.cached_request_count(), 0);
 }
 

@@ -180,6 +180,23 @@ impl FakeShard {
     }
 }
 
+/// A request needs a slot for each of its tokens, in blocks of its own (block 0 is reserved).
+fn check_placement(request: &Request, tokens: usize, used_blocks: &mut HashSet<u32>) -> Result<(), Status> {
+    if request.slots.len() < tokens {
+        return Err(Status::invalid_argument(format!(
+            "request {} has {} slots for {tokens} tokens",
+            request.id,
+            request.slots.len()
+        )));
+    }
+    for block in &request.blocks {
+        if *block == 0 || !used_blocks.insert(*block) {
+            return Err(Status::invalid_argument(format!("block {block} is reserved or in use")));
+        }
+    }
+    Ok(())
+}
+
 fn cached_batch(id: u64, requests: &[FakeRequest]) -> CachedBatch {
     CachedBatch {
         id,
@@ -256,7 +273,13 @@ impl TextGenerationService for FakeShard {
     }
 
     async fn warmup(&self, request: tonic::Request<WarmupRequest>) -> Result<Response<WarmupResponse>, Status> {
-        self.lock().warmups.push(request.into_inner());
+        let request = request.into_inner();
+        let mut used_blocks = HashSet::new();
+        for prompt in request.batch.iter().flat_map(|b| b.requests.iter()) {
+            // Warmup only prefills: the prompts need slots, not the tokens to generate.
+            check_placement(prompt, prompt.input_ids.len(), &mut used_blocks)?;
+        }
+        self.lock().warmups.push(request);
         Ok(Response::new(WarmupResponse {
             max_supported_total_tokens: self.config.kv_capacity_tokens,
         }))
@@ -280,20 +303,12 @@ impl TextGenerationService for FakeShard {
             if request.input_ids.contains(&POISON_PREFILL) {
                 return Err(Status::internal("poisoned prefill"));
             }
-            let max_new_tokens = request.stopping_parameters.map_or(0, |s| s.max_new_tokens);
-            let needed = request.input_ids.len() + max_new_tokens as usize;
-            if request.slots.len() < needed {
-                return Err(Status::invalid_argument(format!(
-                    "request {} has {} slots for {needed} tokens",
-                    request.id,
-                    request.slots.len()
-                )));
-            }
-            for block in &request.blocks {
-                if *block == 0 || !used_blocks.insert(*block) {
-                    return Err(Status::invalid_argument(format!("block {block} is reserved or in use")));
-                }
-            }
+            let max_new_tokens = request.stopping_parameters.as_ref().map_or(0, |s| s.max_new_tokens);
+            check_placement(
+                &request,
+                request.input_ids.len() + max_new_tokens as usize,
+                &mut used_blocks,
+            )?;
             if request.prefill_logprobs {
                 prefill_tokens.insert(
                     request.id,

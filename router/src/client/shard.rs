@@ -18,7 +18,6 @@ use super::{ClientError, Result};
 pub struct StepTimings {
     pub forward: Duration,
     pub decode: Duration,
-    pub total: Duration,
     pub concat: Option<Duration>,
 }
 
@@ -121,7 +120,6 @@ impl ShardClient {
         let timings = StepTimings {
             forward: Duration::from_nanos(response.forward_ns),
             decode: Duration::from_nanos(response.decode_ns),
-            total: Duration::from_nanos(response.total_ns),
             concat: None,
         };
         Ok((response.generations, response.batch, timings))
@@ -137,7 +135,6 @@ impl ShardClient {
         let timings = StepTimings {
             forward: Duration::from_nanos(response.forward_ns),
             decode: Duration::from_nanos(response.decode_ns),
-            total: Duration::from_nanos(response.total_ns),
             concat: response.concat_ns.map(Duration::from_nanos),
         };
         Ok((response.generations, response.batch, timings))

@@ -38,6 +38,7 @@ impl BlockAllocator {
         self.total_blocks * self.block_size
     }
 
+    #[cfg(test)]
     pub fn free_block_count(&self) -> usize {
         self.lock_free_blocks().len()
     }
@@ -48,7 +49,9 @@ impl BlockAllocator {
         let blocks = {
             let mut free_blocks = self.lock_free_blocks();
             let remaining = free_blocks.len().checked_sub(needed)?;
-            free_blocks.split_off(remaining)
+            let mut blocks = free_blocks.split_off(remaining);
+            blocks.reverse();
+            blocks
         };
         let slots = (0..tokens)
             .map(|position| {
