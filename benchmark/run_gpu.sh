@@ -70,8 +70,9 @@ wait_for() {
     echo "run_gpu.sh: $what after $((SECONDS - started))s" >&2
 }
 
-healthy() {
-    python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1"
+# Prints the body of a GET; fails on a connection error or an HTTP error status.
+http_get() {
+    python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" "$1"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS_DIR/gpu.txt" || true
@@ -83,7 +84,8 @@ fi
 text-generation-launcher --model-id "$MODEL_DIR" --dtype bfloat16 --hostname 127.0.0.1 --port "$PORT" \
     "${LIMITS[@]}" --max-concurrent-requests 1024 >"$RESULTS_DIR/launcher.log" 2>&1 &
 server_pid=$!
-wait_for "/health" 900 "$RESULTS_DIR/launcher.log" healthy "http://127.0.0.1:$PORT/health"
+wait_for "/health" 900 "$RESULTS_DIR/launcher.log" http_get "http://127.0.0.1:$PORT/health"
+http_get "http://127.0.0.1:$PORT/info" >"$RESULTS_DIR/info.json" || true
 
 load=(python3 benchmark/load.py --url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR/tokenizer.json")
 status=0
