@@ -170,8 +170,7 @@ pub struct Details {
     /// Prompt tokens (only with `decoder_input_details`).
     pub prefill: Vec<Token>,
     pub tokens: Vec<Token>,
-    /// Alternatives of each generated token (only with `top_n_tokens`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// Alternatives of each generated token (empty without `top_n_tokens`).
     pub top_tokens: Vec<Vec<Token>>,
 }
 

@@ -223,9 +223,20 @@ pub struct TopLogprob {
     pub bytes: Vec<u8>,
 }
 
+/// What OpenAI reports for tokens of (practically) zero probability: JSON has no -inf.
+const MIN_LOGPROB: f32 = -9999.0;
+
+fn json_logprob(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob.max(MIN_LOGPROB)
+    } else {
+        MIN_LOGPROB
+    }
+}
+
 impl From<&Token> for TopLogprob {
     fn from(token: &Token) -> Self {
-        Self { token: token.text.clone(), logprob: token.logprob, bytes: token.text.as_bytes().to_vec() }
+        Self { token: token.text.clone(), logprob: json_logprob(token.logprob), bytes: token.text.as_bytes().to_vec() }
     }
 }
 
@@ -299,10 +310,10 @@ impl CompletionLogprobs {
         }
         Self {
             tokens: tokens.iter().map(|t| t.text.clone()).collect(),
-            token_logprobs: tokens.iter().map(|t| t.logprob).collect(),
+            token_logprobs: tokens.iter().map(|t| json_logprob(t.logprob)).collect(),
             top_logprobs: (0..tokens.len())
                 .map(|i| {
-                    top_tokens.get(i).map(|top| top.iter().map(|t| (t.text.clone(), t.logprob)).collect())
+                    top_tokens.get(i).map(|top| top.iter().map(|t| (t.text.clone(), json_logprob(t.logprob))).collect())
                 })
                 .map(Option::unwrap_or_default)
                 .collect(),
@@ -418,13 +429,14 @@ mod tests {
     fn logprobs_shapes() {
         let token = |text: &str, logprob| Token { id: 0, text: text.into(), logprob, special: false };
         let tokens = [token("a", -0.5), token("bc", -1.0)];
-        let top = [vec![token("a", -0.5), token("x", -2.0)]];
+        let top = [vec![token("a", -0.5), token("x", -2.0), token("z", f32::NEG_INFINITY)]];
         let chat = serde_json::to_value(ChatLogprobs::new(&tokens, &top)).unwrap();
         assert_eq!(chat["content"][0]["top_logprobs"][1], json!({"token": "x", "logprob": -2.0, "bytes": [120]}));
         assert_eq!(chat["content"][1]["top_logprobs"], json!([]));
         let legacy = CompletionLogprobs::new(&tokens, &top, 3);
         assert_eq!(legacy.text_offset, vec![3, 4]);
         assert_eq!(legacy.top_logprobs[0]["x"], -2.0);
+        assert_eq!(legacy.top_logprobs[0]["z"], MIN_LOGPROB);
         assert!(legacy.top_logprobs[1].is_empty());
     }
 

@@ -9,3 +9,6 @@ pub mod openapi;
 pub mod server;
 pub mod stream;
 pub mod tokenize;
+
+#[cfg(test)]
+mod tests;

@@ -93,7 +93,9 @@ mod tests {
         for schema in ["GenerateRequest", "GenerateParameters", "ChatCompletionRequest", "CompletionRequest", "ErrorResponse"] {
             assert!(schemas[schema].is_object(), "{schema} missing");
         }
-        assert_eq!(doc["paths"]["/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"],
-                   "#/components/schemas/ErrorResponse");
+        let error = &doc["paths"]["/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"];
+        assert!(error["properties"]["error_type"].is_object(), "{error}");
+        let chat = &doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"];
+        assert_ne!(chat["application/json"], chat["text/event-stream"], "{chat}");
     }
 }

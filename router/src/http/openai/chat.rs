@@ -3,7 +3,7 @@
 use super::{stream_end, OpenAiSampling, ResponseContext};
 use crate::api::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatLogprobs, Usage,
+    ChatLogprobs, OpenAiResponse, Usage,
 };
 use crate::error::{ApiError, OpenAiError};
 use crate::http::metrics::RequestMetrics;
@@ -23,7 +23,7 @@ const CHUNK: &str = "chat.completion.chunk";
 /// Chat with the model (OpenAI's Chat Completions API).
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatCompletionRequest,
     responses((status = 200, description = "The assistant's message", content(
-        (ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))), OpenAiErrors))]
+        (OpenAiResponse<ChatChoice> = "application/json"), (OpenAiResponse<ChatChunkChoice> = "text/event-stream"))), OpenAiErrors))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     payload: Result<Json<ChatCompletionRequest>, JsonRejection>,

@@ -1,7 +1,7 @@
 //! `POST /v1/completions`: one choice per prompt.
 
 use super::{stream_end, OpenAiSampling, ResponseContext};
-use crate::api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage};
+use crate::api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, OpenAiResponse, Usage};
 use crate::error::{ApiError, OpenAiError};
 use crate::http::metrics::RequestMetrics;
 use crate::http::openapi::OpenAiErrors;
@@ -21,7 +21,7 @@ const OBJECT: &str = "text_completion";
 /// Complete prompts (OpenAI's legacy Completions API).
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest,
     responses((status = 200, description = "One choice per prompt", content(
-        (Completion = "application/json"), (Completion = "text/event-stream"))), OpenAiErrors))]
+        (OpenAiResponse<CompletionChoice> = "application/json"), (OpenAiResponse<CompletionChoice> = "text/event-stream"))), OpenAiErrors))]
 pub async fn completions(
     State(state): State<AppState>,
     payload: Result<Json<CompletionRequest>, JsonRejection>,
