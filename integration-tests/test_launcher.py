@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from conftest import Launcher, alive, assert_all_gone, cmdline, descendants
+from launcher_harness import Launcher, alive, assert_all_gone, cmdline, descendants
 
 
 def test_sigint_stops_every_process():

@@ -18,4 +18,6 @@ fi
 
 cargo build --release --workspace
 cargo test --release --workspace
-.venv/bin/python -m pytest integration-tests -v
+# Separate runs: each directory has its own conftest.py. No .pytest_cache in the checkout.
+.venv/bin/python -m pytest -p no:cacheprovider integration-tests -v
+.venv/bin/python -m pytest -p no:cacheprovider benchmark/tests -q
