@@ -221,7 +221,24 @@ async fn warmup_sizes_the_cache_from_the_cpu_budget() {
     let mut client = shard.client().await;
     let mut blocks = Blocks::new();
     let long_prompt = "word ".repeat(200);
-    let warmup_batch = batch(0, vec![blocks.request(1, &long_prompt, 1), blocks.request(2, PROMPT, 1)]);
+    // As the router's warmup: every sampling feature on.
+    let mut requests = vec![blocks.request(1, &long_prompt, 1), blocks.request(2, PROMPT, 1)];
+    for request in &mut requests {
+        request.parameters = Some(NextTokenChooserParameters {
+            temperature: 0.9,
+            top_k: 10,
+            top_p: 0.9,
+            typical_p: 0.9,
+            do_sample: false,
+            seed: 0,
+            repetition_penalty: 1.2,
+            frequency_penalty: 0.1,
+            presence_penalty: 0.1,
+        });
+        request.prefill_logprobs = true;
+        request.top_n_tokens = 20;
+    }
+    let warmup_batch = batch(0, requests);
     let request = WarmupRequest {
         batch: Some(warmup_batch),
         max_input_tokens: 256,

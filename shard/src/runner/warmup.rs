@@ -18,62 +18,76 @@ pub struct KvMemory {
 }
 
 /// On CUDA a cache sized from free memory may leave too little room for the
-/// activations next to it: it is shrunk by this factor and the warmup batch re-run.
+/// activations next to it: it is shrunk and the warmup batch re-run this many times at most.
 const CUDA_SHRINK_ATTEMPTS: usize = 5;
 
 impl Runner {
     pub fn warmup(&mut self, request: WarmupRequest) -> Result<WarmupResponse> {
         self.batches.clear();
         self.cache = None;
-        let spec = self.model.spec().clone();
         let block_size = self.block_size;
         let batch = request.batch.unwrap_or_default();
         // Block 0 is reserved, so the smallest useful cache has two blocks.
         let min_blocks = blocks_used(&batch, block_size).max(2);
-        let mut num_blocks = match request.max_batch_total_tokens {
-            Some(tokens) => (tokens as usize).div_ceil(block_size) + 1,
+        let num_blocks = match request.max_batch_total_tokens {
+            Some(tokens) => {
+                let num_blocks = (tokens as usize).div_ceil(block_size) + 1;
+                self.allocate_and_run(num_blocks, min_blocks, &batch, 1)?;
+                num_blocks
+            }
             None => {
                 // Run the batch on a cache just large enough for it first, so a batch that
                 // cannot run at all fails here with its own error, not as an allocation failure.
-                self.cache = Some(KvCache::new(&spec, min_blocks, block_size, &self.device)?);
+                self.allocate(min_blocks, min_blocks)?;
                 self.run_batch(&batch).context("warmup prefill")?;
                 self.cache = None;
-                self.memory_budget()? / KvCache::bytes_per_block(&spec, block_size)
-            }
-        };
-        let mut attempts_left = if request.max_batch_total_tokens.is_none() && self.device.is_cuda() {
-            CUDA_SHRINK_ATTEMPTS
-        } else {
-            1
-        };
-        loop {
-            ensure!(
-                num_blocks >= min_blocks,
-                "a KV cache of {num_blocks} blocks of {block_size} tokens cannot hold the warmup batch \
-                 ({min_blocks} blocks): lower max_batch_prefill_tokens or give the cache more memory"
-            );
-            attempts_left -= 1;
-            let result = KvCache::new(&spec, num_blocks, block_size, &self.device)
-                .map_err(anyhow::Error::from)
-                .and_then(|cache| {
-                    self.cache = Some(cache);
-                    self.run_batch(&batch)
-                });
-            match result {
-                Ok(()) => break,
-                Err(e) if attempts_left == 0 => {
-                    self.cache = None;
-                    return Err(e.context(format!("warmup with a KV cache of {num_blocks} blocks")));
-                }
-                Err(e) => {
-                    tracing::warn!("warmup with {num_blocks} KV blocks failed ({e:#}); retrying with fewer");
-                    self.cache = None;
-                    num_blocks = num_blocks * 4 / 5;
+                let num_blocks = self.memory_budget()? / KvCache::bytes_per_block(self.model.spec(), block_size);
+                if self.device.is_cuda() {
+                    // The batch must also fit next to the full cache in GPU memory.
+                    self.allocate_and_run(num_blocks, min_blocks, &batch, CUDA_SHRINK_ATTEMPTS)?
+                } else {
+                    self.allocate(num_blocks, min_blocks)?;
+                    num_blocks
                 }
             }
-        }
+        };
         tracing::info!(num_blocks, block_size, "KV cache allocated");
         Ok(WarmupResponse { max_supported_total_tokens: ((num_blocks - 1) * block_size) as u32 })
+    }
+
+    fn allocate(&mut self, num_blocks: usize, min_blocks: usize) -> Result<()> {
+        ensure!(
+            num_blocks >= min_blocks,
+            "a KV cache of {num_blocks} blocks of {} tokens cannot hold the warmup batch \
+             ({min_blocks} blocks): lower max_batch_prefill_tokens or give the cache more memory",
+            self.block_size
+        );
+        self.cache = Some(KvCache::new(self.model.spec(), num_blocks, self.block_size, &self.device)?);
+        Ok(())
+    }
+
+    /// Allocates the cache and runs the batch on it, shrinking the cache by a fifth
+    /// after each failure; returns the number of blocks that worked.
+    fn allocate_and_run(
+        &mut self,
+        mut num_blocks: usize,
+        min_blocks: usize,
+        batch: &Batch,
+        attempts: usize,
+    ) -> Result<usize> {
+        let mut attempts_left = attempts;
+        loop {
+            attempts_left -= 1;
+            let Err(e) = self.allocate(num_blocks, min_blocks).and_then(|()| self.run_batch(batch)) else {
+                return Ok(num_blocks);
+            };
+            self.cache = None;
+            if attempts_left == 0 {
+                return Err(e.context(format!("warmup with a KV cache of {num_blocks} blocks")));
+            }
+            tracing::warn!("warmup with {num_blocks} KV blocks failed ({e:#}); retrying with fewer");
+            num_blocks = num_blocks * 4 / 5;
+        }
     }
 
     /// Prefills the batch and forgets it.
