@@ -105,11 +105,12 @@ impl ManagedProcess {
         let name = spec.name.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            // Reaped: from now on its pid may be reused, so it must not be signalled.
+            let _ = exited_tx.send(true);
             let deadline = Instant::now() + OUTPUT_DRAIN_TIMEOUT;
             for relay in relays {
                 let _ = timeout_at(deadline, relay).await;
             }
-            let _ = exited_tx.send(true);
             let stderr_tail = stderr_tail.lock().unwrap().drain(..).collect();
             let _ = exits.send(ExitReport { name, status, stderr_tail });
         });
