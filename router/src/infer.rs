@@ -134,7 +134,6 @@ impl Infer {
 
     /// Err(Overloaded) beyond max_concurrent_requests. The stream yields Prefill? then Intermediate* then End, or an Err and ends.
     /// Dropping the stream (client gone) makes the batching loop drop the request and free its KV blocks at the next step.
-    #[allow(clippy::type_complexity)]
     pub fn generate_stream(
         &self,
         request: ValidGenerateRequest,
