@@ -4,6 +4,7 @@
 #                                      # CUDA, pack them into .bin/kernels/ (ignored)
 #   shard/kernels/device-run.sh        # there (`run` tool, carry .bin/kernels):
 #                                      # every kernel test, then the timing table
+#   shard/kernels/device-run.sh profile  # there: Nsight Compute reports first
 # Logs go to $OUT when set.
 set -o pipefail
 pack=.bin/kernels/kernels.tar.xz
@@ -25,6 +26,15 @@ tar xJf "$pack" -C "$dir" || exit 1
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib 2>/dev/null | tr '\n' :)
 out=${OUT:-$dir}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee "$out/gpu.txt"
+if [ "$1" = profile ]; then
+  # Stall reasons and throughput of one launch of each attention kernel.
+  for k in ${PROFILE_KERNELS:-decode prefill}; do
+    ncu --kernel-name "regex:paged_attention_${k}_bf16" --launch-skip 4 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis --section LaunchStats "$dir/bench_kernels" "$k" > "$out/ncu-$k.txt" 2>&1
+    grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issued Warp|Stall|Block Limit|One or More|No Eligible" "$out/ncu-$k.txt" | head -40
+  done
+fi
 "$dir/kernels_test" --test-threads=1 2>&1 | tee "$out/tests.log"
 tests=$?
 "$dir/bench_kernels" 2>&1 | tee "$out/bench.log"

@@ -3,10 +3,14 @@
 //! ceilings: a device-to-device copy (memory bandwidth) and the layer's GEMMs at
 //! the same token count (what prefill attention should be a fraction of).
 //!
-//! `cargo run --release --features cuda -p text-generation-kernels --example bench_kernels`
-use std::time::Instant;
-
-use candle_core::{DType, Device, Result, Tensor};
+//! Times are CUDA-event medians over back-to-back calls (host overhead overlapped,
+//! as in a model's forward pass). An argument keeps only the cases whose label
+//! contains it.
+//!
+//! `cargo run --release --features cuda -p text-generation-kernels --example bench_kernels [filter]`
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::seq::SliceRandom;
 use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache};
 
@@ -17,18 +21,22 @@ const BLOCK_SIZE: usize = 16;
 const HIDDEN: usize = 4096;
 const INTERMEDIATE: usize = 14336;
 
-/// Median wall time of `f` in microseconds, each sample synchronised.
+/// Median device time of one call of `f`, in microseconds.
 fn time_us(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    const REPS: usize = 10;
+    let Device::Cuda(cuda) = dev else { bail!("the bench needs a CUDA device") };
+    let stream = cuda.cuda_stream();
     for _ in 0..3 {
         f()?;
     }
-    dev.synchronize()?;
     let mut samples = Vec::new();
-    for _ in 0..20 {
-        let start = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    for _ in 0..7 {
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+        for _ in 0..REPS {
+            f()?;
+        }
+        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+        samples.push(f64::from(start.elapsed_ms(&end).w()?) * 1e3 / REPS as f64);
     }
     samples.sort_by(f64::total_cmp);
     Ok(samples[samples.len() / 2])
@@ -59,25 +67,39 @@ fn paged(context_lens: &[usize], dev: &Device) -> Result<(Tensor, Tensor, Tensor
 
 fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
+    let filter = std::env::args().nth(1).unwrap_or_default();
+    let wanted = |label: &str| label.contains(filter.as_str());
     let scale = 1. / (HEAD_DIM as f32).sqrt();
     println!("{:<52} {:>10} {:>12}", "case", "µs", "rate");
 
-    let big = Tensor::randn(0f32, 1., 256 * 1024 * 1024, &dev)?.to_dtype(DType::BF16)?;
-    let us = time_us(&dev, || big.copy().map(drop))?;
-    println!("{:<52} {:>10.1} {:>9.0} GB/s", "d2d copy 512 MiB (read + write)", us, 2. * 512. * 1048576. / us / 1e3);
-    drop(big);
+    if wanted("copy") {
+        let Device::Cuda(cuda) = &dev else { unreachable!("created as CUDA") };
+        let bytes = 1usize << 30;
+        let src = cuda.alloc_zeros::<u8>(bytes)?;
+        let mut dst = cuda.alloc_zeros::<u8>(bytes)?;
+        let us = time_us(&dev, || cuda.memcpy_dtod(&src, &mut dst))?;
+        println!("{:<52} {:>10.1} {:>9.0} GB/s", "d2d copy 1 GiB (read + write)", us, 2. * bytes as f64 / us / 1e3);
+    }
 
     for (seqs, ctx) in [(64, 1024), (64, 2048), (8, 8192), (1, 32768), (256, 512)] {
+        let label = format!("decode {seqs} seqs x {ctx} ctx");
+        if !wanted(&label) {
+            continue;
+        }
         let context_lens = vec![ctx; seqs];
         let (k, v, table, lens) = paged(&context_lens, &dev)?;
         let q = Tensor::randn(0f32, 1., (seqs, HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
         let us = time_us(&dev, || paged_attention_decode(&q, &k, &v, &table, &lens, BLOCK_SIZE, scale, None).map(drop))?;
         let bytes = (seqs * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
-        println!("{:<52} {:>10.1} {:>9.0} GB/s", format!("decode {seqs} seqs x {ctx} ctx"), us, bytes / us / 1e3);
+        println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
     }
 
     // (new tokens, context) per sequence.
     for seqs in [vec![(2048usize, 2048usize)], vec![(512, 512); 4], vec![(2048, 4096)], vec![(8192, 8192)]] {
+        let label = format!("prefill {} seqs, {} new / {} ctx each", seqs.len(), seqs[0].0, seqs[0].1);
+        if !wanted(&label) {
+            continue;
+        }
         let context_lens: Vec<usize> = seqs.iter().map(|s| s.1).collect();
         let (k, v, table, lens) = paged(&context_lens, &dev)?;
         let total: usize = seqs.iter().map(|s| s.0).sum();
@@ -93,7 +115,6 @@ fn main() -> Result<()> {
         // QK^T and P.V over the visible (causal) keys only.
         let visible: usize = seqs.iter().map(|&(new, ctx)| (ctx - new + 1..=ctx).sum::<usize>()).sum();
         let flops = 4. * (HEADS * HEAD_DIM * visible) as f64;
-        let label = format!("prefill {} seqs, {} new / {} ctx each", seqs.len(), seqs[0].0, seqs[0].1);
         println!("{label:<52} {us:>10.1} {:>7.0} TFLOP/s", flops / us / 1e6);
         if seqs.len() == 1 && seqs[0] == (2048, 2048) {
             let x = Tensor::randn(0f32, 1., (total, HIDDEN), &dev)?.to_dtype(DType::BF16)?;
@@ -119,6 +140,10 @@ fn main() -> Result<()> {
     }
 
     let tokens = 2048;
+    let label = format!("reshape_and_cache {tokens} tokens");
+    if !wanted(&label) {
+        return Ok(());
+    }
     let (kc, vc, _, _) = paged(&[tokens], &dev)?;
     let key = Tensor::randn(0f32, 1., (tokens, KV_HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
     let value = key.copy()?;
@@ -127,6 +152,6 @@ fn main() -> Result<()> {
     let slots = Tensor::from_vec(slots, tokens, &dev)?;
     let us = time_us(&dev, || reshape_and_cache(&key, &value, &kc, &vc, &slots))?;
     let bytes = (tokens * KV_HEADS * HEAD_DIM * 2 * 2 * 2) as f64;
-    println!("{:<52} {:>10.1} {:>9.0} GB/s", format!("reshape_and_cache {tokens} tokens"), us, bytes / us / 1e3);
+    println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
     Ok(())
 }

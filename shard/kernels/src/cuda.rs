@@ -223,11 +223,17 @@ impl<'a> PagedKv<'a> {
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})");
         }
-        if block_size == 0 || num_slots % block_size != 0 || num_slots == 0 {
+        if !block_size.is_power_of_two() {
+            bail!("block_size must be a power of two (the kernels shift by it), got {block_size}");
+        }
+        if num_slots % block_size != 0 || num_slots == 0 {
             bail!("cache of {num_slots} slots is not a whole, non-zero number of blocks of {block_size}");
         }
         if max_blocks == 0 {
             bail!("block_tables needs at least one column");
+        }
+        if !(scale.is_finite() && scale > 0.) {
+            bail!("scale must be a positive number, got {scale}");
         }
         if sliding_window == Some(0) {
             bail!("a sliding window must hold at least one token");
@@ -359,7 +365,7 @@ impl Decode<'_> {
             shared_mem_bytes: 0,
         };
         let (num_heads, num_kv_heads) = (p.num_heads as i32, p.num_kv_heads as i32);
-        let (max_blocks, block_size) = (p.max_blocks as i32, p.block_size as i32);
+        let (max_blocks, block_shift) = (p.max_blocks as i32, p.block_size.trailing_zeros() as i32);
         let num_blocks = u32::try_from(p.num_blocks).unwrap_or(u32::MAX);
         let parts = num_parts as i32;
         let null = 0u64; // unused partial-result buffers in single-partition mode
@@ -370,7 +376,7 @@ impl Decode<'_> {
             None => builder.arg(&null).arg(&null).arg(&null),
         };
         builder.arg(&q_view).arg(&kc).arg(&vc).arg(&bt).arg(&cl);
-        builder.arg(&num_heads).arg(&num_kv_heads).arg(&max_blocks).arg(&block_size).arg(&num_blocks);
+        builder.arg(&num_heads).arg(&num_kv_heads).arg(&max_blocks).arg(&block_shift).arg(&num_blocks);
         builder.arg(&p.scale).arg(&p.window).arg(&parts);
         // SAFETY: shapes validated in `PagedKv::new`; positions are bounded by the
         // block table width and block ids clamped to the cache in the kernel.
@@ -389,7 +395,7 @@ impl Decode<'_> {
             };
             let mut builder = func.builder();
             builder.arg(&out).arg(max).arg(sum).arg(part_out).arg(&cl);
-            builder.arg(&num_heads).arg(&max_blocks).arg(&block_size).arg(&p.window).arg(&parts);
+            builder.arg(&num_heads).arg(&max_blocks).arg(&block_shift).arg(&p.window).arg(&parts);
             // SAFETY: same buffers and bounds as the launch above.
             unsafe { builder.launch(cfg) }.w()?;
         }
@@ -447,11 +453,11 @@ impl Prefill<'_> {
             shared_mem_bytes: 0,
         };
         let (num_seqs, num_heads, num_kv_heads) = (p.num_seqs as i32, p.num_heads as i32, p.num_kv_heads as i32);
-        let (max_blocks, block_size) = (p.max_blocks as i32, p.block_size as i32);
+        let (max_blocks, block_shift) = (p.max_blocks as i32, p.block_size.trailing_zeros() as i32);
         let num_blocks = u32::try_from(p.num_blocks).unwrap_or(u32::MAX);
         let mut builder = func.builder();
         builder.arg(&out).arg(&q_view).arg(&kc).arg(&vc).arg(&cu).arg(&cl).arg(&bt);
-        builder.arg(&num_seqs).arg(&num_heads).arg(&num_kv_heads).arg(&max_blocks).arg(&block_size);
+        builder.arg(&num_seqs).arg(&num_heads).arg(&num_kv_heads).arg(&max_blocks).arg(&block_shift);
         builder.arg(&num_blocks).arg(&p.scale).arg(&p.window);
         // SAFETY: shapes validated in `PagedKv::new`; see `Decode::launch`.
         unsafe { builder.launch(cfg) }.w()?;

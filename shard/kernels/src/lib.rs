@@ -10,7 +10,7 @@
 //! `[num_blocks * block_size, num_kv_heads, head_dim]`, row `slot` holding the token
 //! at `block_tables[seq][pos / block_size] * block_size + pos % block_size`.
 //! Element types are bf16 and f16; head_dim 64 or 128; num_heads a multiple of
-//! num_kv_heads (GQA).
+//! num_kv_heads (GQA); block_size a power of two.
 //!
 //! Everything lives behind the `cuda` feature: without it the crate is empty and
 //! builds without a CUDA toolkit.

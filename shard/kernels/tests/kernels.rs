@@ -261,6 +261,8 @@ fn bad_inputs_are_errors() -> Result<()> {
     assert!(call(&q, None).is_err(), "f32 q");
     let q = q.to_dtype(DType::BF16)?;
     assert!(call(&q, Some(0)).is_err(), "empty window");
+    let odd_block = paged_attention_decode(&q, &paged.key_cache, &paged.value_cache, &paged.block_tables, &lens, 12, 0.1, None);
+    assert!(odd_block.is_err(), "block size 12");
     assert!(call(&q.i((.., ..3, ..))?.contiguous()?, None).is_err(), "3 heads over 2 KV heads");
     assert!(call(&Tensor::zeros((1, 4, 96), DType::BF16, &dev)?, None).is_err(), "head_dim 96");
     assert!(call(&q.to_device(&Device::Cpu)?, None).is_err(), "q on the CPU");

@@ -19,6 +19,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// 2^x in one MUFU instruction (exp2f adds range fix-ups); 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Unpacks 8 elements held in a 16-byte register vector.
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float out[VEC]) {
@@ -96,11 +103,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 
-// Physical cache row (slot) of logical token `pos` of a sequence. Block ids past the
-// cache are clamped: a corrupt table then yields wrong numbers instead of a memory
-// fault that would take down the whole CUDA context.
-__device__ __forceinline__ int64_t cache_slot(const uint32_t* block_table, int pos, int block_size,
+// Physical cache row (slot) of logical token `pos` of a sequence; block sizes are
+// powers of two (2^block_shift). Block ids past the cache are clamped: a corrupt
+// table then yields wrong numbers instead of a memory fault that would take down
+// the whole CUDA context.
+__device__ __forceinline__ int64_t cache_slot(const uint32_t* block_table, int pos, int block_shift,
                                               uint32_t num_blocks) {
-    const uint32_t block = min(block_table[pos / block_size], num_blocks - 1);
-    return static_cast<int64_t>(block) * block_size + pos % block_size;
+    const uint32_t block = min(block_table[pos >> block_shift], num_blocks - 1);
+    return (static_cast<int64_t>(block) << block_shift) | (pos & ((1 << block_shift) - 1));
 }

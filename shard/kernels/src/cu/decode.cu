@@ -52,7 +52,7 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
                                        const T* __restrict__ q, const T* __restrict__ k_cache,
                                        const T* __restrict__ v_cache, const uint32_t* __restrict__ block_tables,
                                        const uint32_t* __restrict__ context_lens, int num_heads, int num_kv_heads,
-                                       int max_blocks, int block_size, uint32_t num_blocks, float scale,
+                                       int max_blocks, int block_shift, uint32_t num_blocks, float scale,
                                        int window, int num_parts) {
     constexpr int TPT = D / VEC;               // threads sharing one token row (16 B each)
     constexpr int TPI = DECODE_THREADS / TPT;  // tokens the block covers per step
@@ -65,7 +65,7 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
     const int head0 = blockIdx.x * HPC;
     const int seq = blockIdx.y, part = blockIdx.z;
     const int kvh = head0 / (num_heads / num_kv_heads);
-    const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks * block_size);
+    const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks << block_shift);
     const int begin = max(part * PARTITION, first_visible(ctx, window));
     const int end = min((part + 1) * PARTITION, ctx);
     const int tid = threadIdx.x, lt = tid % TPT, tg = tid / TPT;
@@ -92,7 +92,7 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
     const int64_t slot_stride = static_cast<int64_t>(num_kv_heads) * D;
     const int64_t head_off = static_cast<int64_t>(kvh) * D + lt * VEC;
     auto load_row = [&](const T* cache, int t) {
-        return t < end ? *reinterpret_cast<const uint4*>(cache + cache_slot(table, t, block_size, num_blocks) *
+        return t < end ? *reinterpret_cast<const uint4*>(cache + cache_slot(table, t, block_shift, num_blocks) *
                                                                      slot_stride +
                                                          head_off)
                        : make_uint4(0, 0, 0, 0);
@@ -137,7 +137,7 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
     for (int i = tid; i < n; i += DECODE_THREADS)
 #pragma unroll
         for (int h = 0; h < HPC; ++h) {
-            const float p = exp2f(logits[h * PARTITION + i] - mx[h]);
+            const float p = fast_exp2(logits[h * PARTITION + i] - mx[h]);
             logits[h * PARTITION + i] = p;
             sum[h] += p;
         }
@@ -202,10 +202,10 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
                                               const float* __restrict__ part_sum,
                                               const float* __restrict__ part_out,
                                               const uint32_t* __restrict__ context_lens, int num_heads,
-                                              int max_blocks, int block_size, int window, int num_parts) {
+                                              int max_blocks, int block_shift, int window, int num_parts) {
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
     const int64_t row = static_cast<int64_t>(seq) * num_heads + head;
-    const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks * block_size);
+    const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks << block_shift);
     // Partitions that hold visible keys (the others were never written).
     const int p_begin = first_visible(ctx, window) / PARTITION;
     const int p_end = ctx == 0 ? p_begin : (ctx - 1) / PARTITION + 1;
@@ -213,7 +213,7 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
     for (int p = p_begin; p < p_end; ++p) m = fmaxf(m, part_max[row * num_parts + p]);
     float l = 0.f, o = 0.f;
     for (int p = p_begin; p < p_end; ++p) {
-        const float w = exp2f(part_max[row * num_parts + p] - m);
+        const float w = fast_exp2(part_max[row * num_parts + p] - m);
         l += part_sum[row * num_parts + p] * w;
         o += part_out[(row * num_parts + p) * D + d] * w;
     }
@@ -225,20 +225,20 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
         paged_attention_decode_##TN##_d##D##_h##HPC(                                                    \
             T* out, float* part_max, float* part_sum, float* part_out, const T* q, const T* k_cache,    \
             const T* v_cache, const uint32_t* block_tables, const uint32_t* context_lens, int num_heads, \
-            int num_kv_heads, int max_blocks, int block_size, uint32_t num_blocks, float scale,         \
+            int num_kv_heads, int max_blocks, int block_shift, uint32_t num_blocks, float scale,         \
             int window, int num_parts) {                                                                \
         paged_attention_decode<T, D, HPC>(out, part_max, part_sum, part_out, q, k_cache, v_cache,       \
                                           block_tables, context_lens, num_heads, num_kv_heads,          \
-                                          max_blocks, block_size, num_blocks, scale, window, num_parts); \
+                                          max_blocks, block_shift, num_blocks, scale, window, num_parts); \
     }
 
 #define DECODE_REDUCE_KERNEL(T, TN, D)                                                                  \
     extern "C" __global__ void paged_attention_decode_reduce_##TN##_d##D(                              \
         T* out, const float* part_max, const float* part_sum, const float* part_out,                    \
-        const uint32_t* context_lens, int num_heads, int max_blocks, int block_size, int window,       \
+        const uint32_t* context_lens, int num_heads, int max_blocks, int block_shift, int window,       \
         int num_parts) {                                                                                \
         paged_attention_decode_reduce<T, D>(out, part_max, part_sum, part_out, context_lens, num_heads, \
-                                            max_blocks, block_size, window, num_parts);                 \
+                                            max_blocks, block_shift, window, num_parts);                 \
     }
 
 // Heads per CTA: the largest of these dividing the GQA ratio (src/cuda.rs picks).

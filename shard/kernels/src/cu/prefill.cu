@@ -58,7 +58,7 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
                                         const T* __restrict__ v_cache, const uint32_t* __restrict__ cu_seqlens_q,
                                         const uint32_t* __restrict__ context_lens,
                                         const uint32_t* __restrict__ block_tables, int num_seqs, int num_heads,
-                                        int num_kv_heads, int max_blocks, int block_size, uint32_t num_blocks,
+                                        int num_kv_heads, int max_blocks, int block_shift, uint32_t num_blocks,
                                         float scale, int window) {
     constexpr int STRIDE = D + 8;  // padded smem row: ldmatrix rows hit distinct banks
     constexpr int CHUNKS = D / VEC;
@@ -72,7 +72,7 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     if (!find_tile(cu_seqlens_q, num_seqs, &seq, &tile)) return;
     const int q_begin = cu_seqlens_q[seq];
     const int new_len = cu_seqlens_q[seq + 1] - q_begin;
-    const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks * block_size);
+    const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks << block_shift);
     const int pos0 = ctx - new_len;  // position of the first new token
     // Last tiles first: they see the most keys, and finish last otherwise.
     const int m0 = ((new_len + BM - 1) / BM - 1 - tile) * BM;
@@ -83,14 +83,48 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     const int g = lane / 4, t4 = lane % 4;  // mma fragment coordinates
     const int lr = lane % 8, lm = lane / 8;  // ldmatrix: row within / index of the 8x8 matrix
 
+    // Keys any row of this tile can see.
+    const int q_first = pos0 + m0, q_last = pos0 + m0 + rows - 1;
+    const int kv_end = min(ctx, q_last + 1);
+    const int kv_begin = window > 0 ? max(0, q_first - window + 1) : 0;
+    const int j_start = (kv_begin / BN) * BN;
+
+    // Cache element offset of each key of a tile (-1: past kv_end), resolved once
+    // per tile through the block table and shared by its K and V loads; double
+    // buffered so the next tile's can be filled while the current one is in use.
+    __shared__ int64_t s_rows[2][BN];
+    const uint32_t* table = block_tables + static_cast<int64_t>(seq) * max_blocks;
+    const int64_t slot_stride = static_cast<int64_t>(num_kv_heads) * D;
+    auto fill_rows = [&](int buf, int j0) {
+        const int j = j0 + tid;
+        if (tid < BN) s_rows[buf][tid] = j < kv_end ? cache_slot(table, j, block_shift, num_blocks) * slot_stride : -1;
+    };
+
+    // Each thread copies one fixed 16-byte column chunk of every ROW_STEP-th row.
+    constexpr int ROW_STEP = PREFILL_THREADS / CHUNKS;
+    const int ch = tid % CHUNKS, r0 = tid / CHUNKS;
+    const T* k_head = k_cache + kvh * D + ch * VEC;
+    const T* v_head = v_cache + kvh * D + ch * VEC;
+    auto load_tile = [&](T* dst, const T* cache_head, int buf) {
+#pragma unroll
+        for (int i = 0; i < BN / ROW_STEP; ++i) {
+            const int r = r0 + i * ROW_STEP;
+            const int64_t offset = s_rows[buf][r];
+            cp_async16(dst + r * STRIDE + ch * VEC, cache_head + max(offset, int64_t{0}), offset >= 0);
+        }
+        cp_async_commit();
+    };
+
     // Q tile -> smem (zeros past the sequence) -> A fragments in registers.
-    for (int c = tid; c < BM * CHUNKS; c += PREFILL_THREADS) {
-        const int r = c / CHUNKS, ch = c % CHUNKS;
+#pragma unroll
+    for (int i = 0; i < BM / ROW_STEP; ++i) {
+        const int r = r0 + i * ROW_STEP;
         const bool valid = r < rows;
         const T* src = q + (static_cast<int64_t>(q_begin + m0 + (valid ? r : 0)) * num_heads + head) * D + ch * VEC;
         cp_async16(sV + r * STRIDE + ch * VEC, src, valid);
     }
     cp_async_commit();
+    fill_rows(0, j_start);
     cp_async_wait_all();
     __syncthreads();
     uint32_t qa[KSTEPS][4];
@@ -98,26 +132,6 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     for (int kk = 0; kk < KSTEPS; ++kk)
         ldmatrix_x4(qa[kk], sV + (warp * 16 + lr + (lm & 1) * 8) * STRIDE + kk * 16 + (lm >> 1) * 8);
     __syncthreads();
-
-    // Keys any row of this tile can see.
-    const int q_first = pos0 + m0, q_last = pos0 + m0 + rows - 1;
-    const int kv_end = min(ctx, q_last + 1);
-    const int kv_begin = window > 0 ? max(0, q_first - window + 1) : 0;
-    const int j_start = (kv_begin / BN) * BN;
-
-    const uint32_t* table = block_tables + static_cast<int64_t>(seq) * max_blocks;
-    const int64_t slot_stride = static_cast<int64_t>(num_kv_heads) * D;
-    auto load_tile = [&](T* dst, const T* cache, int j0) {
-        for (int c = tid; c < BN * CHUNKS; c += PREFILL_THREADS) {
-            const int r = c / CHUNKS, ch = c % CHUNKS;
-            const int j = j0 + r;
-            const bool valid = j < kv_end;
-            const T* src = cache;
-            if (valid) src += cache_slot(table, j, block_size, num_blocks) * slot_stride + kvh * D + ch * VEC;
-            cp_async16(dst + r * STRIDE + ch * VEC, src, valid);
-        }
-        cp_async_commit();
-    };
 
     // This thread's two rows (g and g + 8 of the warp's 16).
     const int qpos[2] = {pos0 + m0 + warp * 16 + g, pos0 + m0 + warp * 16 + g + 8};
@@ -129,11 +143,12 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     const float qk_scale = scale * LOG2E_F;
 
-    if (j_start < kv_end) load_tile(sK, k_cache, j_start);
-    for (int j0 = j_start; j0 < kv_end; j0 += BN) {
+    if (j_start < kv_end) load_tile(sK, k_head, 0);
+    for (int j0 = j_start, buf = 0; j0 < kv_end; j0 += BN, buf ^= 1) {
         cp_async_wait_all();
         __syncthreads();  // K(j0) landed; every warp is done with V of the previous tile
-        load_tile(sV, v_cache, j0);
+        load_tile(sV, v_head, buf);
+        if (j0 + BN < kv_end) fill_rows(buf ^ 1, j0 + BN);
 
         float s[SN][4];
 #pragma unroll
@@ -151,19 +166,18 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
             }
 
         // Mask (causal, context end, sliding window) only where the tile needs it.
+        // Scores stay unscaled until the exponent (scale > 0 keeps the max).
         const bool needs_mask = j0 + BN - 1 > q_first || (window > 0 && j0 <= q_last - window);
+        if (needs_mask) {
 #pragma unroll
-        for (int n = 0; n < SN; ++n)
+            for (int n = 0; n < SN; ++n)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                float v = s[n][c] * qk_scale;
-                if (needs_mask) {
+                for (int c = 0; c < 4; ++c) {
                     const int j = j0 + n * 8 + 2 * t4 + (c & 1);
                     const int p = qpos[c >> 1];
-                    if (j > p || j >= kv_end || (window > 0 && p - j >= window)) v = -INFINITY;
+                    if (j > p || j >= kv_end || (window > 0 && p - j >= window)) s[n][c] = -INFINITY;
                 }
-                s[n][c] = v;
-            }
+        }
 
         // Online softmax; a row's 4 threads (same g) combine through shuffles.
         float alpha[2];
@@ -175,14 +189,14 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // A row with nothing visible yet keeps m = -inf; shift by 0 to avoid inf - inf.
-            const float shift = mx == -INFINITY ? 0.f : mx;
-            alpha[r] = exp2f(m_run[r] - shift);
+            const float shift = mx == -INFINITY ? 0.f : mx * qk_scale;
+            alpha[r] = fast_exp2(m_run[r] * qk_scale - shift);
             m_run[r] = mx;
             float rs = 0.f;
 #pragma unroll
             for (int n = 0; n < SN; ++n) {
-                s[n][2 * r] = exp2f(s[n][2 * r] - shift);
-                s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - shift);
+                s[n][2 * r] = fast_exp2(fmaf(s[n][2 * r], qk_scale, -shift));
+                s[n][2 * r + 1] = fast_exp2(fmaf(s[n][2 * r + 1], qk_scale, -shift));
                 rs += s[n][2 * r] + s[n][2 * r + 1];
             }
             l_run[r] = l_run[r] * alpha[r] + rs;  // this thread's share; summed over the quad at the end
@@ -197,7 +211,7 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
 
         cp_async_wait_all();
         __syncthreads();  // V(j0) landed; every warp is done reading K(j0)
-        if (j0 + BN < kv_end) load_tile(sK, k_cache, j0 + BN);
+        if (j0 + BN < kv_end) load_tile(sK, k_head, buf ^ 1);
 
         // O += P V: the S accumulators of two adjacent n-tiles are exactly the A
         // fragment of one 16-key step.
@@ -232,12 +246,12 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
 }
 
 #define PREFILL_KERNEL(T, TN, D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) paged_attention_prefill_##TN##_d##D(   \
+    extern "C" __global__ void __launch_bounds__(PREFILL_THREADS, 3) paged_attention_prefill_##TN##_d##D(   \
         T* out, const T* q, const T* k_cache, const T* v_cache, const uint32_t* cu_seqlens_q,             \
         const uint32_t* context_lens, const uint32_t* block_tables, int num_seqs, int num_heads,          \
-        int num_kv_heads, int max_blocks, int block_size, uint32_t num_blocks, float scale, int window) { \
+        int num_kv_heads, int max_blocks, int block_shift, uint32_t num_blocks, float scale, int window) { \
         paged_attention_prefill<T, D>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, \
-                                      num_seqs, num_heads, num_kv_heads, max_blocks, block_size,           \
+                                      num_seqs, num_heads, num_kv_heads, max_blocks, block_shift,           \
                                       num_blocks, scale, window);                                         \
     }
 
