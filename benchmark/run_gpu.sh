@@ -9,13 +9,14 @@
 #   5. prints the tables, and copies the JSON results and logs to $OUT when set.
 #
 #   benchmark/run_gpu.sh
-# Environment: PRESET (llama-3.1-8b | tiny), MODEL_DIR, PORT, RESULTS_DIR,
+# Environment: PRESET (llama-3.1-8b | tiny), MODEL_DIR, DTYPE (bfloat16), PORT, RESULTS_DIR,
 # CONCURRENCY (sweep levels, e.g. 1,8,32), SKIP_SHARD_BENCH=1, SHARD_BENCH_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET="${PRESET:-llama-3.1-8b}"
 MODEL_DIR="${MODEL_DIR:-/tmp/llama-8b-random}"
+DTYPE="${DTYPE:-bfloat16}"
 PORT="${PORT:-8080}"
 RESULTS_DIR="${RESULTS_DIR:-/tmp/bench-results}"
 CONCURRENCY="${CONCURRENCY:-1,8,32,64,128,256}"
@@ -81,7 +82,7 @@ if [ ! -f "$MODEL_DIR/model.safetensors.index.json" ]; then
     python3 benchmark/make_random_model.py "$MODEL_DIR" --preset "$PRESET"
 fi
 
-text-generation-launcher --model-id "$MODEL_DIR" --dtype bfloat16 --hostname 127.0.0.1 --port "$PORT" \
+text-generation-launcher --model-id "$MODEL_DIR" --dtype "$DTYPE" --hostname 127.0.0.1 --port "$PORT" \
     "${LIMITS[@]}" --max-concurrent-requests 1024 >"$RESULTS_DIR/launcher.log" 2>&1 &
 server_pid=$!
 wait_for "/health" 900 "$RESULTS_DIR/launcher.log" http_get "http://127.0.0.1:$PORT/health"
@@ -95,7 +96,7 @@ stop_server
 
 if [ "${SKIP_SHARD_BENCH:-0}" != 1 ]; then
     rm -f "$SHARD_UDS-0"
-    text-generation-shard --model-path "$MODEL_DIR" --uds-path "$SHARD_UDS" --dtype bfloat16 \
+    text-generation-shard --model-path "$MODEL_DIR" --uds-path "$SHARD_UDS" --dtype "$DTYPE" \
         >"$RESULTS_DIR/shard.log" 2>&1 &
     server_pid=$!
     wait_for "the shard's socket" 900 "$RESULTS_DIR/shard.log" test -S "$SHARD_UDS-0"
