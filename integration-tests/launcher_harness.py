@@ -16,7 +16,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "target" / "release" / "text-generation-launcher"
 MODEL = Path(os.environ.get("TGI_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct"))
-STARTUP_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 600
 SHUTDOWN_TIMEOUT_S = 120
 
 

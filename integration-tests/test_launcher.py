@@ -7,9 +7,12 @@ import time
 
 from launcher_harness import Launcher, alive, assert_all_gone, cmdline, descendants
 
+# Short sequences: the shard's warmup (a full-size prefill) is quick even on a small CPU.
+SMALL = ("--max-total-tokens", "512")
+
 
 def test_sigint_stops_every_process():
-    launcher = Launcher()
+    launcher = Launcher(*SMALL)
     launcher.wait_healthy()
     children = descendants(launcher.process.pid)
     names = [cmdline(p) for p in children]
@@ -26,7 +29,7 @@ def test_sigint_stops_every_process():
 
 
 def test_killed_shard_fails_the_launcher():
-    launcher = Launcher()
+    launcher = Launcher(*SMALL)
     launcher.wait_healthy()
     children = descendants(launcher.process.pid)
     shard = next(p for p in children if "text-generation-shard" in cmdline(p))
