@@ -25,7 +25,8 @@ pub async fn generate(
 ) -> Result<Response, TgiError> {
     let metrics = RequestMetrics::new();
     let request = metrics.observe(payload.map_err(ApiError::from))?.0;
-    Ok(metrics.observe(generate_response(&state, request, metrics).await)?)
+    let response = metrics.observe(generate_response(&state, request, metrics).await)?;
+    Ok(Json(response).into_response())
 }
 
 /// Generate a stream of tokens as server-sent events.
@@ -41,10 +42,11 @@ pub async fn generate_stream(
     Ok(metrics.observe(stream_response(&state, request, metrics).await)?)
 }
 
-/// `/generate` or `/generate_stream`, as `stream` says.
+/// `/generate_stream`, or `/generate` with the response in a list (as Hugging Face's
+/// Inference API answers, which clients of this route expect), as `stream` says.
 #[utoipa::path(post, path = "/", tag = "Text Generation Inference", request_body = CompatGenerateRequest,
     responses((status = 200, description = "Generated text", content(
-        (GenerateResponse = "application/json"), (StreamResponse = "text/event-stream"))), TgiErrors))]
+        (Vec<GenerateResponse> = "application/json"), (StreamResponse = "text/event-stream"))), TgiErrors))]
 pub async fn compat_generate(
     State(state): State<AppState>,
     payload: Result<Json<CompatGenerateRequest>, JsonRejection>,
@@ -55,7 +57,7 @@ pub async fn compat_generate(
     let response = if stream {
         stream_response(&state, request.into(), metrics).await
     } else {
-        generate_response(&state, request.into(), metrics).await
+        generate_response(&state, request.into(), metrics).await.map(|response| Json(vec![response]).into_response())
     };
     Ok(metrics.observe(response)?)
 }
@@ -64,7 +66,7 @@ async fn generate_response(
     state: &AppState,
     request: GenerateRequest,
     metrics: RequestMetrics,
-) -> Result<Response, ApiError> {
+) -> Result<GenerateResponse, ApiError> {
     let parameters = request.parameters;
     let valid = state.validation.validate(request.inputs, &parameters, true).await?;
     metrics.validated(&valid);
@@ -81,7 +83,7 @@ async fn generate_response(
         top_tokens: if top_n_tokens > 0 { response.top_tokens.iter().map(|t| tokens(t)).collect() } else { vec![] },
     });
     let generated_text = prefix + &response.generated_text.text;
-    Ok(Json(GenerateResponse { generated_text, details }).into_response())
+    Ok(GenerateResponse { generated_text, details })
 }
 
 async fn stream_response(

@@ -212,6 +212,14 @@ async fn malformed_bodies_map_to_400_413_415() {
 }
 
 #[tokio::test]
+async fn compat_route_answers_a_list_when_not_streaming() {
+    let app = test_app(Arc::new(ScriptedBackend::new()), ServerConfig::default());
+    let (status, response) = call_json(&app, post("/", json!({"inputs": "the", "stream": false}))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response, json!([{"generated_text": "paris"}]));
+}
+
+#[tokio::test]
 async fn generate_stream_sends_one_event_per_token() {
     let app = test_app(Arc::new(ScriptedBackend::new()), ServerConfig::default());
     let (status, body) = call(&app, post("/", json!({"inputs": "the capital", "stream": true}))).await;
@@ -371,7 +379,7 @@ async fn info_tokenize_and_models() {
     assert_eq!((info["model_id"].as_str(), info["max_total_tokens"].as_u64()), (Some("test-model"), Some(10)));
     let (status, tokens) = call_json(&app, post("/tokenize", json!({"inputs": "the capital"}))).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(tokens, json!([{"id": 3, "text": "the", "start": 0, "stop": 3}, {"id": 4, "text": "capital", "start": 4, "stop": 11}]));
+    assert_eq!(tokens, json!([{"id": 3, "text": "the", "start": 0, "stop": 3}, {"id": 4, "text": " capital", "start": 3, "stop": 11}]));
     let (_, models) = call_json(&app, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
     assert_eq!(models["data"][0]["id"], "test-model");
 }

@@ -17,16 +17,19 @@ pub async fn tokenize(
 ) -> Result<Json<Vec<SimpleToken>>, TgiError> {
     let Json(request) = payload.map_err(ApiError::from)?;
     let encoding = state.validation.tokenize(request.inputs.clone(), true).await?;
+    // Byte-level tokenizers leave the leading space out of a token's offsets: each
+    // token's text starts where the previous one stopped, so that the texts add up to the prompt.
+    let mut previous_stop = 0;
     let tokens = encoding
         .get_ids()
         .iter()
         .zip(encoding.get_offsets())
-        .map(|(&id, &(start, stop))| SimpleToken {
-            id,
-            // Offsets are bytes; a token inside a multi-byte character has no text of its own.
-            text: request.inputs.get(start..stop).unwrap_or_default().to_string(),
-            start,
-            stop,
+        .map(|(&id, &(start, stop))| {
+            // Several byte tokens of one multi-byte character share its offsets: the first gets the text.
+            let (start, stop) = if stop > previous_stop { (previous_stop.min(start), stop) } else { (stop, stop) };
+            previous_stop = stop.max(previous_stop);
+            let text = request.inputs.get(start..stop).unwrap_or_default().to_string();
+            SimpleToken { id, text, start, stop }
         })
         .collect();
     Ok(Json(tokens))
