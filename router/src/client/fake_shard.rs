@@ -49,6 +49,8 @@ struct FakeState {
     decode_batch_counts: Vec<usize>,
     filter_calls: usize,
     clear_calls: usize,
+    /// The other shards of the model, as ServiceDiscovery lists them.
+    peer_urls: Vec<String>,
 }
 
 /// Handle on a running fake shard; the socket is removed when it is dropped.
@@ -97,6 +99,11 @@ impl FakeShard {
 
     pub fn path(&self) -> String {
         self.socket.0.display().to_string()
+    }
+
+    /// Makes ServiceDiscovery list `peer` as another shard of the model.
+    pub fn add_peer(&self, peer: &FakeShard) {
+        self.lock().peer_urls.push(peer.url());
     }
 
     /// Requests the shard holds in its cached batches.
@@ -237,7 +244,9 @@ impl TextGenerationService for FakeShard {
         &self,
         _: tonic::Request<ServiceDiscoveryRequest>,
     ) -> Result<Response<ServiceDiscoveryResponse>, Status> {
-        Ok(Response::new(ServiceDiscoveryResponse { urls: vec![self.url()] }))
+        let mut urls = vec![self.url()];
+        urls.extend(self.lock().peer_urls.iter().cloned());
+        Ok(Response::new(ServiceDiscoveryResponse { urls }))
     }
 
     async fn clear_cache(

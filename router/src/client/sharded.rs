@@ -108,3 +108,80 @@ impl ShardedClient {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proto::v3::{Request, StoppingCriteriaParameters};
+
+    use super::*;
+    use crate::client::fake_shard::{FakeShard, FakeShardConfig};
+
+    async fn fake_shard(kv_capacity_tokens: u32) -> FakeShard {
+        FakeShard::start(FakeShardConfig {
+            block_size: 16,
+            kv_capacity_tokens,
+            decode_delay: Duration::ZERO,
+        })
+        .await
+    }
+
+    /// A master discovering one other shard.
+    async fn two_shards() -> (ShardedClient, FakeShard, FakeShard) {
+        let master = fake_shard(1024).await;
+        let other = fake_shard(512).await;
+        master.add_peer(&other);
+        let client = ShardedClient::connect(&master.url()).await.unwrap();
+        (client, master, other)
+    }
+
+    #[tokio::test]
+    async fn discovers_the_other_shards_and_calls_them_all() {
+        let (client, master, other) = two_shards().await;
+        assert_eq!(client.shard_count(), 2);
+        client.clear_cache(None).await.unwrap();
+        assert_eq!(master.clear_calls(), 1);
+        assert_eq!(other.clear_calls(), 1);
+        let capacity = client.warmup(WarmupRequest::default()).await.unwrap();
+        assert_eq!(capacity, 512, "the smallest KV cache bounds the model");
+        assert_eq!(master.warmups().len(), 1);
+        assert_eq!(other.warmups().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_failing_shard_fails_the_call() {
+        let (client, master, _other) = two_shards().await;
+        // Batch 5 exists on the master only: the other shard cannot filter it.
+        let request = Request {
+            id: 1,
+            input_ids: vec![10, 11],
+            slots: (16..32).collect(),
+            blocks: vec![1],
+            stopping_parameters: Some(StoppingCriteriaParameters {
+                max_new_tokens: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let batch = Batch {
+            id: 5,
+            requests: vec![request],
+            size: 1,
+            ..Default::default()
+        };
+        let mut master_only = ShardClient::connect(&master.path()).await.unwrap();
+        master_only.prefill(batch).await.unwrap();
+        let error = client.filter_batch(5, vec![1]).await.unwrap_err();
+        assert!(error.to_string().contains("no batch 5"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_shard_is_named_in_the_error() {
+        let error = ShardedClient::connect("unix:///nonexistent/shard-0")
+            .await
+            .unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("/nonexistent/shard-0"), "{message}");
+    }
+}
