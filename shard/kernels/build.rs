@@ -9,6 +9,7 @@ fn main() {
     println!("cargo::rerun-if-changed=src/cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");
+    println!("cargo::rerun-if-env-changed=KERNELS_NVCC_FLAGS");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -16,6 +17,8 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
+    // Extra nvcc arguments for tuning experiments, e.g. `-DPREFILL_MIN_BLOCKS=2`.
+    let extra = std::env::var("KERNELS_NVCC_FLAGS").unwrap_or_default();
     let mut sources: Vec<PathBuf> = std::fs::read_dir("src/cu")
         .expect("src/cu exists")
         .map(|entry| entry.expect("readable src/cu entry").path())
@@ -28,6 +31,7 @@ fn main() {
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
             .arg(format!("-arch=sm_{cap}"))
+            .args(extra.split_whitespace())
             .arg("-o")
             .arg(&ptx)
             .arg(&source)

@@ -16,6 +16,7 @@ if [ "$1" = pack ]; then
   cargo build --release --features cuda -p text-generation-kernels --example bench_kernels || exit 1
   dir=$(mktemp -d)
   cp "$test_bin" "$dir/kernels_test" && cp "$CARGO_TARGET_DIR/release/examples/bench_kernels" "$dir/" || exit 1
+  [ -n "$KERNELS_NVCC_FLAGS" ] && pack=.bin/kernels/variant-$(echo "$KERNELS_NVCC_FLAGS" | tr -c 'A-Za-z0-9=_\n' _).tar.xz
   strip "$dir"/* && mkdir -p .bin/kernels && tar cJf "$pack" -C "$dir" kernels_test bench_kernels
   rm -r "$dir"
   ls -la "$pack"
@@ -39,4 +40,12 @@ fi
 tests=$?
 "$dir/bench_kernels" 2>&1 | tee "$out/bench.log"
 bench=$?
+# Variant builds packed next to the main one (KERNELS_NVCC_FLAGS experiments).
+for variant in .bin/kernels/variant-*.tar.xz; do
+  [ -e "$variant" ] || continue
+  vdir=$(mktemp -d) && tar xJf "$variant" -C "$vdir" || continue
+  echo "== $(basename "$variant" .tar.xz)"
+  "$vdir/kernels_test" --test-threads=1 2>&1 | grep -E "^test |test result"
+  "$vdir/bench_kernels" prefill 2>&1
+done
 echo "tests exit $tests, bench exit $bench"

@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::seq::SliceRandom;
-use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache};
+use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul};
 
 const HEADS: usize = 32;
 const KV_HEADS: usize = 8;
@@ -140,6 +140,19 @@ fn main() -> Result<()> {
     }
 
     let tokens = 2048;
+    let label = format!("silu_mul {tokens} x {INTERMEDIATE}");
+    if wanted(&label) {
+        let gate_up = Tensor::randn(0f32, 1., (tokens, 2 * INTERMEDIATE), &dev)?.to_dtype(DType::BF16)?;
+        let bytes = (tokens * INTERMEDIATE * 3 * 2) as f64;
+        let us = time_us(&dev, || silu_mul(&gate_up).map(drop))?;
+        println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
+        let us = time_us(&dev, || {
+            let (gate, up) = (gate_up.narrow(1, 0, INTERMEDIATE)?, gate_up.narrow(1, INTERMEDIATE, INTERMEDIATE)?);
+            (gate.silu()? * up).map(drop)
+        })?;
+        println!("{:<52} {us:>10.1}", "  unfused candle silu(gate) * up");
+    }
+
     let label = format!("reshape_and_cache {tokens} tokens");
     if !wanted(&label) {
         return Ok(());

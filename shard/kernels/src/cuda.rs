@@ -5,6 +5,7 @@
 use std::ops::Deref;
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
@@ -14,12 +15,16 @@ use candle_core::{
 const CACHE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache.ptx"));
 const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prefill.ptx"));
+const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
 
 /// Context tokens per decode CTA (`PARTITION` in decode.cu).
 const DECODE_PARTITION: usize = 512;
 const DECODE_THREADS: u32 = 128;
-/// Query rows per prefill CTA (`BM` in prefill.cu).
+/// Query rows per prefill CTA, keys per K/V tile, and K/V tiles in flight
+/// (`BM`, `BN` and `STAGES` in prefill.cu).
 const PREFILL_BLOCK_M: usize = 64;
+const PREFILL_BLOCK_N: usize = 64;
+const PREFILL_STAGES: usize = 2;
 const PREFILL_THREADS: u32 = 128;
 const HEAD_DIMS: [usize; 2] = [64, 128];
 /// Query heads per decode CTA that have kernels (decode.cu instantiates these).
@@ -122,6 +127,68 @@ impl InplaceOp3 for CacheWrite {
             DType::BF16 => launch::<half::bf16>(self, cache, cache_l, src, src_l, slots, slots_l),
             DType::F16 => launch::<half::f16>(self, cache, cache_l, src, src_l, slots, slots_l),
             other => bail!("reshape_and_cache: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+/// SwiGLU of a fused gate/up projection: `gate_up` is `[..., 2 * I]` with each row
+/// `[gate | up]`; returns `silu(gate) * up`, `[..., I]`, in one pass. I must be a
+/// multiple of 8.
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    let dims = gate_up.dims();
+    let Some((&width, outer)) = dims.split_last() else { bail!("silu_mul needs at least one dimension") };
+    if width % 16 != 0 {
+        bail!("silu_mul: the last dimension ({width}) must be 2 * I with I a multiple of 8");
+    }
+    half_dtype("gate_up", gate_up)?;
+    expect_cuda("gate_up", gate_up)?;
+    let rows: usize = outer.iter().product();
+    if rows == 0 {
+        return gate_up.narrow(dims.len() - 1, 0, width / 2)?.zeros_like();
+    }
+    gate_up.apply_op1_no_bwd(&SiluMul)
+}
+
+struct SiluMul;
+
+impl candle_core::CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("silu_mul runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, input: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn launch<T: CudaDType + DeviceRepr>(input: &CudaStorage, layout: &Layout, name: &str) -> Result<(CudaStorage, Shape)> {
+            const THREADS: usize = 256;
+            let dev = input.device();
+            let view = view::<T>(input, layout, "gate_up")?;
+            let mut dims = layout.dims().to_vec();
+            let half = dims[dims.len() - 1] / 2;
+            let rows = view.len() / (2 * half);
+            *dims.last_mut().expect("silu_mul checked the rank") = half;
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<T>(rows * half)? };
+            let func = dev.get_or_load_custom_func(&format!("silu_mul_{name}"), "text_generation_activation", ACTIVATION_PTX)?;
+            let vecs = rows * half / 8;
+            let cfg = LaunchConfig {
+                grid_dim: (vecs.div_ceil(THREADS).min(1 << 16) as u32, 1, 1),
+                block_dim: (THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (rows, vecs_per_row) = (rows as i64, as_i32(half / 8, "I / 8")?);
+            let mut builder = func.builder();
+            builder.arg(&out).arg(&view).arg(&rows).arg(&vecs_per_row);
+            // SAFETY: `out` holds rows * I elements, `view` rows * 2I (checked shapes).
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(dims)))
+        }
+        match input.dtype() {
+            DType::BF16 => launch::<half::bf16>(input, layout, "bf16"),
+            DType::F16 => launch::<half::f16>(input, layout, "f16"),
+            other => bail!("silu_mul: unsupported dtype {other:?}"),
         }
     }
 }
@@ -447,10 +514,15 @@ impl Prefill<'_> {
         // Sum over sequences of ceil(len / BM) is at most this; the kernel maps each
         // block to its (sequence, tile) and surplus blocks exit.
         let tiles = p.q_rows.div_ceil(PREFILL_BLOCK_M) + p.num_seqs;
+        // The K and V stage rings, rows padded by 8 elements (past the 48 KiB a
+        // kernel gets without opting in).
+        let smem = 2 * PREFILL_STAGES * PREFILL_BLOCK_N * (p.head_dim + 8) * std::mem::size_of::<T>();
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .w()?;
         let cfg = LaunchConfig {
             grid_dim: (as_i32(tiles, "query tiles")? as u32, grid_yz(p.num_heads, "num_heads")?, 1),
             block_dim: (PREFILL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         let (num_seqs, num_heads, num_kv_heads) = (p.num_seqs as i32, p.num_heads as i32, p.num_kv_heads as i32);
         let (max_blocks, block_shift) = (p.max_blocks as i32, p.block_size.trailing_zeros() as i32);

@@ -4,7 +4,8 @@
 //! - [`paged_attention_decode`]: one query token per sequence against its cached
 //!   context (split over the context for long sequences, then merged);
 //! - [`paged_attention_prefill`]: causal flash attention for ragged prefill batches
-//!   whose new tokens follow a (possibly cached) prefix, on tensor cores.
+//!   whose new tokens follow a (possibly cached) prefix, on tensor cores;
+//! - [`silu_mul`]: SwiGLU of a fused gate/up projection in one pass.
 //!
 //! Layouts follow the shard's paged cache: a cache tensor is
 //! `[num_blocks * block_size, num_kv_heads, head_dim]`, row `slot` holding the token
@@ -19,4 +20,4 @@
 mod cuda;
 
 #[cfg(feature = "cuda")]
-pub use cuda::{paged_attention_decode, paged_attention_prefill, reshape_and_cache};
+pub use cuda::{paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul};

@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::Rng;
-use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache};
+use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul};
 
 const BLOCK_SIZE: usize = 16;
 
@@ -270,5 +270,25 @@ fn bad_inputs_are_errors() -> Result<()> {
     let wrong_slots = Tensor::from_vec(vec![0i64; 3], 3, &dev)?;
     let kv = Tensor::zeros((2, 2, 64), DType::BF16, &dev)?;
     assert!(reshape_and_cache(&kv, &kv, &paged.key_cache, &paged.value_cache, &wrong_slots).is_err());
+    Ok(())
+}
+
+#[test]
+fn silu_mul_matches_reference() -> Result<()> {
+    let dev = device();
+    for dtype in [DType::BF16, DType::F16] {
+        for shape in [(3usize, 5usize, 2 * 40usize), (7, 1, 2 * 2048)] {
+            let gate_up = (Tensor::randn(0f32, 1., shape, &dev)? * 3.)?.to_dtype(dtype)?;
+            let out = silu_mul(&gate_up)?;
+            let half = shape.2 / 2;
+            assert_eq!(out.dims(), &[shape.0, shape.1, half]);
+            let x = gate_up.to_dtype(DType::F32)?;
+            let (gate, up) = (x.narrow(2, 0, half)?, x.narrow(2, half, half)?);
+            let expected = ((&gate / (gate.neg()?.exp()? + 1.)?)? * up)?;
+            let err = rel_error(&out, &expected)?;
+            assert!(err < tolerance(dtype), "silu_mul {dtype:?} {shape:?}: rel error {err}");
+        }
+    }
+    assert!(silu_mul(&Tensor::zeros((2, 12), DType::BF16, &dev)?).is_err(), "I = 6 is not a multiple of 8");
     Ok(())
 }

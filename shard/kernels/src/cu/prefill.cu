@@ -5,15 +5,24 @@
 // K/V are read from the cache (reshape_and_cache has already written the new rows).
 //
 // One CTA = 4 warps = a tile of BM query rows of one head; each warp owns 16 rows.
-// K/V tiles of BN keys stream through shared memory (cp.async, K of the next tile
-// loading while P.V of the current one runs); QK^T and P.V use mma.sync m16n8k16
-// with f32 accumulators; softmax is online (FlashAttention-2), so no T x T matrix.
+// K/V tiles of BN keys stream through a two-stage shared-memory ring (cp.async: the
+// next tile loads while the current one is used); QK^T and P.V use mma.sync
+// m16n8k16 with f32 accumulators; softmax is online (FlashAttention-2), so no T x T
+// matrix. Shared memory is dynamic: prefill_smem_bytes(D) (mirrored in src/cuda.rs).
 #include "common.cuh"
 
 constexpr int PREFILL_THREADS = 128;
 constexpr int BM = 64;  // query rows per CTA (16 per warp); must match src/cuda.rs
 constexpr int BN = 64;  // keys per tile
 constexpr float LOG2E_F = 1.4426950408889634f;
+constexpr int STAGES = 2;  // K/V tiles in flight; must match src/cuda.rs
+// CTAs per SM the register allocation must leave room for (a tuning knob:
+// `KERNELS_NVCC_FLAGS=-DPREFILL_MIN_BLOCKS=2` trades occupancy for no spills).
+#ifndef PREFILL_MIN_BLOCKS
+#define PREFILL_MIN_BLOCKS 3
+#endif
+
+__device__ __forceinline__ void cp_async_wait_one_pending() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // Maps blockIdx.x to (sequence, query tile). Tiles are numbered sequence by
 // sequence; warp 0 scans the per-sequence tile counts 32 sequences at a time.
@@ -65,8 +74,10 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     constexpr int KSTEPS = D / 16;  // mma k-steps over the head dim (QK^T)
     constexpr int SN = BN / 8;      // n-tiles of S per warp
     constexpr int ON = D / 8;       // n-tiles of O per warp
-    __shared__ __align__(16) T sK[BN * STRIDE];
-    __shared__ __align__(16) T sV[BN * STRIDE];  // also stages the Q tile at the start
+    // [STAGES] K tiles, then [STAGES] V tiles; the first also stages the Q tile.
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* const sK = reinterpret_cast<T*>(smem_raw);
+    T* const sV = sK + STAGES * BN * STRIDE;
 
     int seq, tile;
     if (!find_tile(cu_seqlens_q, num_seqs, &seq, &tile)) return;
@@ -90,9 +101,9 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     const int j_start = (kv_begin / BN) * BN;
 
     // Cache element offset of each key of a tile (-1: past kv_end), resolved once
-    // per tile through the block table and shared by its K and V loads; double
-    // buffered so the next tile's can be filled while the current one is in use.
-    __shared__ int64_t s_rows[2][BN];
+    // per tile through the block table and shared by its K and V loads; one more
+    // buffer than stages, so a tile's is filled a barrier before its loads.
+    __shared__ int64_t s_rows[STAGES + 1][BN];
     const uint32_t* table = block_tables + static_cast<int64_t>(seq) * max_blocks;
     const int64_t slot_stride = static_cast<int64_t>(num_kv_heads) * D;
     auto fill_rows = [&](int buf, int j0) {
@@ -105,12 +116,20 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     const int ch = tid % CHUNKS, r0 = tid / CHUNKS;
     const T* k_head = k_cache + kvh * D + ch * VEC;
     const T* v_head = v_cache + kvh * D + ch * VEC;
-    auto load_tile = [&](T* dst, const T* cache_head, int buf) {
+    // K and V of tile number t (keys j_start + t * BN ...) into stage t % STAGES,
+    // as one cp.async group (committed even when empty, to keep the group count).
+    auto load_tile = [&](int t) {
+        if (j_start + t * BN < kv_end) {
+            const int64_t* rows_of_tile = s_rows[t % (STAGES + 1)];
+            T* k_dst = sK + (t % STAGES) * BN * STRIDE + ch * VEC;
+            T* v_dst = sV + (t % STAGES) * BN * STRIDE + ch * VEC;
 #pragma unroll
-        for (int i = 0; i < BN / ROW_STEP; ++i) {
-            const int r = r0 + i * ROW_STEP;
-            const int64_t offset = s_rows[buf][r];
-            cp_async16(dst + r * STRIDE + ch * VEC, cache_head + max(offset, int64_t{0}), offset >= 0);
+            for (int i = 0; i < BN / ROW_STEP; ++i) {
+                const int r = r0 + i * ROW_STEP;
+                const int64_t offset = rows_of_tile[r];
+                cp_async16(k_dst + r * STRIDE, k_head + max(offset, int64_t{0}), offset >= 0);
+                cp_async16(v_dst + r * STRIDE, v_head + max(offset, int64_t{0}), offset >= 0);
+            }
         }
         cp_async_commit();
     };
@@ -121,16 +140,17 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
         const int r = r0 + i * ROW_STEP;
         const bool valid = r < rows;
         const T* src = q + (static_cast<int64_t>(q_begin + m0 + (valid ? r : 0)) * num_heads + head) * D + ch * VEC;
-        cp_async16(sV + r * STRIDE + ch * VEC, src, valid);
+        cp_async16(sK + r * STRIDE + ch * VEC, src, valid);
     }
     cp_async_commit();
-    fill_rows(0, j_start);
+#pragma unroll
+    for (int t = 0; t < STAGES; ++t) fill_rows(t, j_start + t * BN);
     cp_async_wait_all();
     __syncthreads();
     uint32_t qa[KSTEPS][4];
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk)
-        ldmatrix_x4(qa[kk], sV + (warp * 16 + lr + (lm & 1) * 8) * STRIDE + kk * 16 + (lm >> 1) * 8);
+        ldmatrix_x4(qa[kk], sK + (warp * 16 + lr + (lm & 1) * 8) * STRIDE + kk * 16 + (lm >> 1) * 8);
     __syncthreads();
 
     // This thread's two rows (g and g + 8 of the warp's 16).
@@ -143,12 +163,19 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     const float qk_scale = scale * LOG2E_F;
 
-    if (j_start < kv_end) load_tile(sK, k_head, 0);
-    for (int j0 = j_start, buf = 0; j0 < kv_end; j0 += BN, buf ^= 1) {
-        cp_async_wait_all();
-        __syncthreads();  // K(j0) landed; every warp is done with V of the previous tile
-        load_tile(sV, v_head, buf);
-        if (j0 + BN < kv_end) fill_rows(buf ^ 1, j0 + BN);
+#pragma unroll
+    for (int t = 0; t < STAGES - 1; ++t) load_tile(t);
+    for (int t = 0, j0 = j_start; j0 < kv_end; ++t, j0 += BN) {
+        // Tile t + STAGES - 1 goes into the stage tile t - 1 used: the barrier
+        // orders it after every warp's last read of that stage (and publishes the
+        // rows filled last iteration).
+        __syncthreads();
+        load_tile(t + STAGES - 1);
+        fill_rows((t + STAGES) % (STAGES + 1), j0 + STAGES * BN);
+        cp_async_wait_one_pending();
+        __syncthreads();  // tile t landed for every thread's copies
+        const T* tK = sK + (t % STAGES) * BN * STRIDE;
+        const T* tV = sV + (t % STAGES) * BN * STRIDE;
 
         float s[SN][4];
 #pragma unroll
@@ -160,7 +187,7 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
 #pragma unroll
             for (int nn = 0; nn < SN / 2; ++nn) {
                 uint32_t b[4];
-                ldmatrix_x4(b, sK + (nn * 16 + lr + (lm >> 1) * 8) * STRIDE + kk * 16 + (lm & 1) * 8);
+                ldmatrix_x4(b, tK + (nn * 16 + lr + (lm >> 1) * 8) * STRIDE + kk * 16 + (lm & 1) * 8);
                 mma_16816<T>(s[2 * nn], qa[kk], b[0], b[1]);
                 mma_16816<T>(s[2 * nn + 1], qa[kk], b[2], b[3]);
             }
@@ -209,9 +236,6 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
             o[n][3] *= alpha[1];
         }
 
-        cp_async_wait_all();
-        __syncthreads();  // V(j0) landed; every warp is done reading K(j0)
-        if (j0 + BN < kv_end) load_tile(sK, k_head, buf ^ 1);
 
         // O += P V: the S accumulators of two adjacent n-tiles are exactly the A
         // fragment of one 16-key step.
@@ -223,7 +247,7 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
 #pragma unroll
             for (int dn = 0; dn < ON / 2; ++dn) {
                 uint32_t b[4];
-                ldmatrix_x4_trans(b, sV + (kk * 16 + lr + (lm & 1) * 8) * STRIDE + dn * 16 + (lm >> 1) * 8);
+                ldmatrix_x4_trans(b, tV + (kk * 16 + lr + (lm & 1) * 8) * STRIDE + dn * 16 + (lm >> 1) * 8);
                 mma_16816<T>(o[2 * dn], pa, b[0], b[1]);
                 mma_16816<T>(o[2 * dn + 1], pa, b[2], b[3]);
             }
@@ -246,7 +270,7 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
 }
 
 #define PREFILL_KERNEL(T, TN, D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(PREFILL_THREADS, 3) paged_attention_prefill_##TN##_d##D(   \
+    extern "C" __global__ void __launch_bounds__(PREFILL_THREADS, PREFILL_MIN_BLOCKS) paged_attention_prefill_##TN##_d##D(   \
         T* out, const T* q, const T* k_cache, const T* v_cache, const uint32_t* cu_seqlens_q,             \
         const uint32_t* context_lens, const uint32_t* block_tables, int num_seqs, int num_heads,          \
         int num_kv_heads, int max_blocks, int block_shift, uint32_t num_blocks, float scale, int window) { \
