@@ -351,3 +351,49 @@ impl Model for Llama {
         &self.spec
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(extra: serde_json::Value) -> LlamaConfig {
+        let mut base = json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "vocab_size": 10
+        });
+        base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        LlamaConfig::from_json(&base).unwrap()
+    }
+
+    #[test]
+    fn qwen2_window_only_when_switched_on_and_from_max_window_layers() {
+        let off = config(json!({"model_type": "qwen2", "sliding_window": 8}));
+        assert_eq!(off.architecture(RotaryLayout::HalfSplit, None).unwrap().sliding_windows, vec![None; 4]);
+        let on = config(json!({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": true, "max_window_layers": 2}));
+        let windows = on.architecture(RotaryLayout::HalfSplit, None).unwrap().sliding_windows;
+        assert_eq!(windows, vec![None, None, Some(8), Some(8)]);
+        let mistral = config(json!({"model_type": "mistral", "sliding_window": 8}));
+        assert_eq!(mistral.architecture(RotaryLayout::HalfSplit, None).unwrap().sliding_windows, vec![Some(8); 4]);
+    }
+
+    #[test]
+    fn defaults_and_head_dim() {
+        let c = config(json!({"num_key_value_heads": 2}));
+        assert_eq!((c.head_dim(), c.num_kv_heads(), c.rope_theta), (16, 2, 10000.0));
+        assert_eq!(config(json!({"head_dim": 32})).head_dim(), 32);
+    }
+
+    #[test]
+    fn rejects_what_the_family_does_not_cover() {
+        let err = |c: LlamaConfig| c.architecture(RotaryLayout::HalfSplit, None).err().unwrap().to_string();
+        assert!(err(config(json!({"hidden_act": "gelu"}))).contains("gelu"));
+        assert!(err(config(json!({"num_key_value_heads": 3}))).contains("KV heads"));
+        let yarn = config(json!({"rope_scaling": {"type": "yarn", "factor": 4.0}}));
+        let e = yarn.rope_scaling.unwrap().to_scaling().err().unwrap().to_string();
+        assert!(e.contains("yarn"), "{e}");
+        let llama3 = config(json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}));
+        assert!(llama3.rope_scaling.unwrap().to_scaling().is_err());
+        assert!(LlamaConfig::from_json(&json!({"model_type": "llama"})).is_err());
+    }
+}

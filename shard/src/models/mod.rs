@@ -157,3 +157,19 @@ impl ForwardBatch {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_model_type_is_named() {
+        let dir = std::env::temp_dir().join(format!("shard-models-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+        let files = ModelFiles::open(&dir).unwrap();
+        let err = load_model(&files, &Device::Cpu, DType::F32).err().unwrap().to_string();
+        assert!(err.contains("gpt2") && err.contains("llama"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
