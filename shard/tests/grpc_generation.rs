@@ -8,7 +8,9 @@ use proto::v3::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use tokenizers::Tokenizer;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 const BLOCK_SIZE: u32 = 16;
@@ -119,7 +121,8 @@ impl Blocks {
     }
 
     fn request(&mut self, id: u64, prompt: &str, max_new_tokens: u32) -> Request {
-        let tokenizer = ModelFiles::open(model_path()).unwrap().tokenizer().unwrap();
+        static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+        let tokenizer = TOKENIZER.get_or_init(|| ModelFiles::open(model_path()).unwrap().tokenizer().unwrap());
         let input_ids = tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
         let total = input_ids.len() as u32 + max_new_tokens;
         let blocks: Vec<u32> = (self.next..self.next + total.div_ceil(BLOCK_SIZE)).collect();
@@ -152,13 +155,20 @@ fn batch(id: u64, requests: Vec<Request>) -> Batch {
 #[derive(Default, Debug)]
 struct Outputs {
     tokens: HashMap<u64, Vec<u32>>,
+    /// The streamed text of each token, concatenated.
+    texts: HashMap<u64, String>,
+    /// Whether the last streamed token was special.
+    last_special: HashMap<u64, bool>,
     finished: HashMap<u64, GeneratedText>,
 }
 
 impl Outputs {
     fn record(&mut self, generations: Vec<Generation>) {
         for g in generations {
-            self.tokens.entry(g.request_id).or_default().extend(g.tokens.unwrap().ids);
+            let tokens = g.tokens.unwrap();
+            self.tokens.entry(g.request_id).or_default().extend(tokens.ids);
+            self.texts.entry(g.request_id).or_default().push_str(&tokens.texts.concat());
+            self.last_special.insert(g.request_id, tokens.is_special[0]);
             if let Some(text) = g.generated_text {
                 self.finished.insert(g.request_id, text);
             }
@@ -290,6 +300,25 @@ async fn continuous_batching_does_not_change_greedy_tokens() {
     assert_eq!(outputs.tokens[&10], alone.tokens[&1]);
     assert_eq!(outputs.finished[&10].text, alone.finished[&1].text);
     assert_eq!(outputs.tokens[&12].len(), 20);
+    assert_eq!(outputs.texts[&12], outputs.finished[&12].text, "streamed texts add up to the text");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eos_token_finishes_unless_ignored() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
+    let mut ignoring = blocks.request(2, chat, 40);
+    ignoring.stopping_parameters.as_mut().unwrap().ignore_eos_token = true;
+    let outputs = generate(&mut client, batch(1, vec![blocks.request(1, chat, 40), ignoring])).await;
+    let eos = &outputs.finished[&1];
+    assert_eq!(eos.finish_reason, FinishReason::EosToken as i32, "{eos:?}");
+    assert_eq!(outputs.tokens[&1].last(), Some(&2), "<|im_end|> is token 2");
+    assert!(outputs.last_special[&1], "<|im_end|> is special");
+    assert!(!eos.text.is_empty() && !eos.text.contains("<|im_end|>"), "{:?}", eos.text);
+    let ignored = &outputs.finished[&2];
+    assert_eq!((ignored.finish_reason, ignored.generated_tokens), (FinishReason::Length as i32, 40));
 }
 
 #[tokio::test(flavor = "multi_thread")]
