@@ -130,6 +130,28 @@ async fn new_requests_join_the_running_batch() {
 }
 
 #[tokio::test]
+async fn few_waiting_requests_join_only_after_max_waiting_tokens_steps() {
+    let config = SchedulerConfig {
+        // Ten waiting requests per running one would be needed to join early.
+        waiting_served_ratio: 10.0,
+        max_waiting_tokens: 5,
+        ..config()
+    };
+    let (infer, _, shard) = start(64, config).await;
+    let (_permit, mut long) = infer.generate_stream(request(10, 60)).unwrap();
+    within_seconds(long.next()).await.unwrap().unwrap();
+    let short = within_seconds(infer.generate(request(10, 3))).await.unwrap();
+    assert_eq!(short.generated_text.generated_tokens, 3);
+    let first_joint_decode = shard
+        .decode_batch_counts()
+        .iter()
+        .position(|&batches| batches == 2)
+        .expect("the short request joined the long one");
+    // Steps counted from the long request's prefill: it joins at the 5th.
+    assert!(first_joint_decode >= 4, "joined at decode {first_joint_decode}");
+}
+
+#[tokio::test]
 async fn a_disconnected_client_frees_its_blocks() {
     // The KV cache holds exactly one maximal request.
     let (infer, summary, shard) = start(8, config()).await;
