@@ -6,7 +6,9 @@ For each tiny random model (fixed seeds, so the output is reproducible) OUTDIR/N
 an HF-layout model (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json) and expected.safetensors holding, for a few token sequences,
 `input_ids.I` (int64 [len]) and `logits.I` (float32 [len, vocab]) from the numpy
-reference (llama_ref.py). With --gguf, OUTDIR/smollm2/expected.safetensors holds the
+reference (llama_ref.py). OUTDIR/llama3_gguf/ holds the Llama 3 one converted to GGUF
+as llama.cpp does (f32 tensors, Q/K rows permuted, llama3 scaling as rope_freqs), with
+its expected logits read back through the reference's GGUF loader. With --gguf, OUTDIR/smollm2/expected.safetensors holds the
 reference logits of a short prompt on the GGUF's dequantized weights.
 
 Then run: SHARD_FIXTURES=OUTDIR SHARD_GGUF=<gguf path> cargo test --release -p text-generation-shard --test model_reference
@@ -177,6 +179,91 @@ def write_tiny_model(out_dir, name, overrides, seed):
     write_expected(os.path.join(model_dir, "expected.safetensors"), sequences, logits)
 
 
+def _permute(w, n_head):
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (adjacent rotary pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_factors(cfg):
+    """convert_hf_to_gguf's rope_freqs for llama3 scaling: divisors of each frequency."""
+    scaling = cfg["rope_scaling"]
+    d = cfg["head_dim"]
+    freqs = 1.0 / cfg["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+def write_gguf_model(out_dir, hf_name, name):
+    import gguf
+
+    hf_dir = os.path.join(out_dir, hf_name)
+    cfg, _ = llama_ref.load_hf(hf_dir)
+    from safetensors.numpy import load_file
+
+    weights = load_file(os.path.join(hf_dir, "model.safetensors"))
+    model_dir = os.path.join(out_dir, name)
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, "model.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(cfg["head_dim"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    writer.add_rope_freq_base(cfg["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    hf_to_gguf = {v: k for k, v in llama_ref._GGUF_LAYER_NAMES.items()}
+    for hf, w in weights.items():
+        if hf == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif hf == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        elif hf == "lm_head.weight":
+            gguf_name = "output.weight"
+        else:
+            _, _, layer, rest = hf.split(".", 3)
+            module, param = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{hf_to_gguf[module]}.{param}"
+            if module == "self_attn.q_proj":
+                w = _permute(w, cfg["num_attention_heads"])
+            elif module == "self_attn.k_proj":
+                w = _permute(w, cfg["num_key_value_heads"])
+        writer.add_tensor(gguf_name, np.ascontiguousarray(w, dtype=np.float32))
+    if cfg.get("rope_scaling"):
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ref_cfg, ref_weights = llama_ref.load_gguf(path)
+    hf_expected = load_file(os.path.join(hf_dir, "expected.safetensors"))
+    sequences, logits = [], []
+    for i in range(len(SEQUENCE_LENGTHS)):
+        ids = hf_expected[f"input_ids.{i}"].tolist()
+        out = llama_ref.forward(ref_cfg, ref_weights, ids)
+        # The conversion round trip is exact up to float rounding.
+        assert np.allclose(out, hf_expected[f"logits.{i}"], atol=1e-4), "GGUF conversion changed the model"
+        sequences.append(ids)
+        logits.append(out)
+    write_expected(os.path.join(model_dir, "expected.safetensors"), sequences, logits)
+
+
 def write_gguf_reference(out_dir, gguf_path):
     cfg, weights = llama_ref.load_gguf(gguf_path)
     logits = llama_ref.forward(cfg, weights, SMOLLM2_PROMPT_IDS)
@@ -194,6 +281,8 @@ def main():
     for seed, (name, overrides) in enumerate(MODELS.items()):
         write_tiny_model(args.out_dir, name, overrides, seed)
         print(f"wrote {os.path.join(args.out_dir, name)}")
+    write_gguf_model(args.out_dir, "llama3_gqa_tied", "llama3_gguf")
+    print(f"wrote {os.path.join(args.out_dir, 'llama3_gguf')}")
     if args.gguf:
         write_gguf_reference(args.out_dir, args.gguf)
         print(f"wrote {os.path.join(args.out_dir, 'smollm2')}")

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use text_generation_shard::cache::KvCache;
 use text_generation_shard::models::{load_model, ForwardBatch, Model, SequenceInput};
 
-const TINY_MODELS: &[&str] = &["llama_mha", "llama3_gqa_tied", "qwen2_bias", "mistral_window", "qwen3_qknorm"];
+/// HF-layout models, and `llama3_gguf`: the Llama 3 one converted to GGUF (f32) as llama.cpp does.
+const TINY_MODELS: &[&str] =
+    &["llama_mha", "llama3_gqa_tied", "qwen2_bias", "mistral_window", "qwen3_qknorm", "llama3_gguf"];
 const BLOCK_SIZE: usize = 4;
 const NUM_BLOCKS: usize = 64;
 
