@@ -76,7 +76,9 @@ http_get() {
     python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" "$1"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS_DIR/gpu.txt" || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$RESULTS_DIR/gpu.txt" 2>/dev/null \
+    || echo "no GPU: nvidia-smi failed" >"$RESULTS_DIR/gpu.txt"
+cat "$RESULTS_DIR/gpu.txt"
 
 if [ ! -f "$MODEL_DIR/model.safetensors.index.json" ]; then
     python3 benchmark/make_random_model.py "$MODEL_DIR" --preset "$PRESET"
@@ -107,7 +109,7 @@ if [ "${SKIP_SHARD_BENCH:-0}" != 1 ]; then
 fi
 
 echo
-echo "## Results ($PRESET, $(head -n 1 "$RESULTS_DIR/gpu.txt" 2>/dev/null || echo 'unknown GPU'))"
+echo "## Results ($PRESET, $DTYPE, $(head -n 1 "$RESULTS_DIR/gpu.txt"))"
 for table in scenario sweep shard; do
     if [ -f "$RESULTS_DIR/$table.md" ]; then echo; echo "### $table"; cat "$RESULTS_DIR/$table.md"; fi
 done
