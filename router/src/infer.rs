@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures::StreamExt;
-use proto::v3::{Batch, NextTokenChooserParameters, Request, StoppingCriteriaParameters, WarmupRequest};
+use proto::v3::{
+    Batch, NextTokenChooserParameters, Request, StoppingCriteriaParameters, WarmupRequest,
+};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -60,7 +62,11 @@ impl Infer {
             .await
             .with_context(|| format!("connecting to the shards at {master_shard_uds_path}"))?;
         let info = client.info().await.context("asking the shards for Info")?;
-        tracing::info!(shards = client.shard_count(), ?info, "Connected to the shards");
+        tracing::info!(
+            shards = client.shard_count(),
+            ?info,
+            "Connected to the shards"
+        );
         client
             .clear_cache(None)
             .await
@@ -87,7 +93,11 @@ impl Infer {
             "--max-total-tokens {} exceeds the {max_batch_total_tokens} tokens the KV cache holds",
             config.max_total_tokens
         );
-        tracing::info!(max_batch_total_tokens, block_size = info.block_size, "KV cache sized");
+        tracing::info!(
+            max_batch_total_tokens,
+            block_size = info.block_size,
+            "KV cache sized"
+        );
 
         let batching_config = BatchingConfig {
             max_batch_prefill_tokens: config.max_batch_prefill_tokens,
@@ -137,7 +147,13 @@ impl Infer {
     pub fn generate_stream(
         &self,
         request: ValidGenerateRequest,
-    ) -> Result<(OwnedSemaphorePermit, UnboundedReceiverStream<StreamResponse>), InferError> {
+    ) -> Result<
+        (
+            OwnedSemaphorePermit,
+            UnboundedReceiverStream<StreamResponse>,
+        ),
+        InferError,
+    > {
         let permit = Arc::clone(&self.limit_concurrent_requests)
             .try_acquire_owned()
             .map_err(|_| InferError::Overloaded)?;
@@ -163,7 +179,10 @@ impl Infer {
     }
 
     /// Whole generation collected from the stream.
-    pub async fn generate(&self, request: ValidGenerateRequest) -> Result<InferResponse, InferError> {
+    pub async fn generate(
+        &self,
+        request: ValidGenerateRequest,
+    ) -> Result<InferResponse, InferError> {
         let input_length = request.input_length();
         let (_permit, mut stream) = self.generate_stream(request)?;
         let mut prefill = Vec::new();
@@ -219,7 +238,10 @@ impl Infer {
 }
 
 fn validate_config(config: &SchedulerConfig) -> anyhow::Result<()> {
-    anyhow::ensure!(config.max_input_tokens > 0, "--max-input-tokens must be at least 1");
+    anyhow::ensure!(
+        config.max_input_tokens > 0,
+        "--max-input-tokens must be at least 1"
+    );
     anyhow::ensure!(
         config.max_input_tokens < config.max_total_tokens,
         "--max-input-tokens ({}) must be < --max-total-tokens ({})",
@@ -266,7 +288,9 @@ fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<W
     const WARMUP_TOKEN: u32 = 100;
     anyhow::ensure!(block_size > 0, "the shards reported a KV block size of 0");
     // Every prompt starts on a fresh block, so each may waste up to one block.
-    let prompts = config.max_batch_prefill_tokens.div_ceil(config.max_input_tokens);
+    let prompts = config
+        .max_batch_prefill_tokens
+        .div_ceil(config.max_input_tokens);
     let placement = BlockAllocator::new(
         config.max_batch_prefill_tokens + prompts * block_size,
         block_size,
@@ -276,7 +300,9 @@ fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<W
     let mut allocations = Vec::new();
     let mut prompt_tokens = 0;
     while prompt_tokens < config.max_batch_prefill_tokens
-        && config.max_batch_size.is_none_or(|max_size| requests.len() < max_size)
+        && config
+            .max_batch_size
+            .is_none_or(|max_size| requests.len() < max_size)
     {
         let input_length = config
             .max_input_tokens

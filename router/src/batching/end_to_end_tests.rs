@@ -8,7 +8,9 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::queue::tests::request;
-use crate::client::fake_shard::{FakeShard, FakeShardConfig, FIRST_TOKEN, POISON_DECODE, POISON_PREFILL};
+use crate::client::fake_shard::{
+    FakeShard, FakeShardConfig, FIRST_TOKEN, POISON_DECODE, POISON_PREFILL,
+};
 use crate::infer::{Infer, SchedulerConfig, ShardSummary};
 use crate::infer_types::{FinishReason, InferError, InferStreamResponse, ValidGenerateRequest};
 
@@ -59,14 +61,29 @@ async fn connects_warms_up_and_generates() {
 
     let warmup = &shard.warmups()[0];
     let batch = warmup.batch.as_ref().unwrap();
-    assert_eq!(batch.requests.len(), 2, "128 prefill tokens in prompts of at most 64");
+    assert_eq!(
+        batch.requests.len(),
+        2,
+        "128 prefill tokens in prompts of at most 64"
+    );
     for request in &batch.requests {
         assert_eq!(request.input_ids.len(), 64);
         assert_eq!(request.slots.len(), 64);
-        assert_eq!(request.stopping_parameters.as_ref().unwrap().max_new_tokens, 64);
+        assert_eq!(
+            request.stopping_parameters.as_ref().unwrap().max_new_tokens,
+            64
+        );
     }
-    let blocks: Vec<u32> = batch.requests.iter().flat_map(|r| r.blocks.clone()).collect();
-    assert_eq!(blocks, (1..=8).collect::<Vec<_>>(), "prompts laid out from block 1");
+    let blocks: Vec<u32> = batch
+        .requests
+        .iter()
+        .flat_map(|r| r.blocks.clone())
+        .collect();
+    assert_eq!(
+        blocks,
+        (1..=8).collect::<Vec<_>>(),
+        "prompts laid out from block 1"
+    );
     assert_eq!(warmup.max_batch_total_tokens, None);
 
     let response = within_seconds(infer.generate(request(5, 4))).await.unwrap();
@@ -95,12 +112,18 @@ async fn streams_prompt_details_then_tokens_then_the_end() {
     }
     for response in &responses[1..3] {
         match response {
-            Ok(InferStreamResponse::Intermediate { top_tokens, .. }) => assert_eq!(top_tokens.len(), 2),
+            Ok(InferStreamResponse::Intermediate { top_tokens, .. }) => {
+                assert_eq!(top_tokens.len(), 2)
+            }
             other => panic!("expected an intermediate token, got {other:?}"),
         }
     }
     match &responses[3] {
-        Ok(InferStreamResponse::End { token, generated_text, .. }) => {
+        Ok(InferStreamResponse::End {
+            token,
+            generated_text,
+            ..
+        }) => {
             assert_eq!(token.id, FIRST_TOKEN + 2);
             assert_eq!(generated_text.generated_tokens, 3);
         }
@@ -116,16 +139,24 @@ async fn new_requests_join_the_running_batch() {
     for _ in 0..2 {
         within_seconds(long.next()).await.unwrap().unwrap();
     }
-    let short = within_seconds(infer.generate(request(10, 5))).await.unwrap();
+    let short = within_seconds(infer.generate(request(10, 5)))
+        .await
+        .unwrap();
     assert_eq!(short.generated_text.generated_tokens, 5);
     let rest: Vec<_> = within_seconds(long.collect::<Vec<_>>()).await;
     assert_eq!(rest.len(), 58);
-    assert!(matches!(rest.last(), Some(Ok(InferStreamResponse::End { .. }))));
+    assert!(matches!(
+        rest.last(),
+        Some(Ok(InferStreamResponse::End { .. }))
+    ));
     assert!(
         shard.decode_batch_counts().contains(&2),
         "the short request was decoded together with the long one"
     );
-    assert!(shard.filter_calls() > 0, "the finished short request was filtered out");
+    assert!(
+        shard.filter_calls() > 0,
+        "the finished short request was filtered out"
+    );
     assert_eq!(shard.cached_request_count(), 0);
 }
 
@@ -140,7 +171,9 @@ async fn few_waiting_requests_join_only_after_max_waiting_tokens_steps() {
     let (infer, _, shard) = start(64, config).await;
     let (_permit, mut long) = infer.generate_stream(request(10, 60)).unwrap();
     within_seconds(long.next()).await.unwrap().unwrap();
-    let short = within_seconds(infer.generate(request(10, 3))).await.unwrap();
+    let short = within_seconds(infer.generate(request(10, 3)))
+        .await
+        .unwrap();
     assert_eq!(short.generated_text.generated_tokens, 3);
     let first_joint_decode = shard
         .decode_batch_counts()
@@ -148,7 +181,10 @@ async fn few_waiting_requests_join_only_after_max_waiting_tokens_steps() {
         .position(|&batches| batches == 2)
         .expect("the short request joined the long one");
     // Steps counted from the long request's prefill: it joins at the 5th.
-    assert!(first_joint_decode >= 4, "joined at decode {first_joint_decode}");
+    assert!(
+        first_joint_decode >= 4,
+        "joined at decode {first_joint_decode}"
+    );
 }
 
 #[tokio::test]
@@ -161,7 +197,9 @@ async fn a_disconnected_client_frees_its_blocks() {
     drop(abandoned);
     let clears_before = shard.clear_calls();
     // Schedulable only once the abandoned request's blocks are back.
-    let response = within_seconds(infer.generate(request(10, 118))).await.unwrap();
+    let response = within_seconds(infer.generate(request(10, 118)))
+        .await
+        .unwrap();
     assert_eq!(response.generated_text.generated_tokens, 118);
     assert!(
         shard.clear_calls() > clears_before,
@@ -176,13 +214,20 @@ async fn a_failed_decode_fails_its_batch_and_serving_goes_on() {
     let (_permit, mut running) = infer.generate_stream(request(10, 100)).unwrap();
     within_seconds(running.next()).await.unwrap().unwrap();
     let poisoned = within_seconds(infer.generate(with_input(vec![POISON_DECODE], 10))).await;
-    assert!(matches!(poisoned, Err(InferError::GenerationError(_))), "{poisoned:?}");
+    assert!(
+        matches!(poisoned, Err(InferError::GenerationError(_))),
+        "{poisoned:?}"
+    );
     let rest: Vec<_> = within_seconds(running.collect::<Vec<_>>()).await;
     assert!(
         matches!(rest.last(), Some(Err(InferError::GenerationError(_)))),
         "the request decoded with the poisoned one fails too"
     );
-    assert_eq!(shard.cached_request_count(), 0, "the shards' cache was cleared");
+    assert_eq!(
+        shard.cached_request_count(),
+        0,
+        "the shards' cache was cleared"
+    );
 
     assert!(infer.health().await, "the shards still answer Health");
     let response = within_seconds(infer.generate(request(4, 3))).await.unwrap();
@@ -195,10 +240,16 @@ async fn a_failed_prefill_fails_only_its_requests() {
     let (_permit, mut running) = infer.generate_stream(request(10, 30)).unwrap();
     within_seconds(running.next()).await.unwrap().unwrap();
     let poisoned = within_seconds(infer.generate(with_input(vec![POISON_PREFILL], 10))).await;
-    assert!(matches!(poisoned, Err(InferError::GenerationError(_))), "{poisoned:?}");
+    assert!(
+        matches!(poisoned, Err(InferError::GenerationError(_))),
+        "{poisoned:?}"
+    );
     let rest: Vec<_> = within_seconds(running.collect::<Vec<_>>()).await;
     assert_eq!(rest.len(), 29);
-    assert!(matches!(rest.last(), Some(Ok(InferStreamResponse::End { .. }))));
+    assert!(matches!(
+        rest.last(),
+        Some(Ok(InferStreamResponse::End { .. }))
+    ));
 }
 
 #[tokio::test]
@@ -212,7 +263,10 @@ async fn admission_limits() {
     )
     .await;
     let held = infer.generate_stream(request(4, 50)).unwrap();
-    assert!(matches!(infer.generate_stream(request(4, 5)), Err(InferError::Overloaded)));
+    assert!(matches!(
+        infer.generate_stream(request(4, 5)),
+        Err(InferError::Overloaded)
+    ));
     drop(held);
     assert!(matches!(
         infer.generate_stream(request(10, 64 * BLOCK_SIZE)),
@@ -241,7 +295,10 @@ async fn connecting_to_a_missing_socket_fails_clearly() {
         .await
         .err()
         .expect("no shard listens there");
-    assert!(format!("{error:#}").contains("/nonexistent/shard.sock"), "{error:#}");
+    assert!(
+        format!("{error:#}").contains("/nonexistent/shard.sock"),
+        "{error:#}"
+    );
 }
 
 #[tokio::test]
@@ -254,5 +311,8 @@ async fn inconsistent_limits_are_refused_before_connecting() {
         .await
         .err()
         .expect("prompts of 64 tokens would never fit a prefill of 32");
-    assert!(error.to_string().contains("--max-batch-prefill-tokens"), "{error}");
+    assert!(
+        error.to_string().contains("--max-batch-prefill-tokens"),
+        "{error}"
+    );
 }

@@ -66,7 +66,9 @@ impl BatchingConfig {
                 .max_batch_size
                 .map(|max_size| max_size.saturating_sub(running_size)),
             prefill_token_budget: self.max_batch_prefill_tokens,
-            token_budget: self.max_batch_total_tokens.saturating_sub(running_max_tokens),
+            token_budget: self
+                .max_batch_total_tokens
+                .saturating_sub(running_max_tokens),
         };
         (limits, reason)
     }

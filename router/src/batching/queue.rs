@@ -137,7 +137,10 @@ impl State {
         if self.entries.is_empty() || limits.max_size == Some(0) {
             return None;
         }
-        if limits.min_size.is_some_and(|min_size| self.entries.len() < min_size) {
+        if limits
+            .min_size
+            .is_some_and(|min_size| self.entries.len() < min_size)
+        {
             return None;
         }
 
@@ -169,7 +172,11 @@ impl State {
             }
         }
 
-        if taken.is_empty() || limits.min_size.is_some_and(|min_size| taken.len() < min_size) {
+        if taken.is_empty()
+            || limits
+                .min_size
+                .is_some_and(|min_size| taken.len() < min_size)
+        {
             // Not worth a batch yet: back to the queue in order, blocks released.
             for (id, mut entry) in taken.into_iter().rev() {
                 entry.block_allocation = None;
@@ -178,7 +185,10 @@ impl State {
             return None;
         }
 
-        let requests: Vec<Request> = taken.iter().map(|(id, entry)| request_proto(*id, entry)).collect();
+        let requests: Vec<Request> = taken
+            .iter()
+            .map(|(id, entry)| request_proto(*id, entry))
+            .collect();
         let batch = Batch {
             id: self.next_batch_id,
             size: requests.len() as u32,
@@ -269,7 +279,10 @@ pub mod tests {
 
     fn entry(input_length: usize, max_new_tokens: u32) -> (Entry, ResponseReceiver) {
         let (sender, receiver) = mpsc::unbounded_channel();
-        (Entry::new(request(input_length, max_new_tokens), sender), receiver)
+        (
+            Entry::new(request(input_length, max_new_tokens), sender),
+            receiver,
+        )
     }
 
     fn limits(prefill_token_budget: u32, token_budget: u32) -> BatchLimits {

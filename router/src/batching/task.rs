@@ -157,7 +157,10 @@ fn deliver(generations: Vec<Generation>, entries: &mut HashMap<u64, Entry>) {
     for generation in generations {
         let id = generation.request_id;
         let Some(entry) = entries.get(&id) else {
-            tracing::error!(request_id = id, "the shards returned a generation for an unknown request");
+            tracing::error!(
+                request_id = id,
+                "the shards returned a generation for an unknown request"
+            );
             continue;
         };
         if !send_generation(generation, entry) {
@@ -169,7 +172,10 @@ fn deliver(generations: Vec<Generation>, entries: &mut HashMap<u64, Entry>) {
 /// False when the entry is done: it finished or its client went away.
 fn send_generation(generation: Generation, entry: &Entry) -> bool {
     if entry.response_tx.is_closed() {
-        tracing::debug!(request_id = generation.request_id, "client gone: dropping the request");
+        tracing::debug!(
+            request_id = generation.request_id,
+            "client gone: dropping the request"
+        );
         return false;
     }
     let mut responses = Vec::new();

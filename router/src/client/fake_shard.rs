@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use proto::v3::text_generation_service_server::{TextGenerationService, TextGenerationServiceServer};
+use proto::v3::text_generation_service_server::{
+    TextGenerationService, TextGenerationServiceServer,
+};
 use proto::v3::*;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -128,7 +130,9 @@ impl FakeShard {
     }
 
     fn lock(&self) -> MutexGuard<'_, FakeState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Generates the next token of every request; returns the generations and
@@ -145,7 +149,9 @@ impl FakeShard {
                 .then(|| Tokens {
                     ids: (0..request.top_n_tokens).map(|k| token + k).collect(),
                     logprobs: (0..request.top_n_tokens).map(|k| -(k as f32)).collect(),
-                    texts: (0..request.top_n_tokens).map(|k| format!(" w{}", token + k - FIRST_TOKEN)).collect(),
+                    texts: (0..request.top_n_tokens)
+                        .map(|k| format!(" w{}", token + k - FIRST_TOKEN))
+                        .collect(),
                     is_special: vec![false; request.top_n_tokens as usize],
                 })
                 .into_iter()
@@ -172,7 +178,11 @@ impl FakeShard {
         }
         // Like TGI's shards, finished requests stay in the batch until the
         // router filters them out; a batch where all finished is dropped.
-        let running = if any_running { requests_after } else { Vec::new() };
+        let running = if any_running {
+            requests_after
+        } else {
+            Vec::new()
+        };
         (generations, running)
     }
 
@@ -188,7 +198,11 @@ impl FakeShard {
 }
 
 /// A request needs a slot for each of its tokens, in blocks of its own (block 0 is reserved).
-fn check_placement(request: &Request, tokens: usize, used_blocks: &mut HashSet<u32>) -> Result<(), Status> {
+fn check_placement(
+    request: &Request,
+    tokens: usize,
+    used_blocks: &mut HashSet<u32>,
+) -> Result<(), Status> {
     if request.slots.len() < tokens {
         return Err(Status::invalid_argument(format!(
             "request {} has {} slots for {tokens} tokens",
@@ -198,7 +212,9 @@ fn check_placement(request: &Request, tokens: usize, used_blocks: &mut HashSet<u
     }
     for block in &request.blocks {
         if *block == 0 || !used_blocks.insert(*block) {
-            return Err(Status::invalid_argument(format!("block {block} is reserved or in use")));
+            return Err(Status::invalid_argument(format!(
+                "block {block} is reserved or in use"
+            )));
         }
     }
     Ok(())
@@ -236,7 +252,10 @@ impl TextGenerationService for FakeShard {
         }))
     }
 
-    async fn health(&self, _: tonic::Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _: tonic::Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse {}))
     }
 
@@ -281,7 +300,10 @@ impl TextGenerationService for FakeShard {
         Ok(Response::new(FilterBatchResponse { batch: Some(batch) }))
     }
 
-    async fn warmup(&self, request: tonic::Request<WarmupRequest>) -> Result<Response<WarmupResponse>, Status> {
+    async fn warmup(
+        &self,
+        request: tonic::Request<WarmupRequest>,
+    ) -> Result<Response<WarmupResponse>, Status> {
         let request = request.into_inner();
         let mut used_blocks = HashSet::new();
         for prompt in request.batch.iter().flat_map(|b| b.requests.iter()) {
@@ -294,7 +316,10 @@ impl TextGenerationService for FakeShard {
         }))
     }
 
-    async fn prefill(&self, request: tonic::Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
+    async fn prefill(
+        &self,
+        request: tonic::Request<PrefillRequest>,
+    ) -> Result<Response<PrefillResponse>, Status> {
         let batch = request
             .into_inner()
             .batch
@@ -312,7 +337,10 @@ impl TextGenerationService for FakeShard {
             if request.input_ids.contains(&POISON_PREFILL) {
                 return Err(Status::internal("poisoned prefill"));
             }
-            let max_new_tokens = request.stopping_parameters.as_ref().map_or(0, |s| s.max_new_tokens);
+            let max_new_tokens = request
+                .stopping_parameters
+                .as_ref()
+                .map_or(0, |s| s.max_new_tokens);
             check_placement(
                 &request,
                 request.input_ids.len() + max_new_tokens as usize,
@@ -324,7 +352,11 @@ impl TextGenerationService for FakeShard {
                     Tokens {
                         ids: request.input_ids.clone(),
                         logprobs: vec![-1.0; request.input_ids.len()],
-                        texts: request.input_ids.iter().map(|id| format!("<{id}>")).collect(),
+                        texts: request
+                            .input_ids
+                            .iter()
+                            .map(|id| format!("<{id}>"))
+                            .collect(),
                         is_special: vec![false; request.input_ids.len()],
                     },
                 );
@@ -350,7 +382,10 @@ impl TextGenerationService for FakeShard {
         }))
     }
 
-    async fn decode(&self, request: tonic::Request<DecodeRequest>) -> Result<Response<DecodeResponse>, Status> {
+    async fn decode(
+        &self,
+        request: tonic::Request<DecodeRequest>,
+    ) -> Result<Response<DecodeResponse>, Status> {
         tokio::time::sleep(self.config.decode_delay).await;
         let batches = request.into_inner().batches;
         let first_id = batches
@@ -367,7 +402,10 @@ impl TextGenerationService for FakeShard {
                 .ok_or_else(|| Status::not_found(format!("no batch {}", batch.id)))?;
             requests.extend(cached);
         }
-        if requests.iter().any(|r| r.input_ids.contains(&POISON_DECODE)) {
+        if requests
+            .iter()
+            .any(|r| r.input_ids.contains(&POISON_DECODE))
+        {
             return Err(Status::internal("poisoned decode"));
         }
         let (generations, running) = Self::step(requests);

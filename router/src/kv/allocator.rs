@@ -133,7 +133,10 @@ mod tests {
         drop(first);
         assert_eq!(allocator.free_block_count(), 3);
         assert!(allocator.allocate(24).is_some());
-        assert!(allocator.allocate(25).is_none(), "more than the whole cache");
+        assert!(
+            allocator.allocate(25).is_none(),
+            "more than the whole cache"
+        );
     }
 
     #[test]
