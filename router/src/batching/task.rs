@@ -260,3 +260,91 @@ fn generated_text_of(generated_text: proto::v3::GeneratedText) -> GeneratedText 
         seed: generated_text.seed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::batching::queue::tests::request;
+
+    fn generation(request_id: u64, token: u32, finished: bool) -> Generation {
+        Generation {
+            request_id,
+            prefill_tokens: None,
+            tokens: Some(Tokens {
+                ids: vec![token],
+                logprobs: vec![-0.25],
+                texts: vec![format!("t{token}")],
+                is_special: vec![false],
+            }),
+            top_tokens: vec![],
+            generated_text: finished.then(|| proto::v3::GeneratedText {
+                text: "done".to_string(),
+                generated_tokens: 2,
+                finish_reason: proto::v3::FinishReason::EosToken as i32,
+                seed: Some(3),
+            }),
+        }
+    }
+
+    #[test]
+    fn delivers_tokens_then_the_end_and_drops_finished_or_abandoned_entries() {
+        let (kept_tx, mut kept_rx) = mpsc::unbounded_channel();
+        let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+        drop(gone_rx);
+        let mut entries = HashMap::from([
+            (0, Entry::new(request(2, 5), kept_tx)),
+            (1, Entry::new(request(2, 5), gone_tx)),
+        ]);
+
+        deliver(
+            vec![generation(0, 7, false), generation(1, 7, false)],
+            &mut entries,
+        );
+        assert_eq!(
+            entries.keys().collect::<Vec<_>>(),
+            vec![&0],
+            "client 1 is gone"
+        );
+        match kept_rx.try_recv().unwrap().unwrap() {
+            InferStreamResponse::Intermediate { token, .. } => {
+                assert_eq!(
+                    (token.id, token.text.as_str(), token.logprob),
+                    (7, "t7", -0.25)
+                );
+            }
+            other => panic!("expected an intermediate token, got {other:?}"),
+        }
+
+        deliver(vec![generation(0, 8, true)], &mut entries);
+        assert!(entries.is_empty(), "finished requests leave the batch");
+        match kept_rx.try_recv().unwrap().unwrap() {
+            InferStreamResponse::End {
+                token,
+                generated_text,
+                ..
+            } => {
+                assert_eq!(token.id, 8);
+                assert_eq!(generated_text.text, "done");
+                assert_eq!(generated_text.finish_reason, FinishReason::EosToken);
+                assert_eq!(generated_text.seed, Some(3));
+            }
+            other => panic!("expected the end, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_logprobs_are_nan() {
+        let tokens = tokens_of(Tokens {
+            ids: vec![1, 2],
+            logprobs: vec![-1.0],
+            texts: vec!["a".to_string(), "b".to_string()],
+            is_special: vec![true, false],
+        });
+        assert_eq!(tokens[0].logprob, -1.0);
+        assert!(tokens[0].special);
+        assert!(tokens[1].logprob.is_nan());
+        assert_eq!(tokens[1].text, "b");
+    }
+}
