@@ -59,8 +59,12 @@ PANELS = [
      "Time requests wait before their prefill."),
     ("Inference duration", "s", quantiles("tgi_request_inference_duration"),
      "Time from prefill to the last token."),
+    # The mean (from _sum and _count) also shows when the metric is exported as a summary.
     ("Batch forward duration", "s",
-     quantiles("tgi_batch_inference_duration", qs=(0.5, 0.99), by="method"),
+     [(f"sum by (method) (rate(tgi_batch_inference_duration_sum{SEL}[{RATE}]))"
+       f" / sum by (method) (rate(tgi_batch_inference_duration_count{SEL}[{RATE}]))",
+       "mean {{method}}")]
+     + quantiles("tgi_batch_inference_duration", qs=(0.99,), by="method"),
      "Duration of one prefill or decode step of the batch."),
     ("Input length", "short", quantiles("tgi_request_input_length"),
      "Prompt length in tokens."),
