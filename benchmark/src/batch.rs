@@ -35,7 +35,9 @@ pub fn build_requests(
                 .collect();
             Request {
                 id: index as u64,
-                input_ids: (0..prompt_tokens).map(|_| rng.random_range(0..vocab_size)).collect(),
+                input_ids: (0..prompt_tokens)
+                    .map(|_| rng.random_range(0..vocab_size))
+                    .collect(),
                 inputs: String::new(),
                 parameters: Some(greedy()),
                 stopping_parameters: Some(StoppingCriteriaParameters {
@@ -56,11 +58,18 @@ pub fn build_requests(
 
 /// Wraps requests into one batch.
 pub fn batch_of(id: u64, requests: Vec<Request>) -> Batch {
-    let stopping = |r: &Request| r.stopping_parameters.as_ref().map_or(0, |s| s.max_new_tokens);
+    let stopping = |r: &Request| {
+        r.stopping_parameters
+            .as_ref()
+            .map_or(0, |s| s.max_new_tokens)
+    };
     Batch {
         id,
         size: requests.len() as u32,
-        max_tokens: requests.iter().map(|r| r.input_ids.len() as u32 + stopping(r)).sum(),
+        max_tokens: requests
+            .iter()
+            .map(|r| r.input_ids.len() as u32 + stopping(r))
+            .sum(),
         max_blocks: requests.iter().map(|r| r.blocks.len() as u32).sum(),
         requests,
     }
@@ -69,7 +78,11 @@ pub fn batch_of(id: u64, requests: Vec<Request>) -> Batch {
 /// Splits requests into consecutive prefill batches of at most `max_prefill_tokens` prompt
 /// tokens each (a longer prompt gets a batch of its own), as the router never prefills more
 /// at once; batch ids count up from `first_id`.
-pub fn prefill_batches(requests: Vec<Request>, max_prefill_tokens: u32, first_id: u64) -> Vec<Batch> {
+pub fn prefill_batches(
+    requests: Vec<Request>,
+    max_prefill_tokens: u32,
+    first_id: u64,
+) -> Vec<Batch> {
     let mut groups: Vec<Vec<Request>> = Vec::new();
     let mut group_tokens = 0;
     for request in requests {
@@ -85,7 +98,11 @@ pub fn prefill_batches(requests: Vec<Request>, max_prefill_tokens: u32, first_id
             }
         }
     }
-    groups.into_iter().zip(first_id..).map(|(group, id)| batch_of(id, group)).collect()
+    groups
+        .into_iter()
+        .zip(first_id..)
+        .map(|(group, id)| batch_of(id, group))
+        .collect()
 }
 
 /// Prompt lengths of the warmup batch: `max_batch_prefill_tokens` split into prompts of at
@@ -157,8 +174,10 @@ mod tests {
         let batches = prefill_batches(requests, 8, 5);
         let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
         assert_eq!(ids, vec![5, 6, 7]);
-        let members: Vec<Vec<u64>> =
-            batches.iter().map(|b| b.requests.iter().map(|r| r.id).collect()).collect();
+        let members: Vec<Vec<u64>> = batches
+            .iter()
+            .map(|b| b.requests.iter().map(|r| r.id).collect())
+            .collect();
         assert_eq!(members, vec![vec![0, 1], vec![2, 3], vec![4]]);
         assert_eq!(batches[2].max_tokens, 11);
         assert_eq!(batches[0].max_blocks, 2);

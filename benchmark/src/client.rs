@@ -15,9 +15,16 @@ pub async fn connect(uds_path: &Path, timeout: Duration) -> anyhow::Result<Shard
     let deadline = Instant::now() + timeout;
     loop {
         match try_connect(uds_path).await {
-            Ok(channel) => return Ok(TextGenerationServiceClient::new(channel).max_decoding_message_size(usize::MAX)),
+            Ok(channel) => {
+                return Ok(
+                    TextGenerationServiceClient::new(channel).max_decoding_message_size(usize::MAX)
+                )
+            }
             Err(err) if Instant::now() >= deadline => {
-                bail!("could not connect to the shard at {} within {timeout:?}: {err:#}", uds_path.display())
+                bail!(
+                    "could not connect to the shard at {} within {timeout:?}: {err:#}",
+                    uds_path.display()
+                )
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }

@@ -17,7 +17,11 @@ use std::time::Duration;
 #[command(name = "text-generation-benchmark", version, about)]
 pub struct Args {
     /// Unix socket of the shard (the launcher's shard of rank 0).
-    #[arg(long, env = "SHARD_UDS_PATH", default_value = "/tmp/text-generation-server-0")]
+    #[arg(
+        long,
+        env = "SHARD_UDS_PATH",
+        default_value = "/tmp/text-generation-server-0"
+    )]
     uds_path: PathBuf,
     /// Seconds to keep retrying the connection while the shard starts.
     #[arg(long, default_value_t = 60)]
@@ -76,7 +80,10 @@ impl Args {
             );
         }
         if self.prompt_tokens + self.decode_steps + 1 > self.max_total_tokens {
-            bail!("--prompt-tokens + --decode-steps + 1 exceeds --max-total-tokens {}", self.max_total_tokens);
+            bail!(
+                "--prompt-tokens + --decode-steps + 1 exceeds --max-total-tokens {}",
+                self.max_total_tokens
+            );
         }
         if self.max_input_tokens >= self.max_total_tokens {
             bail!("--max-input-tokens must be below --max-total-tokens");
@@ -95,7 +102,11 @@ async fn main() {
 
 async fn run_benchmark(args: Args) -> anyhow::Result<()> {
     args.validate()?;
-    let mut client = client::connect(&args.uds_path, Duration::from_secs(args.connect_timeout_secs)).await?;
+    let mut client = client::connect(
+        &args.uds_path,
+        Duration::from_secs(args.connect_timeout_secs),
+    )
+    .await?;
     let results = run::run(&mut client, &args).await?;
     println!("{}", report::markdown(&results));
     if let Some(out) = &args.out {

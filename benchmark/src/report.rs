@@ -20,8 +20,10 @@ pub fn markdown(results: &Results) -> String {
     for batch in &results.batches {
         match &batch.outcome {
             Outcome::Measured(m) => {
-                let (step_p50, step_p99) =
-                    m.decode_step_ms.as_ref().map_or(("-".into(), "-".into()), |s| (fmt(s.p50), fmt(s.p99)));
+                let (step_p50, step_p99) = m
+                    .decode_step_ms
+                    .as_ref()
+                    .map_or(("-".into(), "-".into()), |s| (fmt(s.p50), fmt(s.p99)));
                 let decode_rate = m.decode_tokens_per_s.map_or("-".into(), fmt);
                 let _ = writeln!(
                     out,
@@ -36,7 +38,11 @@ pub fn markdown(results: &Results) -> String {
                 );
             }
             Outcome::Skipped { reason } => {
-                let _ = writeln!(out, "| {} | skipped: {reason} | | | | | |", batch.batch_size);
+                let _ = writeln!(
+                    out,
+                    "| {} | skipped: {reason} | | | | | |",
+                    batch.batch_size
+                );
             }
         }
     }
@@ -84,11 +90,19 @@ mod tests {
                         decode_tokens_per_s: Some(166.66),
                     }),
                 },
-                BatchResult { batch_size: 256, outcome: Outcome::Skipped { reason: "too big".into() } },
+                BatchResult {
+                    batch_size: 256,
+                    outcome: Outcome::Skipped {
+                        reason: "too big".into(),
+                    },
+                },
             ],
         };
         let table = markdown(&results);
-        assert!(table.contains("| 1 | 20.0 | 20.0 | 25600 | 6.00 | 6.98 | 167 |"), "{table}");
+        assert!(
+            table.contains("| 1 | 20.0 | 20.0 | 25600 | 6.00 | 6.98 | 167 |"),
+            "{table}"
+        );
         assert!(table.contains("| 256 | skipped: too big |"), "{table}");
         let json = serde_json::to_value(&results).unwrap();
         assert_eq!(json["batches"][0]["status"], "measured");

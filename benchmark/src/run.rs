@@ -1,12 +1,16 @@
 //! The benchmark loop: Warmup once, then for every batch size prefill the batch (in chunks
 //! of at most `max_batch_prefill_tokens`, as the router would) and run the decode steps.
 
-use crate::batch::{batch_of, blocks_per_request, build_requests, prefill_batches, warmup_prompt_lens};
+use crate::batch::{
+    batch_of, blocks_per_request, build_requests, prefill_batches, warmup_prompt_lens,
+};
 use crate::client::ShardClient;
 use crate::stats::Summary;
 use crate::Args;
 use anyhow::{bail, ensure, Context};
-use proto::v3::{CachedBatch, ClearCacheRequest, DecodeRequest, InfoRequest, PrefillRequest, WarmupRequest};
+use proto::v3::{
+    CachedBatch, ClearCacheRequest, DecodeRequest, InfoRequest, PrefillRequest, WarmupRequest,
+};
 use rand::{rngs::StdRng, SeedableRng};
 use serde::Serialize;
 use std::time::Instant;
@@ -56,15 +60,34 @@ pub struct Measurement {
 }
 
 pub async fn run(client: &mut ShardClient, args: &Args) -> anyhow::Result<Results> {
-    let info = client.info(InfoRequest {}).await.context("Info")?.into_inner();
-    ensure!(info.block_size > 0, "the shard reports a KV block size of 0");
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .context("Info")?
+        .into_inner();
+    ensure!(
+        info.block_size > 0,
+        "the shard reports a KV block size of 0"
+    );
     let block_size = info.block_size;
     let mut rng = StdRng::seed_from_u64(args.seed);
-    client.clear_cache(ClearCacheRequest { id: None }).await.context("ClearCache")?;
+    client
+        .clear_cache(ClearCacheRequest { id: None })
+        .await
+        .context("ClearCache")?;
 
     let warmup_new_tokens = 10.min(args.max_total_tokens - args.max_input_tokens);
     let warmup_lens = warmup_prompt_lens(args.max_batch_prefill_tokens, args.max_input_tokens);
-    let warmup_batch = batch_of(0, build_requests(&warmup_lens, warmup_new_tokens, block_size, args.vocab_size, &mut rng));
+    let warmup_batch = batch_of(
+        0,
+        build_requests(
+            &warmup_lens,
+            warmup_new_tokens,
+            block_size,
+            args.vocab_size,
+            &mut rng,
+        ),
+    );
     let started = Instant::now();
     let warmup = client
         .warmup(WarmupRequest {
@@ -90,7 +113,8 @@ pub async fn run(client: &mut ShardClient, args: &Args) -> anyhow::Result<Result
     let max_new_tokens = args.decode_steps + 1;
     let mut batches = Vec::new();
     for &batch_size in &args.batch_sizes {
-        let needed = batch_size as u64 * blocks_per_request(args.prompt_tokens, max_new_tokens, block_size) as u64;
+        let needed = batch_size as u64
+            * blocks_per_request(args.prompt_tokens, max_new_tokens, block_size) as u64;
         let outcome = if needed > available_blocks as u64 {
             Outcome::Skipped {
                 reason: format!("needs {needed} KV blocks, the cache holds {available_blocks}"),
@@ -102,11 +126,16 @@ pub async fn run(client: &mut ShardClient, args: &Args) -> anyhow::Result<Result
             Outcome::Measured(m) => eprintln!(
                 "batch size {batch_size}: prefill {:.1} ms{}",
                 m.prefill_ms.mean,
-                m.decode_step_ms.as_ref().map_or(String::new(), |s| format!(", decode step {:.2} ms", s.mean))
+                m.decode_step_ms
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(", decode step {:.2} ms", s.mean))
             ),
             Outcome::Skipped { reason } => eprintln!("batch size {batch_size}: skipped ({reason})"),
         }
-        batches.push(BatchResult { batch_size, outcome });
+        batches.push(BatchResult {
+            batch_size,
+            outcome,
+        });
     }
     Ok(Results {
         model_type: info.model_type,
@@ -137,7 +166,13 @@ async fn measure(
     for run in 0..args.warmup_runs + args.runs {
         let measured = run >= args.warmup_runs;
         let prompt_lens = vec![args.prompt_tokens; batch_size as usize];
-        let requests = build_requests(&prompt_lens, max_new_tokens, block_size, args.vocab_size, rng);
+        let requests = build_requests(
+            &prompt_lens,
+            max_new_tokens,
+            block_size,
+            args.vocab_size,
+            rng,
+        );
         let batches = prefill_batches(requests, args.max_batch_prefill_tokens, 1);
         prefill_calls = batches.len();
 
@@ -145,7 +180,11 @@ async fn measure(
         let mut cached = Vec::new();
         let mut generated = 0;
         for batch in batches {
-            let response = client.prefill(PrefillRequest { batch: Some(batch) }).await.context("Prefill")?.into_inner();
+            let response = client
+                .prefill(PrefillRequest { batch: Some(batch) })
+                .await
+                .context("Prefill")?
+                .into_inner();
             generated += response.generations.len();
             cached.extend(response.batch);
         }
@@ -160,11 +199,19 @@ async fn measure(
 
         for step in 0..args.decode_steps {
             if cached.is_empty() {
-                bail!("the shard finished the batch after {step} of {} decode steps", args.decode_steps);
+                bail!(
+                    "the shard finished the batch after {step} of {} decode steps",
+                    args.decode_steps
+                );
             }
             let started = Instant::now();
-            let response =
-                client.decode(DecodeRequest { batches: std::mem::take(&mut cached) }).await.context("Decode")?.into_inner();
+            let response = client
+                .decode(DecodeRequest {
+                    batches: std::mem::take(&mut cached),
+                })
+                .await
+                .context("Decode")?
+                .into_inner();
             let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
             ensure!(
                 response.generations.len() == batch_size as usize,
@@ -184,7 +231,9 @@ async fn measure(
     Ok(Measurement {
         prefill_calls,
         prefill_tokens_per_s: (batch_size * args.prompt_tokens) as f64 / prefill_ms.mean * 1e3,
-        decode_tokens_per_s: decode_step_ms.as_ref().map(|s| batch_size as f64 / s.mean * 1e3),
+        decode_tokens_per_s: decode_step_ms
+            .as_ref()
+            .map(|s| batch_size as f64 / s.mean * 1e3),
         prefill_ms,
         decode_step_ms,
     })
@@ -194,10 +243,16 @@ async fn measure(
 /// so a shard that follows `max_new_tokens` has already finished them all.
 async fn release(client: &mut ShardClient, cached: Vec<CachedBatch>) -> anyhow::Result<()> {
     if !cached.is_empty() {
-        eprintln!("warning: the shard kept {} batch(es) past max_new_tokens; clearing them", cached.len());
+        eprintln!(
+            "warning: the shard kept {} batch(es) past max_new_tokens; clearing them",
+            cached.len()
+        );
     }
     for batch in cached {
-        client.clear_cache(ClearCacheRequest { id: Some(batch.id) }).await.context("ClearCache")?;
+        client
+            .clear_cache(ClearCacheRequest { id: Some(batch.id) })
+            .await
+            .context("ClearCache")?;
     }
     Ok(())
 }

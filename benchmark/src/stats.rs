@@ -52,7 +52,10 @@ mod tests {
     #[test]
     fn single_sample() {
         let s = Summary::of(&[3.0]).unwrap();
-        assert_eq!((s.count, s.mean, s.p50, s.p99, s.min, s.max), (1, 3.0, 3.0, 3.0, 3.0, 3.0));
+        assert_eq!(
+            (s.count, s.mean, s.p50, s.p99, s.min, s.max),
+            (1, 3.0, 3.0, 3.0, 3.0, 3.0)
+        );
     }
 
     #[test]
