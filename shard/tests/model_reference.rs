@@ -50,8 +50,12 @@ fn expected(model_dir: &std::path::Path) -> Vec<(Vec<u32>, Tensor)> {
 }
 
 fn load(path: &std::path::Path) -> (Box<dyn Model>, KvCache) {
+    load_as(path, DType::F32)
+}
+
+fn load_as(path: &std::path::Path, dtype: DType) -> (Box<dyn Model>, KvCache) {
     let files = ModelFiles::open(path).unwrap();
-    let model = load_model(&files, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
+    let model = load_model(&files, &Device::Cpu, dtype).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
     let cache = KvCache::new(model.spec(), NUM_BLOCKS, BLOCK_SIZE, &Device::Cpu).unwrap();
     (model, cache)
 }
@@ -61,6 +65,12 @@ fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
     let diff = (actual - expected).unwrap().abs().unwrap();
     let scale = (expected.abs().unwrap() + 1.0).unwrap();
     (diff / scale).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// `||a - b|| / ||b||`.
+fn relative_rms_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    rms(&(actual - expected).unwrap()) / rms(expected)
 }
 
 /// A sequence placed in the paged cache on scattered blocks.
@@ -139,6 +149,25 @@ fn tiny_models_match_the_numpy_reference() {
     }
 }
 
+/// bf16 activations and KV cache (as on GPUs): close to the reference, f32 logits out.
+#[test]
+fn tiny_models_run_in_bf16() {
+    let dir = fixtures_dir();
+    for name in ["llama3_gqa_tied", "qwen2_bias", "llama3_gguf"] {
+        let model_dir = dir.join(name);
+        let (model, mut cache) = load_as(&model_dir, DType::BF16);
+        for (i, (ids, reference)) in expected(&model_dir).into_iter().enumerate() {
+            let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
+            step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+            let logits = all_logits(&seq[0]);
+            assert_eq!(logits.dtype(), DType::F32);
+            // bf16 keeps ~3 significant digits: measured ~1% RMS error.
+            let err = relative_rms_error(&logits, &reference);
+            assert!(err < 0.03, "{name} sequence {i}: relative RMS error {err}");
+        }
+    }
+}
+
 /// Sequences of different lengths batched together, going through a prefill, a chunk
 /// continuing the cached prefix, and batched decode steps, give each sequence's logits
 /// alone (and the reference's).
@@ -197,11 +226,9 @@ fn smollm2_gguf_matches_the_numpy_reference() {
     assert_eq!(argmax_rows(&logits), argmax_rows(&reference));
     // Measured: 0.035 for both (the 8-bit activations' noise); a wrong rotation layout
     // or a missing bias lands far above.
-    let diff = (&logits - &reference).unwrap();
-    let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
     let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let rms_err = rms(&diff) / rms(&reference);
-    let max_err = max_abs(&diff) / max_abs(&reference);
+    let rms_err = relative_rms_error(&logits, &reference);
+    let max_err = max_abs(&(&logits - &reference).unwrap()) / max_abs(&reference);
     assert!(rms_err < 0.06 && max_err < 0.08, "relative RMS error {rms_err}, relative max error {max_err}");
 }
 
