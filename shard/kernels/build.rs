@@ -26,7 +26,11 @@ fn main() {
         .collect();
     sources.sort();
     for source in sources {
-        let stem = source.file_stem().expect("a .cu file has a stem").to_string_lossy().into_owned();
+        let stem = source
+            .file_stem()
+            .expect("a .cu file has a stem")
+            .to_string_lossy()
+            .into_owned();
         let ptx = out_dir.join(format!("{stem}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])

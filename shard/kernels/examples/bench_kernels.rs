@@ -12,7 +12,9 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::seq::SliceRandom;
-use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul};
+use text_generation_kernels::{
+    paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
+};
 
 const HEADS: usize = 32;
 const KV_HEADS: usize = 8;
@@ -24,18 +26,24 @@ const INTERMEDIATE: usize = 14336;
 /// Median device time of one call of `f`, in microseconds.
 fn time_us(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     const REPS: usize = 10;
-    let Device::Cuda(cuda) = dev else { bail!("the bench needs a CUDA device") };
+    let Device::Cuda(cuda) = dev else {
+        bail!("the bench needs a CUDA device")
+    };
     let stream = cuda.cuda_stream();
     for _ in 0..3 {
         f()?;
     }
     let mut samples = Vec::new();
     for _ in 0..7 {
-        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+        let start = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .w()?;
         for _ in 0..REPS {
             f()?;
         }
-        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+        let end = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .w()?;
         samples.push(f64::from(start.elapsed_ms(&end).w()?) * 1e3 / REPS as f64);
     }
     samples.sort_by(f64::total_cmp);
@@ -44,7 +52,10 @@ fn time_us(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 /// Caches holding `context_lens` tokens in shuffled blocks, and their block tables.
 fn paged(context_lens: &[usize], dev: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let blocks: Vec<usize> = context_lens.iter().map(|c| c.div_ceil(BLOCK_SIZE)).collect();
+    let blocks: Vec<usize> = context_lens
+        .iter()
+        .map(|c| c.div_ceil(BLOCK_SIZE))
+        .collect();
     let num_blocks: usize = blocks.iter().sum();
     let max_blocks = *blocks.iter().max().unwrap_or(&1);
     let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
@@ -73,12 +84,19 @@ fn main() -> Result<()> {
     println!("{:<52} {:>10} {:>12}", "case", "µs", "rate");
 
     if wanted("copy") {
-        let Device::Cuda(cuda) = &dev else { unreachable!("created as CUDA") };
+        let Device::Cuda(cuda) = &dev else {
+            unreachable!("created as CUDA")
+        };
         let bytes = 1usize << 30;
         let src = cuda.alloc_zeros::<u8>(bytes)?;
         let mut dst = cuda.alloc_zeros::<u8>(bytes)?;
         let us = time_us(&dev, || cuda.memcpy_dtod(&src, &mut dst))?;
-        println!("{:<52} {:>10.1} {:>9.0} GB/s", "d2d copy 1 GiB (read + write)", us, 2. * bytes as f64 / us / 1e3);
+        println!(
+            "{:<52} {:>10.1} {:>9.0} GB/s",
+            "d2d copy 1 GiB (read + write)",
+            us,
+            2. * bytes as f64 / us / 1e3
+        );
     }
 
     for (seqs, ctx) in [(64, 1024), (64, 2048), (8, 8192), (1, 32768), (256, 512)] {
@@ -89,14 +107,26 @@ fn main() -> Result<()> {
         let context_lens = vec![ctx; seqs];
         let (k, v, table, lens) = paged(&context_lens, &dev)?;
         let q = Tensor::randn(0f32, 1., (seqs, HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
-        let us = time_us(&dev, || paged_attention_decode(&q, &k, &v, &table, &lens, BLOCK_SIZE, scale, None).map(drop))?;
+        let us = time_us(&dev, || {
+            paged_attention_decode(&q, &k, &v, &table, &lens, BLOCK_SIZE, scale, None).map(drop)
+        })?;
         let bytes = (seqs * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
         println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
     }
 
     // (new tokens, context) per sequence.
-    for seqs in [vec![(2048usize, 2048usize)], vec![(512, 512); 4], vec![(2048, 4096)], vec![(8192, 8192)]] {
-        let label = format!("prefill {} seqs, {} new / {} ctx each", seqs.len(), seqs[0].0, seqs[0].1);
+    for seqs in [
+        vec![(2048usize, 2048usize)],
+        vec![(512, 512); 4],
+        vec![(2048, 4096)],
+        vec![(8192, 8192)],
+    ] {
+        let label = format!(
+            "prefill {} seqs, {} new / {} ctx each",
+            seqs.len(),
+            seqs[0].0,
+            seqs[0].1
+        );
         if !wanted(&label) {
             continue;
         }
@@ -110,25 +140,35 @@ fn main() -> Result<()> {
         }
         let cu = Tensor::from_vec(cu, seqs.len() + 1, &dev)?;
         let us = time_us(&dev, || {
-            paged_attention_prefill(&q, &k, &v, &cu, &lens, &table, BLOCK_SIZE, scale, None).map(drop)
+            paged_attention_prefill(&q, &k, &v, &cu, &lens, &table, BLOCK_SIZE, scale, None)
+                .map(drop)
         })?;
         // QK^T and P.V over the visible (causal) keys only.
-        let visible: usize = seqs.iter().map(|&(new, ctx)| (ctx - new + 1..=ctx).sum::<usize>()).sum();
+        let visible: usize = seqs
+            .iter()
+            .map(|&(new, ctx)| (ctx - new + 1..=ctx).sum::<usize>())
+            .sum();
         let flops = 4. * (HEADS * HEAD_DIM * visible) as f64;
         println!("{label:<52} {us:>10.1} {:>7.0} TFLOP/s", flops / us / 1e6);
         if seqs.len() == 1 && seqs[0] == (2048, 2048) {
             let x = Tensor::randn(0f32, 1., (total, HIDDEN), &dev)?.to_dtype(DType::BF16)?;
             let w = |rows, cols| Tensor::randn(0f32, 1., (rows, cols), &dev)?.to_dtype(DType::BF16);
-            let (qkv, o) = (w(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM)?, w(HIDDEN, HIDDEN)?);
+            let (qkv, o) = (
+                w(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM)?,
+                w(HIDDEN, HIDDEN)?,
+            );
             let (gate_up, down) = (w(HIDDEN, 2 * INTERMEDIATE)?, w(INTERMEDIATE, HIDDEN)?);
-            let act = Tensor::randn(0f32, 1., (total, INTERMEDIATE), &dev)?.to_dtype(DType::BF16)?;
+            let act =
+                Tensor::randn(0f32, 1., (total, INTERMEDIATE), &dev)?.to_dtype(DType::BF16)?;
             let gemm_us = time_us(&dev, || {
                 x.matmul(&qkv)?;
                 x.matmul(&o)?;
                 x.matmul(&gate_up)?;
                 act.matmul(&down).map(drop)
             })?;
-            let gemm_flops = 2. * (total * HIDDEN * ((HEADS + 2 * KV_HEADS) * HEAD_DIM + HIDDEN + 3 * INTERMEDIATE)) as f64;
+            let gemm_flops = 2.
+                * (total * HIDDEN * ((HEADS + 2 * KV_HEADS) * HEAD_DIM + HIDDEN + 3 * INTERMEDIATE))
+                    as f64;
             println!(
                 "{:<52} {:>10.1} {:>7.0} TFLOP/s  (attention = {:.0}% of it)",
                 "  the layer's GEMMs at 2048 tokens",
@@ -142,12 +182,16 @@ fn main() -> Result<()> {
     let tokens = 2048;
     let label = format!("silu_mul {tokens} x {INTERMEDIATE}");
     if wanted(&label) {
-        let gate_up = Tensor::randn(0f32, 1., (tokens, 2 * INTERMEDIATE), &dev)?.to_dtype(DType::BF16)?;
+        let gate_up =
+            Tensor::randn(0f32, 1., (tokens, 2 * INTERMEDIATE), &dev)?.to_dtype(DType::BF16)?;
         let bytes = (tokens * INTERMEDIATE * 3 * 2) as f64;
         let us = time_us(&dev, || silu_mul(&gate_up).map(drop))?;
         println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
         let us = time_us(&dev, || {
-            let (gate, up) = (gate_up.narrow(1, 0, INTERMEDIATE)?, gate_up.narrow(1, INTERMEDIATE, INTERMEDIATE)?);
+            let (gate, up) = (
+                gate_up.narrow(1, 0, INTERMEDIATE)?,
+                gate_up.narrow(1, INTERMEDIATE, INTERMEDIATE)?,
+            );
             (gate.silu()? * up).map(drop)
         })?;
         println!("{:<52} {us:>10.1}", "  unfused candle silu(gate) * up");

@@ -6,10 +6,13 @@ use std::ops::Deref;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    bail, CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp3, Layout, Result, Shape, Storage,
+    Tensor,
 };
 
 const CACHE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache.ptx"));
@@ -52,10 +55,20 @@ pub fn reshape_and_cache(
     expect_shape("slots", slots, &[tokens])?;
     expect_dtype("slots", slots, DType::I64)?;
     let dtype = half_dtype("key", key)?;
-    for (name, t) in [("value", value), ("key_cache", key_cache), ("value_cache", value_cache)] {
+    for (name, t) in [
+        ("value", value),
+        ("key_cache", key_cache),
+        ("value_cache", value_cache),
+    ] {
         expect_dtype(name, t, dtype)?;
     }
-    for (name, t) in [("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache), ("slots", slots)] {
+    for (name, t) in [
+        ("key", key),
+        ("value", value),
+        ("key_cache", key_cache),
+        ("value_cache", value_cache),
+        ("slots", slots),
+    ] {
         expect_cuda(name, t)?;
     }
     if (kv_heads * head_dim) % 8 != 0 {
@@ -64,7 +77,9 @@ pub fn reshape_and_cache(
     if tokens == 0 {
         return Ok(());
     }
-    let op = CacheWrite { row_vecs: as_i32(kv_heads * head_dim / 8, "kv_heads * head_dim / 8")? };
+    let op = CacheWrite {
+        row_vecs: as_i32(kv_heads * head_dim / 8, "kv_heads * head_dim / 8")?,
+    };
     key_cache.inplace_op3(key, slots, &op)?;
     value_cache.inplace_op3(value, slots, &op)
 }
@@ -79,7 +94,15 @@ impl InplaceOp3 for CacheWrite {
         "reshape-and-cache"
     }
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
         bail!("reshape_and_cache runs on CUDA devices only")
     }
 
@@ -106,18 +129,29 @@ impl InplaceOp3 for CacheWrite {
             let slots = view::<i64>(slots, slots_l, "slots")?;
             let (start, end) = contiguous("cache", cache_l)?;
             if start % 8 != 0 {
-                bail!("the cache starts at element {start} of its buffer; it must be 16-byte aligned");
+                bail!(
+                    "the cache starts at element {start} of its buffer; it must be 16-byte aligned"
+                );
             }
             let num_slots = cache_l.dims()[0] as i64;
             let mut cache = cache.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
-            let func = dev.get_or_load_custom_func("reshape_and_cache", "text_generation_cache", CACHE_PTX)?;
+            let func = dev.get_or_load_custom_func(
+                "reshape_and_cache",
+                "text_generation_cache",
+                CACHE_PTX,
+            )?;
             let cfg = LaunchConfig {
                 grid_dim: (slots.len() as u32, 1, 1),
                 block_dim: (op.row_vecs.clamp(32, 256) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut builder = func.builder();
-            builder.arg(&src).arg(&mut cache).arg(&slots).arg(&op.row_vecs).arg(&num_slots);
+            builder
+                .arg(&src)
+                .arg(&mut cache)
+                .arg(&slots)
+                .arg(&op.row_vecs)
+                .arg(&num_slots);
             // SAFETY: shapes were validated by `reshape_and_cache`; the kernel writes
             // only rows 0..num_slots of the cache.
             unsafe { builder.launch(cfg) }.w()?;
@@ -136,7 +170,9 @@ impl InplaceOp3 for CacheWrite {
 /// multiple of 8.
 pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     let dims = gate_up.dims();
-    let Some((&width, outer)) = dims.split_last() else { bail!("silu_mul needs at least one dimension") };
+    let Some((&width, outer)) = dims.split_last() else {
+        bail!("silu_mul needs at least one dimension")
+    };
     if width % 16 != 0 {
         bail!("silu_mul: the last dimension ({width}) must be 2 * I with I a multiple of 8");
     }
@@ -161,7 +197,11 @@ impl candle_core::CustomOp1 for SiluMul {
     }
 
     fn cuda_fwd(&self, input: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        fn launch<T: CudaDType + DeviceRepr>(input: &CudaStorage, layout: &Layout, name: &str) -> Result<(CudaStorage, Shape)> {
+        fn launch<T: CudaDType + DeviceRepr>(
+            input: &CudaStorage,
+            layout: &Layout,
+            name: &str,
+        ) -> Result<(CudaStorage, Shape)> {
             const THREADS: usize = 256;
             let dev = input.device();
             let view = view::<T>(input, layout, "gate_up")?;
@@ -171,7 +211,11 @@ impl candle_core::CustomOp1 for SiluMul {
             *dims.last_mut().expect("silu_mul checked the rank") = half;
             // SAFETY: the kernel writes every element.
             let out = unsafe { dev.alloc::<T>(rows * half)? };
-            let func = dev.get_or_load_custom_func(&format!("silu_mul_{name}"), "text_generation_activation", ACTIVATION_PTX)?;
+            let func = dev.get_or_load_custom_func(
+                &format!("silu_mul_{name}"),
+                "text_generation_activation",
+                ACTIVATION_PTX,
+            )?;
             let vecs = rows * half / 8;
             let cfg = LaunchConfig {
                 grid_dim: (vecs.div_ceil(THREADS).min(1 << 16) as u32, 1, 1),
@@ -209,7 +253,16 @@ pub fn paged_attention_decode(
     scale: f32,
     sliding_window: Option<usize>,
 ) -> Result<Tensor> {
-    let paged = PagedKv::new(q, key_cache, value_cache, block_tables, context_lens, block_size, scale, sliding_window)?;
+    let paged = PagedKv::new(
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        block_size,
+        scale,
+        sliding_window,
+    )?;
     if paged.q_rows == 0 {
         return q.zeros_like();
     }
@@ -234,14 +287,26 @@ pub fn paged_attention_prefill(
     scale: f32,
     sliding_window: Option<usize>,
 ) -> Result<Tensor> {
-    let paged = PagedKv::new(q, key_cache, value_cache, block_tables, context_lens, block_size, scale, sliding_window)?;
+    let paged = PagedKv::new(
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        block_size,
+        scale,
+        sliding_window,
+    )?;
     expect_shape("cu_seqlens_q", cu_seqlens_q, &[paged.num_seqs + 1])?;
     expect_dtype("cu_seqlens_q", cu_seqlens_q, DType::U32)?;
     expect_cuda("cu_seqlens_q", cu_seqlens_q)?;
     if paged.q_rows == 0 {
         return q.zeros_like();
     }
-    q.apply_op1_no_bwd(&Prefill { paged, cu_seqlens_q })
+    q.apply_op1_no_bwd(&Prefill {
+        paged,
+        cu_seqlens_q,
+    })
 }
 
 /// The arguments both attention kernels share, validated.
@@ -309,7 +374,10 @@ impl<'a> PagedKv<'a> {
         for (name, t) in [("key_cache", key_cache), ("value_cache", value_cache)] {
             expect_dtype(name, t, dtype)?;
         }
-        for (name, t) in [("block_tables", block_tables), ("context_lens", context_lens)] {
+        for (name, t) in [
+            ("block_tables", block_tables),
+            ("context_lens", context_lens),
+        ] {
             expect_dtype(name, t, DType::U32)?;
         }
         for (name, t) in [
@@ -343,7 +411,11 @@ impl<'a> PagedKv<'a> {
     }
 
     fn kernel_suffix(&self) -> String {
-        let ty = if self.dtype == DType::BF16 { "bf16" } else { "f16" };
+        let ty = if self.dtype == DType::BF16 {
+            "bf16"
+        } else {
+            "f16"
+        };
         format!("{ty}_d{}", self.head_dim)
     }
 }
@@ -355,9 +427,16 @@ struct Bound<'t, G> {
     name: &'static str,
 }
 
-fn bound<'t>(tensor: &'t Tensor, name: &'static str) -> Bound<'t, impl Deref<Target = Storage> + 't> {
+fn bound<'t>(
+    tensor: &'t Tensor,
+    name: &'static str,
+) -> Bound<'t, impl Deref<Target = Storage> + 't> {
     let (storage, layout) = tensor.storage_and_layout();
-    Bound { storage, layout, name }
+    Bound {
+        storage,
+        layout,
+        name,
+    }
 }
 
 impl<G: Deref<Target = Storage>> Bound<'_, G> {
@@ -389,16 +468,34 @@ impl candle_core::CustomOp1 for Decode<'_> {
 }
 
 impl Decode<'_> {
-    fn launch<T: CudaDType + DeviceRepr>(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        q: &CudaStorage,
+        q_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let p = &self.0;
         let dev: &CudaDevice = q.device();
         let q_view = view::<T>(q, q_l, "q")?;
-        let (kc, vc) = (bound(p.key_cache, "key_cache"), bound(p.value_cache, "value_cache"));
-        let (bt, cl) = (bound(p.block_tables, "block_tables"), bound(p.context_lens, "context_lens"));
-        let (kc, vc, bt, cl) = (kc.view::<T>()?, vc.view::<T>()?, bt.view::<u32>()?, cl.view::<u32>()?);
+        let (kc, vc) = (
+            bound(p.key_cache, "key_cache"),
+            bound(p.value_cache, "value_cache"),
+        );
+        let (bt, cl) = (
+            bound(p.block_tables, "block_tables"),
+            bound(p.context_lens, "context_lens"),
+        );
+        let (kc, vc, bt, cl) = (
+            kc.view::<T>()?,
+            vc.view::<T>()?,
+            bt.view::<u32>()?,
+            cl.view::<u32>()?,
+        );
 
         let group = p.num_heads / p.num_kv_heads;
-        let heads_per_cta = DECODE_HEADS_PER_CTA.into_iter().find(|h| group % h == 0).unwrap_or(1);
+        let heads_per_cta = DECODE_HEADS_PER_CTA
+            .into_iter()
+            .find(|h| group % h == 0)
+            .unwrap_or(1);
         let num_parts = (p.max_blocks * p.block_size).div_ceil(DECODE_PARTITION);
         let rows = p.num_seqs * p.num_heads;
         // SAFETY: every output row is written by the kernels (zeros for an empty context).
@@ -443,7 +540,12 @@ impl Decode<'_> {
             None => builder.arg(&null).arg(&null).arg(&null),
         };
         builder.arg(&q_view).arg(&kc).arg(&vc).arg(&bt).arg(&cl);
-        builder.arg(&num_heads).arg(&num_kv_heads).arg(&max_blocks).arg(&block_shift).arg(&num_blocks);
+        builder
+            .arg(&num_heads)
+            .arg(&num_kv_heads)
+            .arg(&max_blocks)
+            .arg(&block_shift)
+            .arg(&num_blocks);
         builder.arg(&p.scale).arg(&p.window).arg(&parts);
         // SAFETY: shapes validated in `PagedKv::new`; positions are bounded by the
         // block table width and block ids clamped to the cache in the kernel.
@@ -462,11 +564,19 @@ impl Decode<'_> {
             };
             let mut builder = func.builder();
             builder.arg(&out).arg(max).arg(sum).arg(part_out).arg(&cl);
-            builder.arg(&num_heads).arg(&max_blocks).arg(&block_shift).arg(&p.window).arg(&parts);
+            builder
+                .arg(&num_heads)
+                .arg(&max_blocks)
+                .arg(&block_shift)
+                .arg(&p.window)
+                .arg(&parts);
             // SAFETY: same buffers and bounds as the launch above.
             unsafe { builder.launch(cfg) }.w()?;
         }
-        Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from((p.num_seqs, p.num_heads, p.head_dim))))
+        Ok((
+            T::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((p.num_seqs, p.num_heads, p.head_dim)),
+        ))
     }
 }
 
@@ -493,15 +603,30 @@ impl candle_core::CustomOp1 for Prefill<'_> {
 }
 
 impl Prefill<'_> {
-    fn launch<T: CudaDType + DeviceRepr>(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        q: &CudaStorage,
+        q_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let p = &self.paged;
         let dev: &CudaDevice = q.device();
         let q_view = view::<T>(q, q_l, "q")?;
-        let (kc, vc) = (bound(p.key_cache, "key_cache"), bound(p.value_cache, "value_cache"));
-        let (bt, cl) = (bound(p.block_tables, "block_tables"), bound(p.context_lens, "context_lens"));
+        let (kc, vc) = (
+            bound(p.key_cache, "key_cache"),
+            bound(p.value_cache, "value_cache"),
+        );
+        let (bt, cl) = (
+            bound(p.block_tables, "block_tables"),
+            bound(p.context_lens, "context_lens"),
+        );
         let cu = bound(self.cu_seqlens_q, "cu_seqlens_q");
-        let (kc, vc, bt, cl, cu) =
-            (kc.view::<T>()?, vc.view::<T>()?, bt.view::<u32>()?, cl.view::<u32>()?, cu.view::<u32>()?);
+        let (kc, vc, bt, cl, cu) = (
+            kc.view::<T>()?,
+            vc.view::<T>()?,
+            bt.view::<u32>()?,
+            cl.view::<u32>()?,
+            cu.view::<u32>()?,
+        );
 
         // SAFETY: the query tiles of all sequences cover rows 0..cu_seqlens_q[num_seqs],
         // which the caller guarantees to be every row of q.
@@ -516,30 +641,58 @@ impl Prefill<'_> {
         let tiles = p.q_rows.div_ceil(PREFILL_BLOCK_M) + p.num_seqs;
         // The K and V stage rings, rows padded by 8 elements (past the 48 KiB a
         // kernel gets without opting in).
-        let smem = 2 * PREFILL_STAGES * PREFILL_BLOCK_N * (p.head_dim + 8) * std::mem::size_of::<T>();
-        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .w()?;
+        let smem =
+            2 * PREFILL_STAGES * PREFILL_BLOCK_N * (p.head_dim + 8) * std::mem::size_of::<T>();
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
         let cfg = LaunchConfig {
-            grid_dim: (as_i32(tiles, "query tiles")? as u32, grid_yz(p.num_heads, "num_heads")?, 1),
+            grid_dim: (
+                as_i32(tiles, "query tiles")? as u32,
+                grid_yz(p.num_heads, "num_heads")?,
+                1,
+            ),
             block_dim: (PREFILL_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let (num_seqs, num_heads, num_kv_heads) = (p.num_seqs as i32, p.num_heads as i32, p.num_kv_heads as i32);
+        let (num_seqs, num_heads, num_kv_heads) =
+            (p.num_seqs as i32, p.num_heads as i32, p.num_kv_heads as i32);
         let (max_blocks, block_shift) = (p.max_blocks as i32, p.block_size.trailing_zeros() as i32);
         let num_blocks = u32::try_from(p.num_blocks).unwrap_or(u32::MAX);
         let mut builder = func.builder();
-        builder.arg(&out).arg(&q_view).arg(&kc).arg(&vc).arg(&cu).arg(&cl).arg(&bt);
-        builder.arg(&num_seqs).arg(&num_heads).arg(&num_kv_heads).arg(&max_blocks).arg(&block_shift);
+        builder
+            .arg(&out)
+            .arg(&q_view)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&cu)
+            .arg(&cl)
+            .arg(&bt);
+        builder
+            .arg(&num_seqs)
+            .arg(&num_heads)
+            .arg(&num_kv_heads)
+            .arg(&max_blocks)
+            .arg(&block_shift);
         builder.arg(&num_blocks).arg(&p.scale).arg(&p.window);
         // SAFETY: shapes validated in `PagedKv::new`; see `Decode::launch`.
         unsafe { builder.launch(cfg) }.w()?;
-        Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from((p.q_rows, p.num_heads, p.head_dim))))
+        Ok((
+            T::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((p.q_rows, p.num_heads, p.head_dim)),
+        ))
     }
 }
 
 /// A contiguous tensor's device memory. Element (16-bit) tensors are read and
 /// written in 16-byte vectors, so their start must be 16-byte aligned.
-fn view<'s, T: CudaDType>(storage: &'s CudaStorage, layout: &Layout, name: &str) -> Result<CudaView<'s, T>> {
+fn view<'s, T: CudaDType>(
+    storage: &'s CudaStorage,
+    layout: &Layout,
+    name: &str,
+) -> Result<CudaView<'s, T>> {
     let (start, end) = contiguous(name, layout)?;
     if std::mem::size_of::<T>() == 2 && start % 8 != 0 {
         bail!("{name} starts at element {start} of its buffer; the kernels need a multiple of 8 (call .copy())");
@@ -570,7 +723,10 @@ fn expect_dtype(name: &str, t: &Tensor, dtype: DType) -> Result<()> {
 
 fn expect_cuda(name: &str, t: &Tensor) -> Result<()> {
     if !t.device().is_cuda() {
-        bail!("{name} must be on a CUDA device, it is on {:?}", t.device().location());
+        bail!(
+            "{name} must be on a CUDA device, it is on {:?}",
+            t.device().location()
+        );
     }
     Ok(())
 }

@@ -8,7 +8,9 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::Rng;
-use text_generation_kernels::{paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul};
+use text_generation_kernels::{
+    paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
+};
 
 const BLOCK_SIZE: usize = 16;
 
@@ -19,10 +21,17 @@ fn device() -> Device {
 /// Relative L2 error in f32; NaN anywhere fails.
 fn rel_error(out: &Tensor, reference: &Tensor) -> Result<f32> {
     let out = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let reference = reference.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let reference = reference
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     assert_eq!(out.len(), reference.len());
     assert!(out.iter().all(|v| v.is_finite()), "non-finite output");
-    let diff: f32 = out.iter().zip(&reference).map(|(a, b)| (a - b) * (a - b)).sum();
+    let diff: f32 = out
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum();
     let norm: f32 = reference.iter().map(|b| b * b).sum();
     Ok((diff / norm.max(1e-20)).sqrt())
 }
@@ -44,7 +53,14 @@ struct Paged {
 }
 
 impl Paged {
-    fn new(context_lens: &[usize], max_blocks: usize, kv_heads: usize, head_dim: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    fn new(
+        context_lens: &[usize],
+        max_blocks: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let mut rng = rand::rng();
         let needed: usize = context_lens.iter().map(|c| c.div_ceil(BLOCK_SIZE)).sum();
         let num_blocks = needed + 7; // spare blocks nobody owns
@@ -55,7 +71,13 @@ impl Paged {
             .map(|c| {
                 let own: Vec<u32> = free.drain(..c.div_ceil(BLOCK_SIZE)).collect();
                 // Padding columns point at random blocks: the kernels must not read them.
-                (0..max_blocks).map(|i| own.get(i).copied().unwrap_or(rng.random_range(0..num_blocks as u32))).collect()
+                (0..max_blocks)
+                    .map(|i| {
+                        own.get(i)
+                            .copied()
+                            .unwrap_or(rng.random_range(0..num_blocks as u32))
+                    })
+                    .collect()
             })
             .collect();
         let flat: Vec<u32> = tables.iter().flatten().copied().collect();
@@ -76,19 +98,36 @@ impl Paged {
     fn gather(&self, seq: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let slots: Vec<u32> = (0..len).map(|p| self.slot(seq, p) as u32).collect();
         let idx = Tensor::from_vec(slots, len, self.key_cache.device())?;
-        let take = |cache: &Tensor| cache.index_select(&idx, 0)?.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous();
+        let take = |cache: &Tensor| {
+            cache
+                .index_select(&idx, 0)?
+                .to_dtype(DType::F32)?
+                .transpose(0, 1)?
+                .contiguous()
+        };
         Ok((take(&self.key_cache)?, take(&self.value_cache)?))
     }
 }
 
 /// Attention of `q` (`[n, heads, head_dim]`, the last n of `ctx` positions) over
 /// the gathered K/V, causal and windowed, in f32. Returns `[n, heads, head_dim]`.
-fn reference(q: &Tensor, k: &Tensor, v: &Tensor, ctx: usize, scale: f32, window: Option<usize>) -> Result<Tensor> {
+fn reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    ctx: usize,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (n, heads, head_dim) = q.dims3()?;
     let kv_heads = k.dim(0)?;
     let group = heads / kv_heads;
     // [heads, n, d] -> [kv_heads, group * n, d]: rows of one KV head's query heads.
-    let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * n, head_dim))?;
+    let q = q
+        .to_dtype(DType::F32)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((kv_heads, group * n, head_dim))?;
     let scores = (q.matmul(&k.t()?)? * scale as f64)?;
     let mut mask = Vec::with_capacity(group * n * ctx);
     for _ in 0..group {
@@ -96,15 +135,25 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor, ctx: usize, scale: f32, window:
             let pos = ctx - n + i;
             mask.extend((0..ctx).map(|j| {
                 let visible = j <= pos && window.is_none_or(|w| pos - j < w);
-                if visible { 0f32 } else { f32::NEG_INFINITY }
+                if visible {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
             }));
         }
     }
     let mask = Tensor::from_vec(mask, (1, group * n, ctx), q.device())?;
     let scores = scores.broadcast_add(&mask)?;
-    let probs = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+    let probs = scores
+        .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+        .exp()?;
     let probs = probs.broadcast_div(&probs.sum_keepdim(D::Minus1)?)?;
-    probs.matmul(v)?.reshape((heads, n, head_dim))?.transpose(0, 1)?.contiguous()
+    probs
+        .matmul(v)?
+        .reshape((heads, n, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 struct Config {
@@ -121,12 +170,24 @@ fn configs() -> Vec<Config> {
         for head_dim in [64, 128] {
             for (kv_heads, group) in [(2, 1), (3, 3), (2, 4), (1, 8)] {
                 for window in [None, Some(37)] {
-                    all.push(Config { dtype, head_dim, kv_heads, group, window });
+                    all.push(Config {
+                        dtype,
+                        head_dim,
+                        kv_heads,
+                        group,
+                        window,
+                    });
                 }
             }
         }
     }
-    all.push(Config { dtype: DType::BF16, head_dim: 128, kv_heads: 2, group: 4, window: Some(700) });
+    all.push(Config {
+        dtype: DType::BF16,
+        head_dim: 128,
+        kv_heads: 2,
+        group: 4,
+        window: Some(700),
+    });
     all
 }
 
@@ -138,24 +199,38 @@ fn reshape_and_cache_writes_rows_by_slot() -> Result<()> {
         let (tokens, kv_heads, head_dim, num_slots) = (37, 3, 64, 128);
         let key = Tensor::randn(0f32, 1., (tokens, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
         let value = Tensor::randn(0f32, 1., (tokens, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
-        let key_cache = Tensor::randn(0f32, 1., (num_slots, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
-        let value_cache = Tensor::randn(0f32, 1., (num_slots, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
+        let key_cache =
+            Tensor::randn(0f32, 1., (num_slots, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
+        let value_cache =
+            Tensor::randn(0f32, 1., (num_slots, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
         let mut free: Vec<i64> = (0..num_slots as i64).collect();
         free.shuffle(&mut rng);
         // Every fifth token is padding (slot -1).
-        let slots: Vec<i64> = (0..tokens).map(|t| if t % 5 == 4 { -1 } else { free[t] }).collect();
-        let before = (key_cache.to_dtype(DType::F32)?.to_vec3::<f32>()?, value_cache.to_dtype(DType::F32)?.to_vec3::<f32>()?);
+        let slots: Vec<i64> = (0..tokens)
+            .map(|t| if t % 5 == 4 { -1 } else { free[t] })
+            .collect();
+        let before = (
+            key_cache.to_dtype(DType::F32)?.to_vec3::<f32>()?,
+            value_cache.to_dtype(DType::F32)?.to_vec3::<f32>()?,
+        );
         let slots_t = Tensor::from_vec(slots.clone(), tokens, &dev)?;
         reshape_and_cache(&key, &value, &key_cache, &value_cache, &slots_t)?;
 
-        for (src, cache, mut expected) in [(&key, &key_cache, before.0), (&value, &value_cache, before.1)] {
+        for (src, cache, mut expected) in [
+            (&key, &key_cache, before.0),
+            (&value, &value_cache, before.1),
+        ] {
             let src = src.to_dtype(DType::F32)?.to_vec3::<f32>()?;
             for (t, &slot) in slots.iter().enumerate() {
                 if slot >= 0 {
                     expected[slot as usize] = src[t].clone();
                 }
             }
-            assert_eq!(cache.to_dtype(DType::F32)?.to_vec3::<f32>()?, expected, "{dtype:?}");
+            assert_eq!(
+                cache.to_dtype(DType::F32)?.to_vec3::<f32>()?,
+                expected,
+                "{dtype:?}"
+            );
         }
     }
     Ok(())
@@ -169,12 +244,29 @@ fn decode_matches_reference() -> Result<()> {
     let max_blocks = 2049usize.div_ceil(BLOCK_SIZE) + 3;
     for c in configs() {
         let heads = c.kv_heads * c.group;
-        let paged = Paged::new(&context_lens, max_blocks, c.kv_heads, c.head_dim, c.dtype, &dev)?;
-        let q = Tensor::randn(0f32, 1., (context_lens.len(), heads, c.head_dim), &dev)?.to_dtype(c.dtype)?;
+        let paged = Paged::new(
+            &context_lens,
+            max_blocks,
+            c.kv_heads,
+            c.head_dim,
+            c.dtype,
+            &dev,
+        )?;
+        let q = Tensor::randn(0f32, 1., (context_lens.len(), heads, c.head_dim), &dev)?
+            .to_dtype(c.dtype)?;
         let lens: Vec<u32> = context_lens.iter().map(|&l| l as u32).collect();
         let lens = Tensor::from_vec(lens, context_lens.len(), &dev)?;
         let scale = 1. / (c.head_dim as f32).sqrt();
-        let out = paged_attention_decode(&q, &paged.key_cache, &paged.value_cache, &paged.block_tables, &lens, BLOCK_SIZE, scale, c.window)?;
+        let out = paged_attention_decode(
+            &q,
+            &paged.key_cache,
+            &paged.value_cache,
+            &paged.block_tables,
+            &lens,
+            BLOCK_SIZE,
+            scale,
+            c.window,
+        )?;
         assert_eq!(out.dims(), q.dims());
         for (s, &ctx) in context_lens.iter().enumerate() {
             let (k, v) = paged.gather(s, ctx)?;
@@ -183,7 +275,11 @@ fn decode_matches_reference() -> Result<()> {
             assert!(
                 err < tolerance(c.dtype),
                 "decode {:?} d{} kv{} g{} window {:?} ctx {ctx}: rel error {err}",
-                c.dtype, c.head_dim, c.kv_heads, c.group, c.window
+                c.dtype,
+                c.head_dim,
+                c.kv_heads,
+                c.group,
+                c.window
             );
         }
     }
@@ -195,21 +291,51 @@ fn prefill_matches_reference() -> Result<()> {
     let dev = device();
     // (new tokens, context): single tokens, partial tiles, tiles spanning blocks,
     // cached prefixes (new < context), and a multi-tile sequence.
-    let seqs = [(1usize, 1usize), (5, 5), (1, 40), (70, 70), (33, 130), (64, 64), (200, 517)];
+    let seqs = [
+        (1usize, 1usize),
+        (5, 5),
+        (1, 40),
+        (70, 70),
+        (33, 130),
+        (64, 64),
+        (200, 517),
+    ];
     let max_blocks = 517usize.div_ceil(BLOCK_SIZE) + 2;
     let mut rng = rand::rng();
     for c in configs() {
         let heads = c.kv_heads * c.group;
         let context_lens: Vec<usize> = seqs.iter().map(|s| s.1).collect();
-        let paged = Paged::new(&context_lens, max_blocks, c.kv_heads, c.head_dim, c.dtype, &dev)?;
+        let paged = Paged::new(
+            &context_lens,
+            max_blocks,
+            c.kv_heads,
+            c.head_dim,
+            c.dtype,
+            &dev,
+        )?;
         let total: usize = seqs.iter().map(|s| s.0).sum();
         // The new tokens' K/V go through reshape_and_cache, as in the model.
-        let new_k = Tensor::randn(0f32, 1., (total, c.kv_heads, c.head_dim), &dev)?.to_dtype(c.dtype)?;
-        let new_v = Tensor::randn(0f32, 1., (total, c.kv_heads, c.head_dim), &dev)?.to_dtype(c.dtype)?;
-        let slots: Vec<i64> = seqs.iter().enumerate().flat_map(|(s, &(new, ctx))| (ctx - new..ctx).map(move |p| (s, p))).map(|(s, p)| paged.slot(s, p)).collect();
-        reshape_and_cache(&new_k, &new_v, &paged.key_cache, &paged.value_cache, &Tensor::from_vec(slots, total, &dev)?)?;
+        let new_k =
+            Tensor::randn(0f32, 1., (total, c.kv_heads, c.head_dim), &dev)?.to_dtype(c.dtype)?;
+        let new_v =
+            Tensor::randn(0f32, 1., (total, c.kv_heads, c.head_dim), &dev)?.to_dtype(c.dtype)?;
+        let slots: Vec<i64> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(new, ctx))| (ctx - new..ctx).map(move |p| (s, p)))
+            .map(|(s, p)| paged.slot(s, p))
+            .collect();
+        reshape_and_cache(
+            &new_k,
+            &new_v,
+            &paged.key_cache,
+            &paged.value_cache,
+            &Tensor::from_vec(slots, total, &dev)?,
+        )?;
 
-        let q = (Tensor::randn(0f32, 1., (total, heads, c.head_dim), &dev)? * rng.random_range(0.5..2.0))?.to_dtype(c.dtype)?;
+        let q = (Tensor::randn(0f32, 1., (total, heads, c.head_dim), &dev)?
+            * rng.random_range(0.5..2.0))?
+        .to_dtype(c.dtype)?;
         let mut cu = vec![0u32];
         for &(new, _) in &seqs {
             cu.push(cu.last().unwrap() + new as u32);
@@ -218,7 +344,17 @@ fn prefill_matches_reference() -> Result<()> {
         let lens: Vec<u32> = context_lens.iter().map(|&l| l as u32).collect();
         let lens = Tensor::from_vec(lens, seqs.len(), &dev)?;
         let scale = 1. / (c.head_dim as f32).sqrt();
-        let out = paged_attention_prefill(&q, &paged.key_cache, &paged.value_cache, &cu_t, &lens, &paged.block_tables, BLOCK_SIZE, scale, c.window)?;
+        let out = paged_attention_prefill(
+            &q,
+            &paged.key_cache,
+            &paged.value_cache,
+            &cu_t,
+            &lens,
+            &paged.block_tables,
+            BLOCK_SIZE,
+            scale,
+            c.window,
+        )?;
         assert_eq!(out.dims(), q.dims());
         for (s, &(new, ctx)) in seqs.iter().enumerate() {
             let rows = cu[s] as usize..cu[s + 1] as usize;
@@ -228,7 +364,11 @@ fn prefill_matches_reference() -> Result<()> {
             assert!(
                 err < tolerance(c.dtype),
                 "prefill {:?} d{} kv{} g{} window {:?} new {new} ctx {ctx}: rel error {err}",
-                c.dtype, c.head_dim, c.kv_heads, c.group, c.window
+                c.dtype,
+                c.head_dim,
+                c.kv_heads,
+                c.group,
+                c.window
             );
         }
     }
@@ -244,8 +384,27 @@ fn decode_of_a_single_new_token_equals_prefill() -> Result<()> {
     let q = Tensor::randn(0f32, 1., (2, heads, head_dim), &dev)?.to_dtype(DType::BF16)?;
     let lens = Tensor::from_vec(vec![9u32, 600], 2, &dev)?;
     let cu = Tensor::from_vec(vec![0u32, 1, 2], 3, &dev)?;
-    let decode = paged_attention_decode(&q, &paged.key_cache, &paged.value_cache, &paged.block_tables, &lens, BLOCK_SIZE, 0.1, None)?;
-    let prefill = paged_attention_prefill(&q, &paged.key_cache, &paged.value_cache, &cu, &lens, &paged.block_tables, BLOCK_SIZE, 0.1, None)?;
+    let decode = paged_attention_decode(
+        &q,
+        &paged.key_cache,
+        &paged.value_cache,
+        &paged.block_tables,
+        &lens,
+        BLOCK_SIZE,
+        0.1,
+        None,
+    )?;
+    let prefill = paged_attention_prefill(
+        &q,
+        &paged.key_cache,
+        &paged.value_cache,
+        &cu,
+        &lens,
+        &paged.block_tables,
+        BLOCK_SIZE,
+        0.1,
+        None,
+    )?;
     let err = rel_error(&decode, &prefill)?;
     assert!(err < tolerance(DType::BF16), "rel error {err}");
     Ok(())
@@ -256,20 +415,51 @@ fn bad_inputs_are_errors() -> Result<()> {
     let dev = device();
     let paged = Paged::new(&[20], 4, 2, 64, DType::BF16, &dev)?;
     let lens = Tensor::from_vec(vec![20u32], 1, &dev)?;
-    let call = |q: &Tensor, window| paged_attention_decode(q, &paged.key_cache, &paged.value_cache, &paged.block_tables, &lens, BLOCK_SIZE, 0.1, window);
+    let call = |q: &Tensor, window| {
+        paged_attention_decode(
+            q,
+            &paged.key_cache,
+            &paged.value_cache,
+            &paged.block_tables,
+            &lens,
+            BLOCK_SIZE,
+            0.1,
+            window,
+        )
+    };
     let q = Tensor::randn(0f32, 1., (1, 4, 64), &dev)?;
     assert!(call(&q, None).is_err(), "f32 q");
     let q = q.to_dtype(DType::BF16)?;
     assert!(call(&q, Some(0)).is_err(), "empty window");
-    let odd_block = paged_attention_decode(&q, &paged.key_cache, &paged.value_cache, &paged.block_tables, &lens, 12, 0.1, None);
+    let odd_block = paged_attention_decode(
+        &q,
+        &paged.key_cache,
+        &paged.value_cache,
+        &paged.block_tables,
+        &lens,
+        12,
+        0.1,
+        None,
+    );
     assert!(odd_block.is_err(), "block size 12");
-    assert!(call(&q.i((.., ..3, ..))?.contiguous()?, None).is_err(), "3 heads over 2 KV heads");
-    assert!(call(&Tensor::zeros((1, 4, 96), DType::BF16, &dev)?, None).is_err(), "head_dim 96");
-    assert!(call(&q.to_device(&Device::Cpu)?, None).is_err(), "q on the CPU");
+    assert!(
+        call(&q.i((.., ..3, ..))?.contiguous()?, None).is_err(),
+        "3 heads over 2 KV heads"
+    );
+    assert!(
+        call(&Tensor::zeros((1, 4, 96), DType::BF16, &dev)?, None).is_err(),
+        "head_dim 96"
+    );
+    assert!(
+        call(&q.to_device(&Device::Cpu)?, None).is_err(),
+        "q on the CPU"
+    );
     assert!(call(&q.transpose(0, 1)?, None).is_err(), "q shape mismatch");
     let wrong_slots = Tensor::from_vec(vec![0i64; 3], 3, &dev)?;
     let kv = Tensor::zeros((2, 2, 64), DType::BF16, &dev)?;
-    assert!(reshape_and_cache(&kv, &kv, &paged.key_cache, &paged.value_cache, &wrong_slots).is_err());
+    assert!(
+        reshape_and_cache(&kv, &kv, &paged.key_cache, &paged.value_cache, &wrong_slots).is_err()
+    );
     Ok(())
 }
 
@@ -286,9 +476,15 @@ fn silu_mul_matches_reference() -> Result<()> {
             let (gate, up) = (x.narrow(2, 0, half)?, x.narrow(2, half, half)?);
             let expected = ((&gate / (gate.neg()?.exp()? + 1.)?)? * up)?;
             let err = rel_error(&out, &expected)?;
-            assert!(err < tolerance(dtype), "silu_mul {dtype:?} {shape:?}: rel error {err}");
+            assert!(
+                err < tolerance(dtype),
+                "silu_mul {dtype:?} {shape:?}: rel error {err}"
+            );
         }
     }
-    assert!(silu_mul(&Tensor::zeros((2, 12), DType::BF16, &dev)?).is_err(), "I = 6 is not a multiple of 8");
+    assert!(
+        silu_mul(&Tensor::zeros((2, 12), DType::BF16, &dev)?).is_err(),
+        "I = 6 is not a multiple of 8"
+    );
     Ok(())
 }
