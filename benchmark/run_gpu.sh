@@ -10,7 +10,10 @@
 #
 #   benchmark/run_gpu.sh
 # Environment: PRESET (llama-3.1-8b | tiny), MODEL_DIR, DTYPE (bfloat16), PORT, RESULTS_DIR,
-# CONCURRENCY (sweep levels, e.g. 1,8,32), SKIP_SHARD_BENCH=1, SHARD_BENCH_ARGS.
+# CONCURRENCY (sweep levels, e.g. 1,8,32), SHARD_BENCH_ARGS, and STEPS, the parts to run
+# (default "scenario sweep shard"): to stay under a time limit per command, run
+# STEPS=scenario, then STEPS=sweep, then STEPS=shard; the model and the results of
+# earlier steps stay in /tmp while the machine does, and every table so far is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,7 @@ DTYPE="${DTYPE:-bfloat16}"
 PORT="${PORT:-8080}"
 RESULTS_DIR="${RESULTS_DIR:-/tmp/bench-results}"
 CONCURRENCY="${CONCURRENCY:-1,8,32,64,128,256}"
+STEPS="${STEPS:-scenario sweep shard}"
 SHARD_UDS="/tmp/bench-shard"
 # The router's limits, the same for the launcher and the shard microbenchmark.
 LIMITS=(--max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192)
@@ -84,27 +88,41 @@ if [ ! -f "$MODEL_DIR/model.safetensors.index.json" ]; then
     python3 benchmark/make_random_model.py "$MODEL_DIR" --preset "$PRESET"
 fi
 
-text-generation-launcher --model-id "$MODEL_DIR" --dtype "$DTYPE" --hostname 127.0.0.1 --port "$PORT" \
-    "${LIMITS[@]}" --max-concurrent-requests 1024 >"$RESULTS_DIR/launcher.log" 2>&1 &
-server_pid=$!
-wait_for "/health" 900 "$RESULTS_DIR/launcher.log" http_get "http://127.0.0.1:$PORT/health"
-http_get "http://127.0.0.1:$PORT/info" >"$RESULTS_DIR/info.json" || true
-
-load=(python3 benchmark/load.py --url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR/tokenizer.json")
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 status=0
-"${load[@]}" --scenario --out "$RESULTS_DIR/scenario.json" | tee "$RESULTS_DIR/scenario.md" || status=1
-"${load[@]}" --concurrency "$CONCURRENCY" --out "$RESULTS_DIR/sweep.json" | tee "$RESULTS_DIR/sweep.md" || status=1
-stop_server
+# Runs one step, `tee`ing its table into $RESULTS_DIR/<step>.md; a failure is remembered,
+# not fatal, so the other steps still run.
+run_step() {
+    local step="$1" started=$SECONDS; shift
+    "$@" | tee "$RESULTS_DIR/$step.md" || status=1
+    echo "run_gpu.sh: $step took $((SECONDS - started))s" >&2
+}
 
-if [ "${SKIP_SHARD_BENCH:-0}" != 1 ]; then
+if has_step scenario || has_step sweep; then
+    text-generation-launcher --model-id "$MODEL_DIR" --dtype "$DTYPE" --hostname 127.0.0.1 --port "$PORT" \
+        "${LIMITS[@]}" --max-concurrent-requests 1024 >"$RESULTS_DIR/launcher.log" 2>&1 &
+    server_pid=$!
+    wait_for "/health" 900 "$RESULTS_DIR/launcher.log" http_get "http://127.0.0.1:$PORT/health"
+    http_get "http://127.0.0.1:$PORT/info" >"$RESULTS_DIR/info.json" || true
+    load=(python3 benchmark/load.py --url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR/tokenizer.json")
+    if has_step scenario; then
+        run_step scenario "${load[@]}" --scenario --out "$RESULTS_DIR/scenario.json"
+    fi
+    if has_step sweep; then
+        run_step sweep "${load[@]}" --concurrency "$CONCURRENCY" --out "$RESULTS_DIR/sweep.json"
+    fi
+    stop_server
+fi
+
+if has_step shard; then
     rm -f "$SHARD_UDS-0"
     text-generation-shard --model-path "$MODEL_DIR" --uds-path "$SHARD_UDS" --dtype "$DTYPE" \
         >"$RESULTS_DIR/shard.log" 2>&1 &
     server_pid=$!
     wait_for "the shard's socket" 900 "$RESULTS_DIR/shard.log" test -S "$SHARD_UDS-0"
     # shellcheck disable=SC2086
-    text-generation-benchmark --uds-path "$SHARD_UDS-0" "${LIMITS[@]}" \
-        --out "$RESULTS_DIR/shard.json" ${SHARD_BENCH_ARGS:-} | tee "$RESULTS_DIR/shard.md" || status=1
+    run_step shard text-generation-benchmark --uds-path "$SHARD_UDS-0" "${LIMITS[@]}" \
+        --out "$RESULTS_DIR/shard.json" ${SHARD_BENCH_ARGS:-}
     stop_server
 fi
 
