@@ -140,3 +140,22 @@ def test_dockerfile_contract_reads_only_the_final_stage():
     errors = deploy_checks.check_dockerfile(text)
     assert any("ENTRYPOINT" in e for e in errors)
     assert any("VOLUME" in e for e in errors)
+
+
+def non_numeric_settings(app, _):
+    find(app, "ConfigMap")["data"].update(PORT="http", GRACEFUL_TERMINATION_TIMEOUT="1m")
+
+
+def test_non_numeric_settings_are_reported_not_raised(rendered):
+    errors = mutated(rendered, non_numeric_settings)
+    assert any("launcher PORT http" in e for e in errors), errors
+    assert any("GRACEFUL_TERMINATION_TIMEOUT '1m'" in e for e in errors), errors
+
+
+def test_malformed_manifest_is_an_error_not_a_traceback(tmp_path, capsys):
+    app = tmp_path / "app.yaml"
+    app.write_text("kind: Deployment\nmetadata: {name: x}\n---\nkind: Service\n")
+    adapter = tmp_path / "adapter.yaml"
+    adapter.write_text("")
+    assert deploy_checks.main(["deploy_checks.py", "manifests", str(app), str(adapter)]) == 1
+    assert "error: cannot check" in capsys.readouterr().err

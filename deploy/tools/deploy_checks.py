@@ -122,7 +122,7 @@ def check_manifests(app_docs, adapter_docs):
         errors.append("the container takes no settings from a ConfigMap")
     explicit_env = {e["name"]: e.get("value") for e in container.get("env", [])}
     port = explicit_env.get("PORT", config.get("PORT"))
-    if port is None or int(port) not in port_names.values():
+    if not str(port).isdigit() or int(port) not in port_names.values():
         errors.append(f"launcher PORT {port} is not a container port {sorted(port_names.values())}")
     if explicit_env.get("HOSTNAME", config.get("HOSTNAME")) != "0.0.0.0":
         errors.append("HOSTNAME is not set to 0.0.0.0 (Kubernetes sets it to the pod name)")
@@ -130,7 +130,11 @@ def check_manifests(app_docs, adapter_docs):
     errors += check_probes(container, port_names)
     errors += check_gpu(container)
 
-    drain = int(config.get("GRACEFUL_TERMINATION_TIMEOUT", 90))
+    drain = config.get("GRACEFUL_TERMINATION_TIMEOUT", "90")
+    if not drain.isdigit():
+        errors.append(f"GRACEFUL_TERMINATION_TIMEOUT {drain!r} is not a number of seconds")
+        drain = "90"
+    drain = int(drain)
     needed = drain + prestop_sleep_s(container) + MIN_SHUTDOWN_MARGIN_S
     grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
     if grace < needed:
@@ -278,6 +282,17 @@ def main(argv):
     if len(argv) < 2:
         sys.exit(__doc__)
     command, paths = argv[1], argv[2:]
+    try:
+        errors = run(command, paths)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, yaml.YAMLError) as e:
+        # Schemas are checked first; this is for files that are not even well formed.
+        errors = [f"cannot check {' '.join(paths)}: {type(e).__name__}: {e}"]
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def run(command, paths):
     if command == "manifests" and len(paths) == 2:
         errors = check_manifests(load_yaml_documents(paths[0]), load_yaml_documents(paths[1]))
     elif command == "dashboard" and len(paths) == 2:
@@ -288,9 +303,7 @@ def main(argv):
         errors = [f"{p}: {e}" for p in paths for e in check_dockerfile(Path(p).read_text())]
     else:
         sys.exit(__doc__)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    return 1 if errors else 0
+    return errors
 
 
 if __name__ == "__main__":
