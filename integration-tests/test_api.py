@@ -83,8 +83,9 @@ def test_tokenize(url):
     response = requests.post(f"{url}/tokenize", json={"inputs": "Hello world"}, timeout=10)
     assert response.status_code == 200, response.text
     tokens = response.json()
-    assert len(tokens) >= 2
-    assert "".join(t["text"] for t in tokens) == "Hello world"
+    assert [t["text"] for t in tokens] == ["Hello", "world"]
+    # As in TGI, each text is the slice of the input its character offsets cover.
+    assert all("Hello world"[t["start"]:t["stop"]] == t["text"] for t in tokens)
     assert all(isinstance(t["id"], int) for t in tokens)
 
 
