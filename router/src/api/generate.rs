@@ -58,7 +58,7 @@ pub struct GenerateParameters {
     #[serde(default)]
     #[schema(nullable)]
     pub return_full_text: Option<bool>,
-    /// Stop generating when one of these appears (at most --max-stop-sequences, none empty).
+    /// Stop generating when one of these appears (at most --max-stop-sequences; empty ones are ignored).
     #[serde(default)]
     #[schema(example = json!(["photographer"]))]
     pub stop: Vec<String>,
@@ -111,7 +111,7 @@ impl Default for GenerateParameters {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct GenerateRequest {
-    #[schema(example = "My name is Olivier and I")]
+    #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,
     #[serde(default)]
     pub parameters: GenerateParameters,
@@ -120,7 +120,7 @@ pub struct GenerateRequest {
 /// The body of `POST /`: a generate request that says whether to stream.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompatGenerateRequest {
-    #[schema(example = "My name is Olivier and I")]
+    #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,
     #[serde(default)]
     pub parameters: GenerateParameters,

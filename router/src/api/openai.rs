@@ -126,6 +126,7 @@ pub struct ChatCompletionRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     /// One choice is generated per prompt.
+    #[schema(schema_with = prompt_schema)]
     pub prompt: OneOrMany,
     /// Unset: the rest of the context.
     #[serde(default)]
@@ -165,6 +166,13 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(nullable, minimum = 0)]
     pub seed: Option<u64>,
+}
+
+/// A non-empty string or a non-empty list of them.
+fn prompt_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    let text = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1));
+    Schema::OneOf(OneOfBuilder::new().item(text()).item(ArrayBuilder::new().items(text()).min_items(Some(1))).build())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]

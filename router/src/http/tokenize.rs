@@ -8,7 +8,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::Json;
 
-/// The prompt's tokens, as the model would see them (parameters are ignored).
+/// The prompt's tokens, as the model would see them (parameters are checked, not used).
 #[utoipa::path(post, path = "/tokenize", tag = "Text Generation Inference", request_body = GenerateRequest,
     responses((status = 200, description = "Tokenized ids", body = Vec<SimpleToken>), TgiErrors))]
 pub async fn tokenize(
@@ -16,6 +16,7 @@ pub async fn tokenize(
     payload: Result<Json<GenerateRequest>, JsonRejection>,
 ) -> Result<Json<Vec<SimpleToken>>, TgiError> {
     let Json(request) = payload.map_err(ApiError::from)?;
+    state.validation.check_parameters(&request.parameters)?;
     let encoding = state.validation.tokenize(request.inputs.clone(), true).await?;
     // Byte-level tokenizers leave the leading space out of a token's offsets: each
     // token's text starts where the previous one stopped, so that the texts add up to the prompt.

@@ -3,6 +3,8 @@
 
 pub mod chat_template;
 mod params;
+
+pub use params::check_top_p;
 mod tokenizer;
 
 use crate::api::generate::GenerateParameters;
@@ -55,6 +57,11 @@ impl Validation {
 
     pub fn workers(&self) -> usize {
         self.tokenizer.workers()
+    }
+
+    /// The parameter checks alone (for routes that take a generate request without generating).
+    pub fn check_parameters(&self, parameters: &GenerateParameters) -> Result<(), ValidationError> {
+        params::check_parameters(parameters, &self.limits).map(|_| ())
     }
 
     pub async fn tokenize(&self, inputs: String, add_special_tokens: bool) -> Result<Encoding, ValidationError> {

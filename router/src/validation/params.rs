@@ -27,6 +27,11 @@ fn check<T: Copy + Into<f64>>(
     }
 }
 
+/// In (0, 1]; 1 (no filtering) comes back as `None`.
+pub fn check_top_p(top_p: Option<f32>) -> Result<Option<f32>, ValidationError> {
+    Ok(check("top_p", top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?.filter(|&v| v < 1.0))
+}
+
 pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Result<CheckedParameters, ValidationError> {
     check("best_of", p.best_of, |v| v == 1.0, "1 (best_of is not supported)")?;
     if p.watermark {
@@ -38,10 +43,12 @@ pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Re
     let frequency_penalty = check("frequency_penalty", p.frequency_penalty, penalty, "in [-2, 2]")?;
     let presence_penalty = check("presence_penalty", p.presence_penalty, penalty, "in [-2, 2]")?;
     let top_k = check("top_k", p.top_k, |v| v > 0.0, "strictly positive")?;
-    let top_p = check("top_p", p.top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?.filter(|&v| v < 1.0);
+    let top_p = check_top_p(p.top_p)?;
     let typical_p = check("typical_p", p.typical_p, |v| v > 0.0 && v < 1.0, "in (0, 1)")?;
     let max_new_tokens = check("max_new_tokens", p.max_new_tokens, |v| v > 0.0, "strictly positive")?;
     let truncate = check("truncate", p.truncate, |v| v > 0.0, "strictly positive")?;
+    // JSON clients and the OpenAPI description (int64) agree on signed 64-bit seeds.
+    check("seed", p.seed.map(|s| s as f64), |v| v <= i64::MAX as f64, "at most 2^63 - 1")?;
     if let Some(truncate) = truncate {
         if truncate > limits.max_input_tokens {
             return Err(ValidationError::Truncate { truncate, max_input_tokens: limits.max_input_tokens });
@@ -51,9 +58,8 @@ pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Re
     if p.stop.len() > limits.max_stop_sequences {
         return Err(ValidationError::StopSequences { count: p.stop.len(), max: limits.max_stop_sequences });
     }
-    if p.stop.iter().any(String::is_empty) {
-        return Err(ValidationError::OutOfRange { name: "stop", expected: "a list of non-empty strings" });
-    }
+    // An empty stop sequence would match before any token: it means nothing.
+    let stop_sequences = p.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
     let top_n_tokens = p.top_n_tokens.unwrap_or(0);
     if top_n_tokens > limits.max_top_n_tokens {
         return Err(ValidationError::TopNTokens { value: top_n_tokens, max: limits.max_top_n_tokens });
@@ -82,7 +88,7 @@ pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Re
             frequency_penalty: frequency_penalty.unwrap_or(0.0),
             presence_penalty: presence_penalty.unwrap_or(0.0),
         },
-        stop_sequences: p.stop.clone(),
+        stop_sequences,
         max_new_tokens,
         truncate,
         top_n_tokens,
@@ -144,11 +150,17 @@ mod tests {
             ("max_new_tokens", GenerateParameters { max_new_tokens: Some(0), ..Default::default() }),
             ("best_of", GenerateParameters { best_of: Some(2), ..Default::default() }),
             ("watermark", GenerateParameters { watermark: true, ..Default::default() }),
-            ("stop", GenerateParameters { stop: vec![String::new()], ..Default::default() }),
+            ("seed", GenerateParameters { seed: Some(u64::MAX), ..Default::default() }),
         ];
         for (name, parameters) in cases {
             assert_eq!(out_of_range(checked(parameters)), name);
         }
+    }
+
+    #[test]
+    fn drops_empty_stop_sequences() {
+        let stop = vec![String::new(), "\n".to_string()];
+        assert_eq!(checked(GenerateParameters { stop, ..Default::default() }).unwrap().stop_sequences, vec!["\n"]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::api::generate::GenerateParameters;
 use crate::api::openai::{ModelCard, ModelList, OneOrMany, OpenAiResponse, Usage};
 use crate::http::openapi::OpenAiErrors;
 use crate::http::server::AppState;
-use crate::validation::ValidationError;
+use crate::validation::{check_top_p, ValidationError};
 use axum::extract::State;
 use axum::response::sse::Event;
 use axum::Json;
@@ -32,8 +32,9 @@ impl OpenAiSampling {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ValidationError::OutOfRange { name: "n", expected: "1 (several choices are not supported)" });
         }
-        // OpenAI samples unless the temperature is 0, which means greedy.
+        // OpenAI samples unless the temperature is 0, which means greedy (and top_p unused, but checked).
         let greedy = self.temperature == Some(0.0);
+        check_top_p(self.top_p)?;
         Ok(GenerateParameters {
             do_sample: !greedy,
             temperature: self.temperature.filter(|_| !greedy),
@@ -131,6 +132,13 @@ mod tests {
         assert_eq!(sampled.stop, vec!["\n".to_string()]);
         // Unset max_tokens: the rest of the context (not the native routes' 100).
         assert_eq!(sampled.max_new_tokens, None);
+    }
+
+    #[test]
+    fn greedy_still_checks_top_p() {
+        let mut request = sampling(Some(0.0), None);
+        request.top_p = Some(0.0);
+        assert!(matches!(request.into_parameters(), Err(ValidationError::OutOfRange { name: "top_p", .. })));
     }
 
     #[test]
