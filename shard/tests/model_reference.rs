@@ -12,8 +12,14 @@ use text_generation_shard::cache::KvCache;
 use text_generation_shard::models::{load_model, ForwardBatch, Model, SequenceInput};
 
 /// HF-layout models, and `llama3_gguf`: the Llama 3 one converted to GGUF (f32) as llama.cpp does.
-const TINY_MODELS: &[&str] =
-    &["llama_mha", "llama3_gqa_tied", "qwen2_bias", "mistral_window", "qwen3_qknorm", "llama3_gguf"];
+const TINY_MODELS: &[&str] = &[
+    "llama_mha",
+    "llama3_gqa_tied",
+    "qwen2_bias",
+    "mistral_window",
+    "qwen3_qknorm",
+    "llama3_gguf",
+];
 const BLOCK_SIZE: usize = 4;
 const NUM_BLOCKS: usize = 64;
 
@@ -22,15 +28,26 @@ fn fixtures_dir() -> PathBuf {
         panic!("SHARD_FIXTURES is not set: run `python shard/reference/make_fixtures.py DIR --gguf GGUF` and set SHARD_FIXTURES=DIR")
     });
     let dir = PathBuf::from(dir);
-    assert!(dir.is_dir(), "SHARD_FIXTURES={} is not a directory: generate it with shard/reference/make_fixtures.py", dir.display());
+    assert!(
+        dir.is_dir(),
+        "SHARD_FIXTURES={} is not a directory: generate it with shard/reference/make_fixtures.py",
+        dir.display()
+    );
     dir
 }
 
 fn gguf_path() -> PathBuf {
-    let path = std::env::var("SHARD_GGUF").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(path.is_file(), "SmolLM2 GGUF {} missing: run scripts/fetch-default-model.sh or set SHARD_GGUF", path.display());
+    let path = std::env::var("SHARD_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "SmolLM2 GGUF {} missing: run scripts/fetch-default-model.sh or set SHARD_GGUF",
+        path.display()
+    );
     path
 }
 
@@ -42,8 +59,15 @@ fn expected(model_dir: &std::path::Path) -> Vec<(Vec<u32>, Tensor)> {
     (0..)
         .map_while(|i| {
             let ids = tensors.remove(&format!("input_ids.{i}"))?;
-            let logits = tensors.remove(&format!("logits.{i}")).expect("logits for every input");
-            let ids = ids.to_vec1::<i64>().unwrap().into_iter().map(|t| t as u32).collect();
+            let logits = tensors
+                .remove(&format!("logits.{i}"))
+                .expect("logits for every input");
+            let ids = ids
+                .to_vec1::<i64>()
+                .unwrap()
+                .into_iter()
+                .map(|t| t as u32)
+                .collect();
             Some((ids, logits))
         })
         .collect()
@@ -55,7 +79,8 @@ fn load(path: &std::path::Path) -> (Box<dyn Model>, KvCache) {
 
 fn load_as(path: &std::path::Path, dtype: DType) -> (Box<dyn Model>, KvCache) {
     let files = ModelFiles::open(path).unwrap();
-    let model = load_model(&files, &Device::Cpu, dtype).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
+    let model = load_model(&files, &Device::Cpu, dtype)
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
     let cache = KvCache::new(model.spec(), NUM_BLOCKS, BLOCK_SIZE, &Device::Cpu).unwrap();
     (model, cache)
 }
@@ -64,12 +89,26 @@ fn load_as(path: &std::path::Path, dtype: DType) -> (Box<dyn Model>, KvCache) {
 fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
     let diff = (actual - expected).unwrap().abs().unwrap();
     let scale = (expected.abs().unwrap() + 1.0).unwrap();
-    (diff / scale).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (diff / scale)
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// `||a - b|| / ||b||`.
 fn relative_rms_error(actual: &Tensor, expected: &Tensor) -> f32 {
-    let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let rms = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     rms(&(actual - expected).unwrap()) / rms(expected)
 }
 
@@ -90,19 +129,35 @@ impl PagedSequence {
     /// slots cover `capacity` tokens.
     fn new(tokens: Vec<u32>, capacity: usize, index: usize, count: usize) -> Self {
         let blocks = capacity.div_ceil(BLOCK_SIZE);
-        let block_table: Vec<u32> = (0..blocks).rev().map(|b| (index + b * count) as u32).collect();
+        let block_table: Vec<u32> = (0..blocks)
+            .rev()
+            .map(|b| (index + b * count) as u32)
+            .collect();
         let slots = (0..capacity)
             .map(|p| block_table[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
             .collect();
-        Self { tokens, block_table, slots, cached: 0, logits: vec![] }
+        Self {
+            tokens,
+            block_table,
+            slots,
+            cached: 0,
+            logits: vec![],
+        }
     }
 }
 
 /// Runs one forward pass in which every sequence advances up to `upto(sequence)`
 /// tokens (those with nothing new sit out), asking for the logits of every new token.
-fn step(model: &dyn Model, cache: &mut KvCache, seqs: &mut [PagedSequence], upto: impl Fn(&PagedSequence) -> usize) {
+fn step(
+    model: &dyn Model,
+    cache: &mut KvCache,
+    seqs: &mut [PagedSequence],
+    upto: impl Fn(&PagedSequence) -> usize,
+) {
     let ends: Vec<usize> = seqs.iter().map(|s| upto(s).min(s.tokens.len())).collect();
-    let active: Vec<usize> = (0..seqs.len()).filter(|&i| ends[i] > seqs[i].cached).collect();
+    let active: Vec<usize> = (0..seqs.len())
+        .filter(|&i| ends[i] > seqs[i].cached)
+        .collect();
     if active.is_empty() {
         return;
     }
@@ -187,8 +242,11 @@ fn ragged_batches_with_cached_prefixes_and_decode_match_single_sequences() {
                 all_logits(&seq[0])
             })
             .collect();
-        let mut seqs: Vec<PagedSequence> =
-            expected.iter().enumerate().map(|(i, (ids, _))| PagedSequence::new(ids.clone(), ids.len(), i, count)).collect();
+        let mut seqs: Vec<PagedSequence> = expected
+            .iter()
+            .enumerate()
+            .map(|(i, (ids, _))| PagedSequence::new(ids.clone(), ids.len(), i, count))
+            .collect();
         step(model.as_ref(), &mut cache, &mut seqs, |_| 4);
         step(model.as_ref(), &mut cache, &mut seqs, |_| 7);
         while seqs.iter().any(|s| s.cached < s.tokens.len()) {
@@ -197,9 +255,15 @@ fn ragged_batches_with_cached_prefixes_and_decode_match_single_sequences() {
         for (i, seq) in seqs.iter().enumerate() {
             let batched = all_logits(seq);
             let err = max_relative_error(&batched, &single[i]);
-            assert!(err < 1e-4, "{name} sequence {i}: batched vs alone, relative error {err}");
+            assert!(
+                err < 1e-4,
+                "{name} sequence {i}: batched vs alone, relative error {err}"
+            );
             let err = max_relative_error(&batched, &expected[i].1);
-            assert!(err < 1e-3, "{name} sequence {i}: batched vs reference, relative error {err}");
+            assert!(
+                err < 1e-3,
+                "{name} sequence {i}: batched vs reference, relative error {err}"
+            );
         }
     }
 }
@@ -217,7 +281,11 @@ fn smollm2_gguf_matches_the_numpy_reference() {
     let path = gguf_path();
     let tokenizer = ModelFiles::open(&path).unwrap().tokenizer().unwrap();
     let encoded = tokenizer.encode("The capital of France is", false).unwrap();
-    assert_eq!(encoded.get_ids(), ids.as_slice(), "the fixture's prompt ids are not the tokenizer's");
+    assert_eq!(
+        encoded.get_ids(),
+        ids.as_slice(),
+        "the fixture's prompt ids are not the tokenizer's"
+    );
     let (model, mut cache) = load(&path);
     assert_eq!(model.spec().quantization, "gguf:Q4_1");
     let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
@@ -226,25 +294,46 @@ fn smollm2_gguf_matches_the_numpy_reference() {
     assert_eq!(argmax_rows(&logits), argmax_rows(&reference));
     // Measured: 0.035 for both (the 8-bit activations' noise); a wrong rotation layout
     // or a missing bias lands far above.
-    let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     let rms_err = relative_rms_error(&logits, &reference);
     let max_err = max_abs(&(&logits - &reference).unwrap()) / max_abs(&reference);
-    assert!(rms_err < 0.06 && max_err < 0.08, "relative RMS error {rms_err}, relative max error {max_err}");
+    assert!(
+        rms_err < 0.06 && max_err < 0.08,
+        "relative RMS error {rms_err}, relative max error {max_err}"
+    );
 }
 
 #[test]
 fn smollm2_greedy_says_paris() {
     let path = gguf_path();
     let tokenizer = ModelFiles::open(&path).unwrap().tokenizer().unwrap();
-    let prompt = tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    let prompt = tokenizer
+        .encode("The capital of France is", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     let (model, mut cache) = load(&path);
     let new_tokens = 3;
-    let mut seq = [PagedSequence::new(prompt.clone(), prompt.len() + new_tokens, 0, 1)];
+    let mut seq = [PagedSequence::new(
+        prompt.clone(),
+        prompt.len() + new_tokens,
+        0,
+        1,
+    )];
     for _ in 0..new_tokens {
         step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
         let next = argmax_rows(seq[0].logits.last().unwrap())[0];
         seq[0].tokens.push(next);
     }
-    let text = tokenizer.decode(&seq[0].tokens[prompt.len()..], false).unwrap();
+    let text = tokenizer
+        .decode(&seq[0].tokens[prompt.len()..], false)
+        .unwrap();
     assert!(text.starts_with(" Paris."), "greedy continuation {text:?}");
 }

@@ -13,17 +13,35 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(spec: &ModelSpec, num_blocks: usize, block_size: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        spec: &ModelSpec,
+        num_blocks: usize,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim);
         let layers = (0..spec.num_layers)
-            .map(|_| Ok((Tensor::zeros(shape, spec.dtype, device)?, Tensor::zeros(shape, spec.dtype, device)?)))
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, spec.dtype, device)?,
+                    Tensor::zeros(shape, spec.dtype, device)?,
+                ))
+            })
             .collect::<Result<_>>()?;
-        Ok(Self { layers, num_blocks, block_size })
+        Ok(Self {
+            layers,
+            num_blocks,
+            block_size,
+        })
     }
 
     /// Bytes of keys and values that one block takes over all layers.
     pub fn bytes_per_block(spec: &ModelSpec, block_size: usize) -> usize {
-        2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * spec.dtype.size_in_bytes()
+        2 * spec.num_layers
+            * block_size
+            * spec.num_kv_heads
+            * spec.head_dim
+            * spec.dtype.size_in_bytes()
     }
 
     pub fn num_layers(&self) -> usize {

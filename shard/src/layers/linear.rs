@@ -24,7 +24,11 @@ impl Linear {
     /// `{prefix}.weight` (and `{prefix}.bias` when `bias`).
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.matmul_weight("weight", (out_dim, in_dim))?;
-        let bias = if bias { Some(w.tensor("bias", out_dim)?) } else { None };
+        let bias = if bias {
+            Some(w.tensor("bias", out_dim)?)
+        } else {
+            None
+        };
         Ok(Self::new(weight, bias))
     }
 
@@ -33,12 +37,15 @@ impl Linear {
         let y = match &self.weight {
             QMatMul::QTensor(q) if x.device().is_cpu() && x.dim(0)? >= CPU_DEQUANTIZE_MIN_ROWS => {
                 let w = q.dequantize(x.device())?;
-                x.to_dtype(DType::F32)?.matmul(&w.t()?)?.to_dtype(x.dtype())?
+                x.to_dtype(DType::F32)?
+                    .matmul(&w.t()?)?
+                    .to_dtype(x.dtype())?
             }
             // candle's quantized matmul takes f32 activations.
-            QMatMul::QTensor(_) if x.dtype() != DType::F32 => {
-                self.weight.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
-            }
+            QMatMul::QTensor(_) if x.dtype() != DType::F32 => self
+                .weight
+                .forward(&x.to_dtype(DType::F32)?)?
+                .to_dtype(x.dtype())?,
             _ => self.weight.forward(x)?,
         };
         match &self.bias {
@@ -66,7 +73,10 @@ mod tests {
         for rows in [1, CPU_DEQUANTIZE_MIN_ROWS + 3] {
             let x = Tensor::randn(0f32, 1., (rows, 256), &dev)?;
             let expected = x.matmul(&dense.t()?)?;
-            let err = (linear.forward(&x)? - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let err = (linear.forward(&x)? - &expected)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
             // The quantized kernel also quantizes x to 8 bits.
             assert!(err < 0.02 * scale, "rows {rows}: {err} vs {scale}");

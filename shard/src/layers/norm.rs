@@ -11,7 +11,10 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// `{prefix}.weight` of `[dim]`.
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: w.tensor("weight", dim)?, eps: eps as f32 })
+        Ok(Self {
+            weight: w.tensor("weight", dim)?,
+            eps: eps as f32,
+        })
     }
 
     /// Normalises the last dimension of `x`.
@@ -27,8 +30,13 @@ mod tests {
 
     #[test]
     fn normalises_rows() -> Result<()> {
-        let norm = RmsNorm { weight: Tensor::new(&[1f32, 2.], &Device::Cpu)?, eps: 0. };
-        let y = norm.forward(&Tensor::new(&[[3f32, 4.]], &Device::Cpu)?)?.to_vec2::<f32>()?;
+        let norm = RmsNorm {
+            weight: Tensor::new(&[1f32, 2.], &Device::Cpu)?,
+            eps: 0.,
+        };
+        let y = norm
+            .forward(&Tensor::new(&[[3f32, 4.]], &Device::Cpu)?)?
+            .to_vec2::<f32>()?;
         let rms = (12.5f32).sqrt();
         assert!((y[0][0] - 3. / rms).abs() < 1e-6 && (y[0][1] - 8. / rms).abs() < 1e-6);
         Ok(())

@@ -17,7 +17,12 @@ pub enum RotaryLayout {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     /// Llama 3.1's: long wavelengths slowed down by `factor`, short ones kept, smooth in between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
     /// Per-frequency divisors, as llama.cpp stores them in `rope_freqs.weight`.
     FrequencyFactors(Vec<f32>),
 }
@@ -47,7 +52,7 @@ impl RotaryEmbedding {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("rotary embeddings need an even head_dim, got {head_dim}")
         }
         let inv_freq = inverse_frequencies(head_dim, theta, scaling)?;
@@ -56,7 +61,11 @@ impl RotaryEmbedding {
             .to_dtype(DType::F32)?
             .reshape((max_positions, 1))?;
         let angles = positions.broadcast_mul(&inv_freq)?;
-        Ok(Self { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)?, layout })
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+            layout,
+        })
     }
 
     pub fn max_positions(&self) -> usize {
@@ -68,8 +77,14 @@ impl RotaryEmbedding {
         let tokens = positions.dim(0)?;
         let half = self.cos.dim(1)?;
         Ok(RotaryAt {
-            cos: self.cos.index_select(positions, 0)?.reshape((tokens, 1, half))?,
-            sin: self.sin.index_select(positions, 0)?.reshape((tokens, 1, half))?,
+            cos: self
+                .cos
+                .index_select(positions, 0)?
+                .reshape((tokens, 1, half))?,
+            sin: self
+                .sin
+                .index_select(positions, 0)?
+                .reshape((tokens, 1, half))?,
             layout: self.layout,
         })
     }
@@ -90,17 +105,32 @@ impl RotaryAt {
     }
 }
 
-fn inverse_frequencies(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Result<Vec<f32>> {
+fn inverse_frequencies(
+    head_dim: usize,
+    theta: f64,
+    scaling: Option<&RopeScaling>,
+) -> Result<Vec<f32>> {
     let base = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64));
     match scaling {
         None => Ok(base.map(|f| f as f32).collect()),
         Some(RopeScaling::FrequencyFactors(factors)) => {
             if factors.len() != head_dim / 2 {
-                bail!("{} rope frequency factors for head_dim {head_dim}", factors.len())
+                bail!(
+                    "{} rope frequency factors for head_dim {head_dim}",
+                    factors.len()
+                )
             }
-            Ok(base.zip(factors).map(|(f, &d)| (f / d as f64) as f32).collect())
+            Ok(base
+                .zip(factors)
+                .map(|(f, &d)| (f / d as f64) as f32)
+                .collect())
         }
-        Some(&RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+        Some(&RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
             if high_freq_factor <= low_freq_factor {
                 bail!("llama3 rope scaling needs high_freq_factor > low_freq_factor")
             }
@@ -115,7 +145,8 @@ fn inverse_frequencies(head_dim: usize, theta: f64, scaling: Option<&RopeScaling
                     } else if wavelen > low_freq_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_context / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     };
                     scaled as f32
@@ -134,18 +165,42 @@ mod tests {
     #[test]
     fn layouts_rotate_the_same_pairs() -> Result<()> {
         let dev = Device::Cpu;
-        let half = RotaryEmbedding::new(4, 16, 10000.0, None, RotaryLayout::HalfSplit, DType::F32, &dev)?;
-        let inter = RotaryEmbedding::new(4, 16, 10000.0, None, RotaryLayout::Interleaved, DType::F32, &dev)?;
+        let half = RotaryEmbedding::new(
+            4,
+            16,
+            10000.0,
+            None,
+            RotaryLayout::HalfSplit,
+            DType::F32,
+            &dev,
+        )?;
+        let inter = RotaryEmbedding::new(
+            4,
+            16,
+            10000.0,
+            None,
+            RotaryLayout::Interleaved,
+            DType::F32,
+            &dev,
+        )?;
         let positions = Tensor::new(&[3u32, 0, 7], &dev)?;
         // Token layout (a, b, c, d): half-split pairs (a, c), (b, d); interleaved pairs (a, b), (c, d).
         let x = Tensor::arange(0f32, 12., &dev)?.reshape((3, 1, 4))?;
         let y_half = half.at(&positions)?.apply(&x)?;
         let permute = Tensor::new(&[0u32, 2, 1, 3], &dev)?;
-        let y_inter = inter.at(&positions)?.apply(&x.index_select(&permute, 2)?)?.index_select(&permute, 2)?;
+        let y_inter = inter
+            .at(&positions)?
+            .apply(&x.index_select(&permute, 2)?)?
+            .index_select(&permute, 2)?;
         let diff = (y_half - y_inter)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         // Position 0 is the identity.
-        let row0 = half.at(&positions)?.apply(&x)?.get(1)?.flatten_all()?.to_vec1::<f32>()?;
+        let row0 = half
+            .at(&positions)?
+            .apply(&x)?
+            .get(1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(row0, vec![4., 5., 6., 7.]);
         Ok(())
     }

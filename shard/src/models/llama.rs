@@ -5,7 +5,9 @@
 
 use super::{ForwardBatch, Model, ModelSpec};
 use crate::cache::KvCache;
-use crate::layers::attention::{check_cache_layer, Attention, AttentionConfig, PagedAttentionInput};
+use crate::layers::attention::{
+    check_cache_layer, Attention, AttentionConfig, PagedAttentionInput,
+};
 use crate::layers::linear::Linear;
 use crate::layers::mlp::Mlp;
 use crate::layers::norm::RmsNorm;
@@ -78,14 +80,18 @@ struct Architecture {
 
 impl LlamaConfig {
     pub fn from_json(json: &serde_json::Value) -> anyhow::Result<Self> {
-        let config: Self = serde_json::from_value(json.clone()).context("config.json does not describe a Llama-family model")?;
+        let config: Self = serde_json::from_value(json.clone())
+            .context("config.json does not describe a Llama-family model")?;
         Ok(config)
     }
 
     /// The config of a GGUF file of architecture `arch` ("llama", "qwen2", "qwen3").
     pub fn from_gguf(content: &gguf_file::Content, arch: &str) -> anyhow::Result<Self> {
         let md = |key: &str| {
-            content.metadata.get(&format!("{arch}.{key}")).with_context(|| format!("GGUF metadata lacks {arch}.{key}"))
+            content
+                .metadata
+                .get(&format!("{arch}.{key}"))
+                .with_context(|| format!("GGUF metadata lacks {arch}.{key}"))
         };
         let usize_of = |key: &str| -> anyhow::Result<usize> { Ok(md(key)?.to_u32()? as usize) };
         let f64_of = |key: &str| -> anyhow::Result<f64> { Ok(md(key)?.to_f32()? as f64) };
@@ -100,10 +106,13 @@ impl LlamaConfig {
                 .to_vec()?
                 .len(),
         };
-        let head_dim = usize_of("attention.key_length").unwrap_or(hidden_size / num_attention_heads);
+        let head_dim =
+            usize_of("attention.key_length").unwrap_or(hidden_size / num_attention_heads);
         if let Ok(rope_dims) = usize_of("rope.dimension_count") {
             if rope_dims != head_dim {
-                bail!("partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+                bail!(
+                    "partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
+                )
             }
         }
         Ok(Self {
@@ -112,12 +121,15 @@ impl LlamaConfig {
             intermediate_size: usize_of("feed_forward_length")?,
             num_hidden_layers: usize_of("block_count")?,
             num_attention_heads,
-            num_key_value_heads: Some(usize_of("attention.head_count_kv").unwrap_or(num_attention_heads)),
+            num_key_value_heads: Some(
+                usize_of("attention.head_count_kv").unwrap_or(num_attention_heads),
+            ),
             head_dim: Some(head_dim),
             vocab_size,
             rms_norm_eps: f64_of("attention.layer_norm_rms_epsilon")?,
             rope_theta: f64_of("rope.freq_base").unwrap_or_else(|_| default_rope_theta()),
-            max_position_embeddings: usize_of("context_length").unwrap_or_else(|_| default_max_position_embeddings()),
+            max_position_embeddings: usize_of("context_length")
+                .unwrap_or_else(|_| default_max_position_embeddings()),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             rope_scaling: None,
             attention_bias: Some(arch == "qwen2"),
@@ -133,17 +145,29 @@ impl LlamaConfig {
     }
 
     fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    fn architecture(self, rotary_layout: RotaryLayout, rope_scaling: Option<RopeScaling>) -> anyhow::Result<Architecture> {
+    fn architecture(
+        self,
+        rotary_layout: RotaryLayout,
+        rope_scaling: Option<RopeScaling>,
+    ) -> anyhow::Result<Architecture> {
         if let Some(act) = self.hidden_act.as_deref() {
             if act != "silu" {
                 bail!("hidden_act {act:?} is not supported (Llama-family models use silu)")
             }
         }
-        if self.num_attention_heads == 0 || self.num_kv_heads() == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
-            bail!("{} attention heads cannot share {} KV heads", self.num_attention_heads, self.num_kv_heads())
+        if self.num_attention_heads == 0
+            || self.num_kv_heads() == 0
+            || !self.num_attention_heads.is_multiple_of(self.num_kv_heads())
+        {
+            bail!(
+                "{} attention heads cannot share {} KV heads",
+                self.num_attention_heads,
+                self.num_kv_heads()
+            )
         }
         let layers = self.num_hidden_layers;
         let sliding_windows = match self.model_type.as_str() {
@@ -159,17 +183,29 @@ impl LlamaConfig {
             _ => vec![self.sliding_window; layers],
         };
         let qk_norm = self.model_type == "qwen3";
-        Ok(Architecture { config: self, rotary_layout, rope_scaling, qk_norm, sliding_windows })
+        Ok(Architecture {
+            config: self,
+            rotary_layout,
+            rope_scaling,
+            qk_norm,
+            sliding_windows,
+        })
     }
 }
 
 impl RopeScalingConfig {
     fn to_scaling(&self) -> anyhow::Result<Option<RopeScaling>> {
-        let kind = self.rope_type.as_deref().or(self.legacy_type.as_deref()).unwrap_or("default");
+        let kind = self
+            .rope_type
+            .as_deref()
+            .or(self.legacy_type.as_deref())
+            .unwrap_or("default");
         match kind {
             "default" => Ok(None),
             "llama3" => {
-                let field = |v: Option<f64>, name: &str| v.with_context(|| format!("llama3 rope_scaling lacks {name}"));
+                let field = |v: Option<f64>, name: &str| {
+                    v.with_context(|| format!("llama3 rope_scaling lacks {name}"))
+                };
                 Ok(Some(RopeScaling::Llama3 {
                     factor: field(self.factor, "factor")?,
                     low_freq_factor: field(self.low_freq_factor, "low_freq_factor")?,
@@ -207,8 +243,16 @@ pub struct Llama {
 impl Llama {
     /// From an HF-layout checkpoint.
     pub fn from_hf(config: LlamaConfig, weights: &Weights) -> anyhow::Result<Self> {
-        let scaling = config.rope_scaling.as_ref().map(RopeScalingConfig::to_scaling).transpose()?.flatten();
-        Self::load(config.architecture(RotaryLayout::HalfSplit, scaling)?, weights)
+        let scaling = config
+            .rope_scaling
+            .as_ref()
+            .map(RopeScalingConfig::to_scaling)
+            .transpose()?
+            .flatten();
+        Self::load(
+            config.architecture(RotaryLayout::HalfSplit, scaling)?,
+            weights,
+        )
     }
 
     /// From a GGUF checkpoint of architecture `arch`.
@@ -217,7 +261,11 @@ impl Llama {
         let config = LlamaConfig::from_gguf(content, arch)?;
         // llama.cpp permutes Llama's Q/K rows for its adjacent-pair rotation; Qwen
         // files keep the half-split layout.
-        let layout = if arch == "llama" { RotaryLayout::Interleaved } else { RotaryLayout::HalfSplit };
+        let layout = if arch == "llama" {
+            RotaryLayout::Interleaved
+        } else {
+            RotaryLayout::HalfSplit
+        };
         // Llama 3.1+ GGUFs carry their rope scaling as precomputed frequency divisors.
         let scaling = weights
             .gguf_only_tensor("rope_freqs.weight")?
@@ -250,11 +298,22 @@ impl Llama {
                     sliding_window: arch.sliding_windows[i],
                 };
                 Ok(DecoderLayer {
-                    input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), hidden, cfg.rms_norm_eps)?,
+                    input_layernorm: RmsNorm::load(
+                        &w.pp("input_layernorm"),
+                        hidden,
+                        cfg.rms_norm_eps,
+                    )?,
                     self_attn: Attention::load(&w.pp("self_attn"), &attention)?,
-                    post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), hidden, cfg.rms_norm_eps)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &w.pp("post_attention_layernorm"),
+                        hidden,
+                        cfg.rms_norm_eps,
+                    )?,
                     mlp: Mlp::load(&w.pp("mlp"), hidden, cfg.intermediate_size)?,
-                    window_index: windows.iter().position(|w| *w == attention.sliding_window).unwrap_or(0),
+                    window_index: windows
+                        .iter()
+                        .position(|w| *w == attention.sliding_window)
+                        .unwrap_or(0),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -264,7 +323,11 @@ impl Llama {
             Linear::new(QMatMul::Tensor(embed_tokens.clone()), None)
         } else {
             // GGUF: the (quantized) embedding matrix itself serves as the tied lm_head.
-            let name = if tied { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            let name = if tied {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            };
             Linear::new(weights.matmul_weight(name, (cfg.vocab_size, hidden))?, None)
         };
         let rotary = RotaryEmbedding::new(
@@ -291,12 +354,24 @@ impl Llama {
                 None => "none".to_string(),
             },
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, windows, spec })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            windows,
+            spec,
+        })
     }
 
     fn check_batch(&self, batch: &ForwardBatch, cache: &KvCache) -> Result<()> {
         if cache.num_layers() != self.layers.len() {
-            candle_core::bail!("KV cache has {} layers, the model {}", cache.num_layers(), self.layers.len())
+            candle_core::bail!(
+                "KV cache has {} layers, the model {}",
+                cache.num_layers(),
+                self.layers.len()
+            )
         }
         check_cache_layer(
             cache.layer(0),
@@ -313,7 +388,12 @@ impl Llama {
             )
         }
         let vocab = self.spec.vocab_size as u32;
-        if let Some(bad) = batch.input_ids.to_vec1::<u32>()?.into_iter().find(|&t| t >= vocab) {
+        if let Some(bad) = batch
+            .input_ids
+            .to_vec1::<u32>()?
+            .into_iter()
+            .find(|&t| t >= vocab)
+        {
             candle_core::bail!("token id {bad} outside the vocabulary of {vocab}")
         }
         Ok(())
@@ -324,27 +404,39 @@ impl Model for Llama {
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
         let num_logits = batch.logits_indices.dim(0)?;
         if batch.seqs.is_empty() || num_logits == 0 {
-            return Tensor::zeros((num_logits, self.spec.vocab_size), DType::F32, self.embed_tokens.device());
+            return Tensor::zeros(
+                (num_logits, self.spec.vocab_size),
+                DType::F32,
+                self.embed_tokens.device(),
+            );
         }
         self.check_batch(batch, cache)?;
         let inputs = self
             .windows
             .iter()
-            .map(|&window| PagedAttentionInput::new(batch, cache.block_size(), cache.num_blocks(), window))
+            .map(|&window| {
+                PagedAttentionInput::new(batch, cache.block_size(), cache.num_blocks(), window)
+            })
             .collect::<Result<Vec<_>>>()?;
         let rotary = self.rotary.at(&batch.positions)?;
         let mut x = self.embed_tokens.index_select(&batch.input_ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let input = &inputs[layer.window_index];
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &rotary, cache.layer(i), input)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &rotary, cache.layer(i), input)?;
             x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
         }
         // Norm and lm_head only for the rows whose logits are wanted.
         let x = x.index_select(&batch.logits_indices, 0)?;
-        self.lm_head.forward(&self.norm.forward(&x)?)?.to_dtype(DType::F32)
+        self.lm_head
+            .forward(&self.norm.forward(&x)?)?
+            .to_dtype(DType::F32)
     }
 
     fn spec(&self) -> &ModelSpec {
@@ -362,35 +454,67 @@ mod tests {
             "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
             "num_attention_heads": 4, "vocab_size": 10
         });
-        base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         LlamaConfig::from_json(&base).unwrap()
     }
 
     #[test]
     fn qwen2_window_only_when_switched_on_and_from_max_window_layers() {
         let off = config(json!({"model_type": "qwen2", "sliding_window": 8}));
-        assert_eq!(off.architecture(RotaryLayout::HalfSplit, None).unwrap().sliding_windows, vec![None; 4]);
-        let on = config(json!({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": true, "max_window_layers": 2}));
-        let windows = on.architecture(RotaryLayout::HalfSplit, None).unwrap().sliding_windows;
+        assert_eq!(
+            off.architecture(RotaryLayout::HalfSplit, None)
+                .unwrap()
+                .sliding_windows,
+            vec![None; 4]
+        );
+        let on = config(
+            json!({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": true, "max_window_layers": 2}),
+        );
+        let windows = on
+            .architecture(RotaryLayout::HalfSplit, None)
+            .unwrap()
+            .sliding_windows;
         assert_eq!(windows, vec![None, None, Some(8), Some(8)]);
         let mistral = config(json!({"model_type": "mistral", "sliding_window": 8}));
-        assert_eq!(mistral.architecture(RotaryLayout::HalfSplit, None).unwrap().sliding_windows, vec![Some(8); 4]);
+        assert_eq!(
+            mistral
+                .architecture(RotaryLayout::HalfSplit, None)
+                .unwrap()
+                .sliding_windows,
+            vec![Some(8); 4]
+        );
     }
 
     #[test]
     fn defaults_and_head_dim() {
         let c = config(json!({"num_key_value_heads": 2}));
-        assert_eq!((c.head_dim(), c.num_kv_heads(), c.rope_theta), (16, 2, 10000.0));
+        assert_eq!(
+            (c.head_dim(), c.num_kv_heads(), c.rope_theta),
+            (16, 2, 10000.0)
+        );
         assert_eq!(config(json!({"head_dim": 32})).head_dim(), 32);
     }
 
     #[test]
     fn rejects_what_the_family_does_not_cover() {
-        let err = |c: LlamaConfig| c.architecture(RotaryLayout::HalfSplit, None).err().unwrap().to_string();
+        let err = |c: LlamaConfig| {
+            c.architecture(RotaryLayout::HalfSplit, None)
+                .err()
+                .unwrap()
+                .to_string()
+        };
         assert!(err(config(json!({"hidden_act": "gelu"}))).contains("gelu"));
         assert!(err(config(json!({"num_key_value_heads": 3}))).contains("KV heads"));
         let yarn = config(json!({"rope_scaling": {"type": "yarn", "factor": 4.0}}));
-        let e = yarn.rope_scaling.unwrap().to_scaling().err().unwrap().to_string();
+        let e = yarn
+            .rope_scaling
+            .unwrap()
+            .to_scaling()
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("yarn"), "{e}");
         let llama3 = config(json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}));
         assert!(llama3.rope_scaling.unwrap().to_scaling().is_err());

@@ -18,13 +18,22 @@ const HF_LLAMA_FAMILY: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 const GGUF_LLAMA_FAMILY: &[&str] = &["llama", "qwen2", "qwen3"];
 
 /// Loads the model at `files` onto `device`, computing in `dtype`.
-pub fn load_model(files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Box<dyn Model>> {
+pub fn load_model(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<Box<dyn Model>> {
     match files.layout() {
         Layout::HuggingFace => {
             let config = files.config_json()?;
-            let model_type = config["model_type"].as_str().context("config.json has no model_type")?;
+            let model_type = config["model_type"]
+                .as_str()
+                .context("config.json has no model_type")?;
             if !HF_LLAMA_FAMILY.contains(&model_type) {
-                bail!("unsupported model_type {model_type:?} (supported: {})", HF_LLAMA_FAMILY.join(", "))
+                bail!(
+                    "unsupported model_type {model_type:?} (supported: {})",
+                    HF_LLAMA_FAMILY.join(", ")
+                )
             }
             let config = llama::LlamaConfig::from_json(&config)?;
             let weights = Weights::from_safetensors_dir(files.path(), dtype, device)?;
@@ -39,7 +48,10 @@ pub fn load_model(files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::
                 .context("GGUF has no general.architecture")?
                 .clone();
             if !GGUF_LLAMA_FAMILY.contains(&arch.as_str()) {
-                bail!("unsupported GGUF architecture {arch:?} (supported: {})", GGUF_LLAMA_FAMILY.join(", "))
+                bail!(
+                    "unsupported GGUF architecture {arch:?} (supported: {})",
+                    GGUF_LLAMA_FAMILY.join(", ")
+                )
             }
             let weights = Weights::from_gguf(files.path(), content, dtype, device)?;
             Ok(Box::new(llama::Llama::from_gguf(&arch, &weights)?))
@@ -122,13 +134,21 @@ impl ForwardBatch {
         let mut slots = Vec::with_capacity(total);
         let mut cu_seqlens_q = vec![0u32];
         let mut layouts = Vec::with_capacity(seqs.len());
-        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let max_blocks = seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut block_tables = vec![0u32; seqs.len() * max_blocks];
         for (i, seq) in seqs.iter().enumerate() {
             let n = seq.new_token_ids.len();
             let end = seq.start_position + n;
             if seq.slots.len() < end {
-                candle_core::bail!("sequence {i}: {} slots for {end} positions", seq.slots.len());
+                candle_core::bail!(
+                    "sequence {i}: {} slots for {end} positions",
+                    seq.slots.len()
+                );
             }
             input_ids.extend_from_slice(seq.new_token_ids);
             positions.extend((seq.start_position..end).map(|p| p as u32));
@@ -168,7 +188,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
         let files = ModelFiles::open(&dir).unwrap();
-        let err = load_model(&files, &Device::Cpu, DType::F32).err().unwrap().to_string();
+        let err = load_model(&files, &Device::Cpu, DType::F32)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("gpt2") && err.contains("llama"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
