@@ -4,6 +4,8 @@
 
 mod batch;
 mod client;
+#[cfg(test)]
+mod fake_shard;
 mod report;
 mod run;
 mod stats;

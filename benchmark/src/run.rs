@@ -256,3 +256,115 @@ async fn release(client: &mut ShardClient, cached: Vec<CachedBatch>) -> anyhow::
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client;
+    use crate::fake_shard::FakeShard;
+    use clap::Parser;
+    use std::time::Duration;
+
+    /// Runs the benchmark against a fake shard whose cache holds `num_blocks` blocks.
+    async fn run_against_fake(
+        num_blocks: u32,
+        flags: &[&str],
+    ) -> (anyhow::Result<Results>, FakeShard) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("shard-0");
+        let shard = FakeShard::start(&socket, num_blocks);
+        let mut argv = vec![
+            "text-generation-benchmark",
+            "--uds-path",
+            socket.to_str().unwrap(),
+        ];
+        argv.extend([
+            "--max-input-tokens",
+            "64",
+            "--max-total-tokens",
+            "128",
+            "--max-batch-prefill-tokens",
+            "64",
+        ]);
+        argv.extend(flags);
+        let args = Args::parse_from(argv);
+        let mut client = client::connect(&args.uds_path, Duration::from_secs(5))
+            .await
+            .unwrap();
+        (run(&mut client, &args).await, shard)
+    }
+
+    #[tokio::test]
+    async fn measures_the_batches_that_fit_and_skips_the_rest() {
+        let flags = [
+            "--batch-sizes",
+            "1,8,64",
+            "--prompt-tokens",
+            "16",
+            "--decode-steps",
+            "3",
+            "--runs",
+            "2",
+        ];
+        // 99 usable blocks; a request of 16 + 4 tokens takes 2, so 64 requests do not fit.
+        let (results, shard) = run_against_fake(100, &flags).await;
+        let results = results.unwrap();
+        assert_eq!(results.max_supported_total_tokens, 99 * 16);
+        let measured: Vec<&Measurement> = results.batches[..2]
+            .iter()
+            .map(|b| match &b.outcome {
+                Outcome::Measured(m) => m,
+                Outcome::Skipped { reason } => panic!("batch {} skipped: {reason}", b.batch_size),
+            })
+            .collect();
+        // 8 prompts of 16 tokens are prefilled 64 tokens at a time.
+        assert_eq!(
+            measured.iter().map(|m| m.prefill_calls).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        for m in &measured {
+            assert_eq!(m.prefill_ms.count, 2);
+            assert_eq!(m.decode_step_ms.as_ref().unwrap().count, 6);
+            assert!(m.prefill_tokens_per_s > 0.0 && m.decode_tokens_per_s.unwrap() > 0.0);
+        }
+        match &results.batches[2].outcome {
+            Outcome::Skipped { reason } => {
+                assert_eq!(reason, "needs 128 KV blocks, the cache holds 99")
+            }
+            Outcome::Measured(_) => panic!("64 requests cannot fit"),
+        }
+        let calls = shard.calls.lock().unwrap();
+        assert_eq!(calls.warmups, 1);
+        // One warmup run and two measured runs per batch size.
+        assert_eq!(calls.prefill_sizes, [vec![1; 3], vec![4; 6]].concat());
+        // The first step of a batch prefilled in two calls decodes both cached batches.
+        let per_run_8 = vec![2, 1, 1];
+        assert_eq!(
+            calls.decode_batch_counts,
+            [vec![1; 9], per_run_8.repeat(3)].concat()
+        );
+    }
+
+    #[tokio::test]
+    async fn prefill_only_has_no_decode_figures() {
+        let (results, _shard) =
+            run_against_fake(100, &["--batch-sizes", "2", "--decode-steps", "0"]).await;
+        match &results.unwrap().batches[0].outcome {
+            Outcome::Measured(m) => {
+                assert!(m.decode_step_ms.is_none() && m.decode_tokens_per_s.is_none())
+            }
+            Outcome::Skipped { reason } => panic!("skipped: {reason}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shard_error_names_the_call() {
+        // The warmup batch (64 + 10 tokens, 5 blocks) does not fit in 3 blocks.
+        let (results, _shard) = run_against_fake(3, &["--batch-sizes", "1"]).await;
+        let message = format!("{:#}", results.unwrap_err());
+        assert!(
+            message.starts_with("Warmup:") && message.contains("bad block"),
+            "{message}"
+        );
+    }
+}
