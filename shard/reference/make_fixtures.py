@@ -1,6 +1,6 @@
 """Writes the model fixtures the shard's reference tests read (shard/tests/model_reference.rs).
 
-    python shard/reference/make_fixtures.py OUTDIR [--gguf models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python shard/reference/make_fixtures.py OUTDIR [--gguf SMOLLM2_GGUF]
 
 For each tiny random model (fixed seeds, so the output is reproducible) OUTDIR/NAME/ gets
 an HF-layout model (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
@@ -275,6 +275,10 @@ def write_gguf_reference(out_dir, gguf_path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
+    default_gguf = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "../../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
     parser.add_argument("--gguf", help="SmolLM2 GGUF file to compute reference logits for")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
@@ -283,9 +287,12 @@ def main():
         print(f"wrote {os.path.join(args.out_dir, name)}")
     write_gguf_model(args.out_dir, "llama3_gqa_tied", "llama3_gguf")
     print(f"wrote {os.path.join(args.out_dir, 'llama3_gguf')}")
-    if args.gguf:
-        write_gguf_reference(args.out_dir, args.gguf)
+    gguf_path = args.gguf or os.path.normpath(default_gguf)
+    if args.gguf or os.path.exists(gguf_path):
+        write_gguf_reference(args.out_dir, gguf_path)
         print(f"wrote {os.path.join(args.out_dir, 'smollm2')}")
+    else:
+        print(f"warning: {gguf_path} missing (scripts/fetch-default-model.sh): no SmolLM2 reference", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 //! The shard's models against the independent numpy reference (shard/reference/).
 //!
-//! Fixtures come from `python shard/reference/make_fixtures.py DIR --gguf GGUF`;
+//! Fixtures come from `python shard/reference/make_fixtures.py DIR` (see its docstring);
 //! point `SHARD_FIXTURES` at DIR. The SmolLM2 tests read the GGUF from `SHARD_GGUF`
 //! (default: the workspace's models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf).
 
@@ -25,7 +25,7 @@ const NUM_BLOCKS: usize = 64;
 
 fn fixtures_dir() -> PathBuf {
     let dir = std::env::var("SHARD_FIXTURES").unwrap_or_else(|_| {
-        panic!("SHARD_FIXTURES is not set: run `python shard/reference/make_fixtures.py DIR --gguf GGUF` and set SHARD_FIXTURES=DIR")
+        panic!("SHARD_FIXTURES is not set: run `python shard/reference/make_fixtures.py DIR` and set SHARD_FIXTURES=DIR")
     });
     let dir = PathBuf::from(dir);
     assert!(
@@ -54,6 +54,11 @@ fn gguf_path() -> PathBuf {
 /// The reference's sequences and logits: `(token ids, [len, vocab] logits)`.
 fn expected(model_dir: &std::path::Path) -> Vec<(Vec<u32>, Tensor)> {
     let file = model_dir.join("expected.safetensors");
+    assert!(
+        file.is_file(),
+        "{} missing: regenerate the fixtures with shard/reference/make_fixtures.py",
+        file.display()
+    );
     let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&file, &Device::Cpu)
         .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
     (0..)
