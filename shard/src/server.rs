@@ -9,7 +9,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use model_store::ModelFiles;
-use proto::v3::text_generation_service_server::{TextGenerationService, TextGenerationServiceServer};
+use proto::v3::text_generation_service_server::{
+    TextGenerationService, TextGenerationServiceServer,
+};
 use proto::v3::*;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -87,17 +89,47 @@ impl ShardArgs {
 
 /// Loads the model and serves until SIGTERM or SIGINT.
 pub async fn run(args: ShardArgs) -> Result<()> {
-    ensure!(args.rank < args.world_size, "rank {} is not below world size {}", args.rank, args.world_size);
+    ensure!(
+        args.rank < args.world_size,
+        "rank {} is not below world size {}",
+        args.rank,
+        args.world_size
+    );
     if args.world_size > 1 {
-        bail!("tensor parallelism (world size {}) is not supported yet: run with --world-size 1", args.world_size);
+        bail!(
+            "tensor parallelism (world size {}) is not supported yet: run with --world-size 1",
+            args.world_size
+        );
     }
     ensure!(
         args.cuda_memory_fraction > 0.0 && args.cuda_memory_fraction <= 1.0,
         "--cuda-memory-fraction must be in (0, 1], got {}",
         args.cuda_memory_fraction
     );
+    let (rank, world_size) = (args.rank, args.world_size);
+    let load_args = args.clone();
+    let runner = RunnerHandle::spawn(move || load_runner(&load_args)).await?;
+    let info = runner
+        .run(move |runner| Ok(runner.info(rank, world_size)))
+        .await?;
+    let service = ShardService {
+        runner: Arc::new(runner),
+        info,
+        urls: (0..world_size)
+            .map(|r| format!("unix://{}", args.socket_path(r).display()))
+            .collect(),
+    };
+    serve(service, &args.socket_path(args.rank), shutdown_signal()).await
+}
+
+/// Opens the model files, loads the weights and sets up the runner (on the runner thread).
+fn load_runner(args: &ShardArgs) -> Result<Runner> {
     let device = select_device(args.device, args.rank as usize)?;
-    let dtype = args.dtype.map(DType::from).unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
+    let dtype = args.dtype.map(DType::from).unwrap_or(if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    });
     let files = ModelFiles::open(&args.model_path)?;
     tracing::info!(path = %files.path().display(), ?device, ?dtype, "loading model");
     let model = load_model(&files, &device, dtype)
@@ -106,14 +138,7 @@ pub async fn run(args: ShardArgs) -> Result<()> {
         cuda_memory_fraction: args.cuda_memory_fraction,
         cpu_bytes: args.cpu_kv_cache_mb << 20,
     };
-    let runner = Runner::new(model, device, &files, args.block_size, kv_memory)?;
-    let info = runner.info(args.rank, args.world_size);
-    let service = ShardService {
-        runner: Arc::new(RunnerHandle::spawn(runner)?),
-        info,
-        urls: (0..args.world_size).map(|r| format!("unix://{}", args.socket_path(r).display())).collect(),
-    };
-    serve(service, &args.socket_path(args.rank), shutdown_signal()).await
+    Runner::new(model, device, &files, args.block_size, kv_memory)
 }
 
 fn select_device(device: Option<DeviceArg>, ordinal: usize) -> Result<Device> {
@@ -126,7 +151,8 @@ fn select_device(device: Option<DeviceArg>, ordinal: usize) -> Result<Device> {
 }
 
 async fn shutdown_signal() {
-    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
         Ok(signal) => signal,
         Err(e) => {
             tracing::error!("cannot listen for SIGTERM: {e}");
@@ -141,11 +167,17 @@ async fn shutdown_signal() {
 }
 
 /// Serves `service` on the unix socket `path` until `shutdown` completes, then removes the socket.
-pub async fn serve(service: ShardService, path: &Path, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn serve(
+    service: ShardService,
+    path: &Path,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     if path.exists() {
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     tracing::info!("Server started at unix://{}", path.display());
     let served = tonic::transport::Server::builder()
         .add_service(TextGenerationServiceServer::new(service))
@@ -171,7 +203,10 @@ impl TextGenerationService for ShardService {
         Ok(Response::new(self.info.clone()))
     }
 
-    async fn health(&self, _: GrpcRequest<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _: GrpcRequest<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
         self.runner.health().await.map_err(status)?;
         Ok(Response::new(HealthResponse {}))
     }
@@ -180,7 +215,9 @@ impl TextGenerationService for ShardService {
         &self,
         _: GrpcRequest<ServiceDiscoveryRequest>,
     ) -> Result<Response<ServiceDiscoveryResponse>, Status> {
-        Ok(Response::new(ServiceDiscoveryResponse { urls: self.urls.clone() }))
+        Ok(Response::new(ServiceDiscoveryResponse {
+            urls: self.urls.clone(),
+        }))
     }
 
     async fn clear_cache(
@@ -193,7 +230,8 @@ impl TextGenerationService for ShardService {
                 runner.clear(id);
                 Ok(())
             })
-            .await.map_err(status)?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(ClearCacheResponse {}))
     }
 
@@ -210,21 +248,45 @@ impl TextGenerationService for ShardService {
         Ok(Response::new(FilterBatchResponse { batch: Some(batch) }))
     }
 
-    async fn warmup(&self, request: GrpcRequest<WarmupRequest>) -> Result<Response<WarmupResponse>, Status> {
+    async fn warmup(
+        &self,
+        request: GrpcRequest<WarmupRequest>,
+    ) -> Result<Response<WarmupResponse>, Status> {
         let request = request.into_inner();
-        let response = self.runner.run(move |runner| runner.warmup(request)).await.map_err(status)?;
+        let response = self
+            .runner
+            .run(move |runner| runner.warmup(request))
+            .await
+            .map_err(status)?;
         Ok(Response::new(response))
     }
 
-    async fn prefill(&self, request: GrpcRequest<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
-        let batch = request.into_inner().batch.ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
-        let response = self.runner.run(move |runner| runner.prefill(batch)).await.map_err(status)?;
+    async fn prefill(
+        &self,
+        request: GrpcRequest<PrefillRequest>,
+    ) -> Result<Response<PrefillResponse>, Status> {
+        let batch = request
+            .into_inner()
+            .batch
+            .ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
+        let response = self
+            .runner
+            .run(move |runner| runner.prefill(batch))
+            .await
+            .map_err(status)?;
         Ok(Response::new(response))
     }
 
-    async fn decode(&self, request: GrpcRequest<DecodeRequest>) -> Result<Response<DecodeResponse>, Status> {
+    async fn decode(
+        &self,
+        request: GrpcRequest<DecodeRequest>,
+    ) -> Result<Response<DecodeResponse>, Status> {
         let batches = request.into_inner().batches;
-        let response = self.runner.run(move |runner| runner.decode(batches)).await.map_err(status)?;
+        let response = self
+            .runner
+            .run(move |runner| runner.decode(batches))
+            .await
+            .map_err(status)?;
         Ok(Response::new(response))
     }
 }

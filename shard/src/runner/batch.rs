@@ -45,7 +45,11 @@ impl RequestState {
             slots: request.slots.clone(),
             blocks: request.blocks.clone(),
             prefill_logprobs: request.prefill_logprobs,
-            chooser: NextTokenChooser::new(params, request.top_n_tokens as usize, &request.input_ids),
+            chooser: NextTokenChooser::new(
+                params,
+                request.top_n_tokens as usize,
+                &request.input_ids,
+            ),
             stopping: StoppingCriteria::new(request.stopping_parameters.as_ref()),
             decoder: IncrementalDecoder::new(prompt_len),
         })
@@ -123,13 +127,22 @@ mod tests {
             input_ids: prompt.to_vec(),
             slots: (0..prompt.len() as u32 + 4).collect(),
             blocks: vec![0],
-            stopping_parameters: Some(StoppingCriteriaParameters { max_new_tokens: 4, ..Default::default() }),
+            stopping_parameters: Some(StoppingCriteriaParameters {
+                max_new_tokens: 4,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
 
     fn batch(id: u64, requests: &[Request]) -> BatchState {
-        BatchState { id, requests: requests.iter().map(|r| RequestState::from_proto(r).unwrap()).collect() }
+        BatchState {
+            id,
+            requests: requests
+                .iter()
+                .map(|r| RequestState::from_proto(r).unwrap())
+                .collect(),
+        }
     }
 
     #[test]
@@ -154,9 +167,18 @@ mod tests {
     #[test]
     fn rejects_empty_prompts_and_missing_slots_and_clamps_full_cache_hits() {
         assert!(RequestState::from_proto(&request(1, &[])).is_err());
-        let no_slots = Request { slots: vec![0], ..request(1, &[1, 2]) };
+        let no_slots = Request {
+            slots: vec![0],
+            ..request(1, &[1, 2])
+        };
         assert!(RequestState::from_proto(&no_slots).is_err());
-        let cached = Request { cache_len: Some(2), ..request(1, &[1, 2]) };
-        assert_eq!(RequestState::from_proto(&cached).unwrap().pending_tokens(), &[2]);
+        let cached = Request {
+            cache_len: Some(2),
+            ..request(1, &[1, 2])
+        };
+        assert_eq!(
+            RequestState::from_proto(&cached).unwrap().pending_tokens(),
+            &[2]
+        );
     }
 }

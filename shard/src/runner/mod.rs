@@ -112,10 +112,25 @@ impl Runner {
 
     pub fn prefill(&mut self, batch: Batch) -> Result<PrefillResponse> {
         let start = Instant::now();
-        ensure!(!self.batches.contains_key(&batch.id), "batch {} already exists", batch.id);
-        ensure!(!batch.requests.is_empty(), "batch {} has no requests", batch.id);
-        let requests = batch.requests.iter().map(RequestState::from_proto).collect::<Result<_>>()?;
-        let mut state = BatchState { id: batch.id, requests };
+        ensure!(
+            !self.batches.contains_key(&batch.id),
+            "batch {} already exists",
+            batch.id
+        );
+        ensure!(
+            !batch.requests.is_empty(),
+            "batch {} has no requests",
+            batch.id
+        );
+        let requests = batch
+            .requests
+            .iter()
+            .map(RequestState::from_proto)
+            .collect::<Result<_>>()?;
+        let mut state = BatchState {
+            id: batch.id,
+            requests,
+        };
         let step = self.step(&mut state.requests, true)?;
         let cached = self.keep(state);
         Ok(PrefillResponse {
@@ -152,7 +167,10 @@ impl Runner {
     }
 
     pub fn filter(&mut self, batch_id: u64, request_ids: &[u64]) -> Result<CachedBatch> {
-        let state = self.batches.get_mut(&batch_id).with_context(|| format!("batch {batch_id} not found"))?;
+        let state = self
+            .batches
+            .get_mut(&batch_id)
+            .with_context(|| format!("batch {batch_id} not found"))?;
         state.filter(request_ids)?;
         let cached = state.to_cached();
         if cached.size == 0 {
@@ -198,7 +216,10 @@ impl Runner {
     /// One forward pass and one new token for each request; finished requests are removed.
     fn step(&mut self, requests: &mut Vec<RequestState>, is_prefill: bool) -> Result<StepOutput> {
         let start = Instant::now();
-        let cache = self.cache.as_mut().context("the KV cache does not exist yet: call Warmup first")?;
+        let cache = self
+            .cache
+            .as_mut()
+            .context("the KV cache does not exist yet: call Warmup first")?;
         for request in requests.iter() {
             request.check_slots()?;
         }
@@ -214,7 +235,10 @@ impl Runner {
             } else {
                 logits_rows.push(token_offset + fed - 1);
             }
-            rows.push(LogitsRows { last: logits_rows.len() as u32 - 1, prompt_start });
+            rows.push(LogitsRows {
+                last: logits_rows.len() as u32 - 1,
+                prompt_start,
+            });
             token_offset += fed;
         }
         let inputs: Vec<SequenceInput> = requests
@@ -240,16 +264,27 @@ impl Runner {
 
         let mut generations = Vec::with_capacity(requests.len());
         let mut finished = Vec::new();
-        for ((request, choice), prompt_logprobs) in requests.iter_mut().zip(choices).zip(prompt_logprobs) {
-            let prefill_tokens = prompt_logprobs.map(|lp| self.prompt_tokens(request, lp)).transpose()?;
+        for ((request, choice), prompt_logprobs) in
+            requests.iter_mut().zip(choices).zip(prompt_logprobs)
+        {
+            let prefill_tokens = prompt_logprobs
+                .map(|lp| self.prompt_tokens(request, lp))
+                .transpose()?;
             let (generation, done) = self.advance(request, choice)?;
             if done {
                 finished.push(request.id);
             }
-            generations.push(Generation { prefill_tokens, ..generation });
+            generations.push(Generation {
+                prefill_tokens,
+                ..generation
+            });
         }
         requests.retain(|r| !finished.contains(&r.id));
-        Ok(StepOutput { generations, forward_ns, decode_ns: decode_start.elapsed().as_nanos() as u64 })
+        Ok(StepOutput {
+            generations,
+            forward_ns,
+            decode_ns: decode_start.elapsed().as_nanos() as u64,
+        })
     }
 
     /// For each request, the logprobs of its prompt tokens (NaN where no logits precede
@@ -283,7 +318,11 @@ impl Runner {
             .map(|(request, row)| {
                 row.prompt_start.map(|_| {
                     let mut logprobs = vec![f32::NAN; request.cached_len + 1];
-                    logprobs.extend(gathered.by_ref().take(request.prompt_len - request.cached_len - 1));
+                    logprobs.extend(
+                        gathered
+                            .by_ref()
+                            .take(request.prompt_len - request.cached_len - 1),
+                    );
                     logprobs
                 })
             })
@@ -293,12 +332,17 @@ impl Runner {
     fn prompt_tokens(&self, request: &RequestState, logprobs: Vec<f32>) -> Result<Tokens> {
         let prompt = &request.tokens[..request.prompt_len];
         let mut decoder = IncrementalDecoder::new(0);
-        let texts = (1..=prompt.len()).map(|n| decoder.next(&self.tokenizer, &prompt[..n])).collect::<Result<_>>()?;
+        let texts = (1..=prompt.len())
+            .map(|n| decoder.next(&self.tokenizer, &prompt[..n]))
+            .collect::<Result<_>>()?;
         Ok(Tokens {
             ids: prompt.to_vec(),
             logprobs,
             texts,
-            is_special: prompt.iter().map(|id| self.special_token_ids.contains(id)).collect(),
+            is_special: prompt
+                .iter()
+                .map(|id| self.special_token_ids.contains(id))
+                .collect(),
         })
     }
 
@@ -308,7 +352,9 @@ impl Runner {
         request.cached_len = request.tokens.len() - 1;
         request.chooser.record(choice.id);
         let text = request.decoder.next(&self.tokenizer, &request.tokens)?;
-        let finish_reason = request.stopping.check(choice.id, &text, &self.eos_token_ids);
+        let finish_reason = request
+            .stopping
+            .check(choice.id, &text, &self.eos_token_ids);
         let generated_text = finish_reason
             .map(|reason| -> Result<GeneratedText> {
                 let params = request.chooser.params();
@@ -326,7 +372,11 @@ impl Runner {
             let (ids, logprobs): (Vec<u32>, Vec<f32>) = choice.top.into_iter().unzip();
             let texts = ids
                 .iter()
-                .map(|&id| self.tokenizer.decode(&[id], false).map_err(|e| anyhow!("detokenizing: {e}")))
+                .map(|&id| {
+                    self.tokenizer
+                        .decode(&[id], false)
+                        .map_err(|e| anyhow!("detokenizing: {e}"))
+                })
                 .collect::<Result<_>>()?;
             vec![self.tokens(ids, logprobs, texts)]
         };
@@ -341,8 +391,16 @@ impl Runner {
     }
 
     fn tokens(&self, ids: Vec<u32>, logprobs: Vec<f32>, texts: Vec<String>) -> Tokens {
-        let is_special = ids.iter().map(|id| self.special_token_ids.contains(id)).collect();
-        Tokens { ids, logprobs, texts, is_special }
+        let is_special = ids
+            .iter()
+            .map(|id| self.special_token_ids.contains(id))
+            .collect();
+        Tokens {
+            ids,
+            logprobs,
+            texts,
+            is_special,
+        }
     }
 }
 

@@ -48,7 +48,9 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Unset parameters (`None`) mean plain greedy decoding.
     pub fn from_proto(p: Option<&NextTokenChooserParameters>) -> Result<Self> {
-        let Some(p) = p else { return Ok(Self::default()) };
+        let Some(p) = p else {
+            return Ok(Self::default());
+        };
         let params = Self {
             temperature: p.temperature,
             top_k: p.top_k as usize,
@@ -66,7 +68,10 @@ impl SamplingParams {
             params.temperature
         );
         for (name, value) in [("top_p", params.top_p), ("typical_p", params.typical_p)] {
-            ensure!(value > 0.0 && value <= 1.0, "{name} must be in (0, 1], got {value}");
+            ensure!(
+                value > 0.0 && value <= 1.0,
+                "{name} must be in (0, 1], got {value}"
+            );
         }
         ensure!(
             params.repetition_penalty.is_finite() && params.repetition_penalty > 0.0,
@@ -87,7 +92,9 @@ impl SamplingParams {
     }
 
     fn penalises(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
     }
 }
 
@@ -134,7 +141,10 @@ impl NextTokenChooser {
 
     /// Whether the row must be processed on the host (anything but plain greedy).
     fn needs_host_row(&self) -> bool {
-        self.params.do_sample || self.params.warps() || self.params.penalises() || self.top_n_tokens > 0
+        self.params.do_sample
+            || self.params.warps()
+            || self.params.penalises()
+            || self.top_n_tokens > 0
     }
 
     /// Records a generated token for the penalties.
@@ -155,7 +165,11 @@ impl NextTokenChooser {
         } else {
             argmax(&logprobs)
         };
-        Ok(Choice { id: id as u32, logprob: logprobs[id], top: top_n(&logprobs, self.top_n_tokens) })
+        Ok(Choice {
+            id: id as u32,
+            logprob: logprobs[id],
+            top: top_n(&logprobs, self.top_n_tokens),
+        })
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -187,7 +201,10 @@ fn apply_warpers(params: &SamplingParams, logits: &mut [f32]) {
         let mut sorted = logits.to_vec();
         let (_, kth, _) = sorted.select_nth_unstable_by(params.top_k - 1, |a, b| b.total_cmp(a));
         let threshold = *kth;
-        logits.iter_mut().filter(|l| **l < threshold).for_each(|l| *l = f32::NEG_INFINITY);
+        logits
+            .iter_mut()
+            .filter(|l| **l < threshold)
+            .for_each(|l| *l = f32::NEG_INFINITY);
     }
     if params.top_p < 1.0 {
         let probs = softmax(logits);
@@ -204,11 +221,16 @@ fn apply_warpers(params: &SamplingParams, logits: &mut [f32]) {
     }
     if params.typical_p < 1.0 {
         let logprobs = log_softmax(logits);
-        let entropy: f32 =
-            -logprobs.iter().filter(|l| l.is_finite()).map(|&l| l * l.exp()).sum::<f32>();
+        let entropy: f32 = -logprobs
+            .iter()
+            .filter(|l| l.is_finite())
+            .map(|&l| l * l.exp())
+            .sum::<f32>();
         // Tokens ranked by how close their information content is to the entropy.
         let surprise_gap: Vec<f32> = logprobs.iter().map(|&l| (-l - entropy).abs()).collect();
-        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logprobs[i].is_finite()).collect();
+        let mut order: Vec<usize> = (0..logits.len())
+            .filter(|&i| logprobs[i].is_finite())
+            .collect();
         order.sort_unstable_by(|&a, &b| surprise_gap[a].total_cmp(&surprise_gap[b]));
         let mut mass = 0.0;
         for &i in &order {
@@ -241,21 +263,21 @@ fn argmax(values: &[f32]) -> usize {
     best
 }
 
-/// Draws an index from the distribution `exp(logprobs)`.
+/// Draws an index from the distribution `exp(logprobs)` with the Gumbel-max trick:
+/// argmax of logprob + Gumbel noise, one draw per token. Unlike inverting the CDF,
+/// where float error accumulates over the whole vocabulary, a tiny change in the
+/// logits (another batch shape) only flips the draw between near-tied candidates.
 fn sample(logprobs: &[f32], rng: &mut StdRng) -> usize {
-    let probs: Vec<f32> = logprobs.iter().map(|l| l.exp()).collect();
-    let total: f32 = probs.iter().sum();
-    let mut target = rng.random::<f32>() * total;
-    for (i, &p) in probs.iter().enumerate() {
-        if p > 0.0 {
-            if target < p {
-                return i;
-            }
-            target -= p;
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, &logprob) in logprobs.iter().enumerate() {
+        // 1 - U is in (0, 1]: the logarithms stay finite.
+        let uniform = 1.0 - rng.random::<f32>();
+        let key = logprob - (-uniform.ln()).ln();
+        if key > best.1 {
+            best = (i, key);
         }
     }
-    // Rounding left the target past the end: the last possible token.
-    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0)
+    best.0
 }
 
 /// The `n` most likely tokens with a finite logprob, most likely first.
@@ -263,7 +285,9 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return vec![];
     }
-    let mut order: Vec<usize> = (0..logprobs.len()).filter(|&i| logprobs[i].is_finite()).collect();
+    let mut order: Vec<usize> = (0..logprobs.len())
+        .filter(|&i| logprobs[i].is_finite())
+        .collect();
     let n = n.min(order.len());
     if n < order.len() {
         order.select_nth_unstable_by(n - 1, |&a, &b| logprobs[b].total_cmp(&logprobs[a]));
@@ -274,7 +298,10 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
 }
 
 /// Chooses one token per row of `logits` (`[choosers.len(), vocab]`, f32, on the model's device).
-pub fn choose_tokens(logits: &Tensor, choosers: &mut [&mut NextTokenChooser]) -> Result<Vec<Choice>> {
+pub fn choose_tokens(
+    logits: &Tensor,
+    choosers: &mut [&mut NextTokenChooser],
+) -> Result<Vec<Choice>> {
     let (rows, _vocab) = logits.dims2()?;
     if rows != choosers.len() {
         bail!("{rows} logits rows for {} requests", choosers.len());
@@ -285,7 +312,8 @@ pub fn choose_tokens(logits: &Tensor, choosers: &mut [&mut NextTokenChooser]) ->
     let logits = logits.to_dtype(DType::F32)?;
     // Device path for every row at once; host rows overwrite their entry below.
     let greedy_ids = logits.argmax_keepdim(D::Minus1)?;
-    let greedy_logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&greedy_ids, D::Minus1)?;
+    let greedy_logprobs =
+        candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&greedy_ids, D::Minus1)?;
     let greedy_ids = greedy_ids.flatten_all()?.to_vec1::<u32>()?;
     let greedy_logprobs = greedy_logprobs.flatten_all()?.to_vec1::<f32>()?;
     choosers
@@ -295,7 +323,11 @@ pub fn choose_tokens(logits: &Tensor, choosers: &mut [&mut NextTokenChooser]) ->
             if chooser.needs_host_row() {
                 chooser.choose_from_row(logits.get(row)?.to_vec1::<f32>()?)
             } else {
-                Ok(Choice { id: greedy_ids[row], logprob: greedy_logprobs[row], top: vec![] })
+                Ok(Choice {
+                    id: greedy_ids[row],
+                    logprob: greedy_logprobs[row],
+                    top: vec![],
+                })
             }
         })
         .collect()
@@ -309,7 +341,10 @@ pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
     }
     let targets = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
     let logprobs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    Ok(logprobs.gather(&targets, D::Minus1)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(logprobs
+        .gather(&targets, D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 #[cfg(test)]
@@ -322,13 +357,18 @@ mod tests {
     }
 
     fn kept(logits: &[f32]) -> Vec<usize> {
-        (0..logits.len()).filter(|&i| logits[i].is_finite()).collect()
+        (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect()
     }
 
     #[test]
     fn greedy_runs_on_device_and_matches_host_argmax() {
         let logits = Tensor::new(&[[0.1f32, 2.0, -1.0], [3.0, 0.0, 1.0]], &Device::Cpu).unwrap();
-        let (mut a, mut b) = (chooser(SamplingParams::default()), chooser(SamplingParams::default()));
+        let (mut a, mut b) = (
+            chooser(SamplingParams::default()),
+            chooser(SamplingParams::default()),
+        );
         let choices = choose_tokens(&logits, &mut [&mut a, &mut b]).unwrap();
         assert_eq!(choices.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 0]);
         let expected = log_softmax(&[0.1, 2.0, -1.0])[1];
@@ -348,7 +388,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
-        let params = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let c = NextTokenChooser::new(params, 0, &[0, 1]);
         let mut logits = vec![4.0, -1.0, 3.0];
         c.apply_penalties(&mut logits);
@@ -357,8 +400,11 @@ mod tests {
 
     #[test]
     fn frequency_and_presence_penalties_count_generated_tokens_only() {
-        let params =
-            SamplingParams { frequency_penalty: 0.5, presence_penalty: 1.0, ..Default::default() };
+        let params = SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 1.0,
+            ..Default::default()
+        };
         let mut c = NextTokenChooser::new(params, 0, &[2]);
         c.record(0);
         c.record(0);
@@ -370,7 +416,10 @@ mod tests {
 
     #[test]
     fn temperature_scales_logits() {
-        let params = SamplingParams { temperature: 0.5, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 0.5,
+            ..Default::default()
+        };
         let mut logits = vec![1.0, -2.0];
         apply_warpers(&params, &mut logits);
         assert_eq!(logits, vec![2.0, -4.0]);
@@ -378,7 +427,10 @@ mod tests {
 
     #[test]
     fn top_k_keeps_the_k_largest() {
-        let params = SamplingParams { top_k: 2, ..Default::default() };
+        let params = SamplingParams {
+            top_k: 2,
+            ..Default::default()
+        };
         let mut logits = vec![1.0, 4.0, 3.0, 0.0];
         apply_warpers(&params, &mut logits);
         assert_eq!(kept(&logits), vec![1, 2]);
@@ -389,7 +441,10 @@ mod tests {
         // Probabilities 0.5, 0.3, 0.2.
         let logits: Vec<f32> = [0.5f32, 0.3, 0.2].iter().map(|p| p.ln()).collect();
         for (top_p, expected) in [(0.5, vec![0]), (0.6, vec![0, 1]), (0.85, vec![0, 1, 2])] {
-            let params = SamplingParams { top_p, ..Default::default() };
+            let params = SamplingParams {
+                top_p,
+                ..Default::default()
+            };
             let mut l = logits.clone();
             apply_warpers(&params, &mut l);
             assert_eq!(kept(&l), expected, "top_p {top_p}");
@@ -401,7 +456,10 @@ mod tests {
         // Entropy of (0.4, 0.4, 0.1, 0.1) is ~1.19 nats: the 0.4 tokens (surprise 0.92)
         // are more typical than the 0.1 ones (2.30).
         let logits: Vec<f32> = [0.1f32, 0.4, 0.4, 0.1].iter().map(|p| p.ln()).collect();
-        let params = SamplingParams { typical_p: 0.5, ..Default::default() };
+        let params = SamplingParams {
+            typical_p: 0.5,
+            ..Default::default()
+        };
         let mut l = logits.clone();
         apply_warpers(&params, &mut l);
         assert_eq!(kept(&l), vec![1, 2]);
@@ -409,22 +467,42 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens_and_samples_follow_the_distribution() {
-        let params = SamplingParams { do_sample: true, seed: 42, ..Default::default() };
+        let params = SamplingParams {
+            do_sample: true,
+            seed: 42,
+            ..Default::default()
+        };
         let row: Vec<f32> = [0.7f32, 0.2, 0.1].iter().map(|p| p.ln()).collect();
         let draw = |params: &SamplingParams| -> Vec<u32> {
             let mut c = chooser(params.clone());
-            (0..200).map(|_| c.choose_from_row(row.clone()).unwrap().id).collect()
+            (0..200)
+                .map(|_| c.choose_from_row(row.clone()).unwrap().id)
+                .collect()
         };
         let first = draw(&params);
         assert_eq!(first, draw(&params));
-        assert_ne!(first, draw(&SamplingParams { seed: 7, ..params.clone() }));
+        assert_ne!(
+            first,
+            draw(&SamplingParams {
+                seed: 7,
+                ..params.clone()
+            })
+        );
         let zeros = first.iter().filter(|&&t| t == 0).count();
-        assert!((110..170).contains(&zeros), "token 0 drawn {zeros}/200 times");
+        assert!(
+            (110..170).contains(&zeros),
+            "token 0 drawn {zeros}/200 times"
+        );
     }
 
     #[test]
     fn sampling_never_picks_filtered_tokens() {
-        let params = SamplingParams { do_sample: true, top_k: 1, seed: 3, ..Default::default() };
+        let params = SamplingParams {
+            do_sample: true,
+            top_k: 1,
+            seed: 3,
+            ..Default::default()
+        };
         let mut c = chooser(params);
         for _ in 0..50 {
             let choice = c.choose_from_row(vec![1.0, 1.5, 0.5]).unwrap();
@@ -444,10 +522,22 @@ mod tests {
         };
         assert!(SamplingParams::from_proto(Some(&valid)).is_ok());
         for bad in [
-            NextTokenChooserParameters { temperature: 0.0, ..valid },
-            NextTokenChooserParameters { top_p: 1.5, ..valid },
-            NextTokenChooserParameters { typical_p: 0.0, ..valid },
-            NextTokenChooserParameters { repetition_penalty: -1.0, ..valid },
+            NextTokenChooserParameters {
+                temperature: 0.0,
+                ..valid
+            },
+            NextTokenChooserParameters {
+                top_p: 1.5,
+                ..valid
+            },
+            NextTokenChooserParameters {
+                typical_p: 0.0,
+                ..valid
+            },
+            NextTokenChooserParameters {
+                repetition_penalty: -1.0,
+                ..valid
+            },
         ] {
             assert!(SamplingParams::from_proto(Some(&bad)).is_err(), "{bad:?}");
         }

@@ -27,7 +27,11 @@ impl StoppingCriteria {
         let params = params.cloned().unwrap_or_default();
         Self {
             max_new_tokens: params.max_new_tokens,
-            stop_sequences: params.stop_sequences.into_iter().filter(|s| !s.is_empty()).collect(),
+            stop_sequences: params
+                .stop_sequences
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
             ignore_eos_token: params.ignore_eos_token,
             generated_tokens: 0,
             text_tail: String::new(),
@@ -55,13 +59,27 @@ impl StoppingCriteria {
         if self.stop_sequences.is_empty() || text.is_empty() {
             return None;
         }
-        let longest = self.stop_sequences.iter().map(String::len).max().unwrap_or(0);
+        let longest = self
+            .stop_sequences
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0);
         // Only a match that uses some of the new text is new.
-        let search_from = floor_char_boundary(&self.text_tail, self.text_tail.len().saturating_sub(longest - 1));
+        let search_from = floor_char_boundary(
+            &self.text_tail,
+            self.text_tail.len().saturating_sub(longest - 1),
+        );
         self.text_tail.push_str(text);
         let window = &self.text_tail[search_from..];
-        let stopped = self.stop_sequences.iter().any(|s| window.contains(s.as_str()));
-        let keep_from = floor_char_boundary(&self.text_tail, self.text_tail.len().saturating_sub(longest));
+        let stopped = self
+            .stop_sequences
+            .iter()
+            .any(|s| window.contains(s.as_str()));
+        let keep_from = floor_char_boundary(
+            &self.text_tail,
+            self.text_tail.len().saturating_sub(longest),
+        );
         self.text_tail.drain(..keep_from);
         stopped.then_some(FinishReason::StopSequence)
     }
@@ -84,7 +102,9 @@ fn decode_after(
     skip_special_tokens: bool,
 ) -> Result<Option<String>> {
     let decode = |ids: &[u32]| {
-        tokenizer.decode(ids, skip_special_tokens).map_err(|e| anyhow!("detokenizing: {e}"))
+        tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("detokenizing: {e}"))
     };
     let prefix_text = decode(&ids[prefix_offset..read_offset])?;
     let new_text = decode(&ids[prefix_offset..])?;
@@ -104,7 +124,10 @@ pub struct IncrementalDecoder {
 impl IncrementalDecoder {
     /// For a sequence whose first `start` tokens are context (the prompt) and not emitted.
     pub fn new(start: usize) -> Self {
-        Self { prefix_offset: start.saturating_sub(DECODE_CONTEXT_TOKENS), read_offset: start }
+        Self {
+            prefix_offset: start.saturating_sub(DECODE_CONTEXT_TOKENS),
+            read_offset: start,
+        }
     }
 
     /// The text the last token of `ids` adds (empty while a character is incomplete).
@@ -124,10 +147,12 @@ impl IncrementalDecoder {
 /// context so that a leading space survives decoders that strip it.
 pub fn decode_generated(tokenizer: &Tokenizer, ids: &[u32], start: usize) -> Result<String> {
     let prefix_offset = start.saturating_sub(1);
-    Ok(decode_after(tokenizer, ids, prefix_offset, start, true)?.unwrap_or_else(|| {
-        // Nothing complete after the context (e.g. only special tokens): decode alone.
-        tokenizer.decode(&ids[start..], true).unwrap_or_default()
-    }))
+    Ok(
+        decode_after(tokenizer, ids, prefix_offset, start, true)?.unwrap_or_else(|| {
+            // Nothing complete after the context (e.g. only special tokens): decode alone.
+            tokenizer.decode(&ids[start..], true).unwrap_or_default()
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -168,7 +193,10 @@ mod tests {
 
     #[test]
     fn stops_at_eos_unless_ignored() {
-        assert_eq!(criteria(10, &[], false).check(6, "", &[6]), Some(FinishReason::EosToken));
+        assert_eq!(
+            criteria(10, &[], false).check(6, "", &[6]),
+            Some(FinishReason::EosToken)
+        );
         assert_eq!(criteria(10, &[], true).check(6, "", &[6]), None);
     }
 
@@ -198,7 +226,9 @@ mod tests {
         // Prompt "a", then generated " ", "b", then "é" in two tokens, then ".".
         let ids = [1u32, 0, 2, 3, 4, 5];
         let mut decoder = IncrementalDecoder::new(1);
-        let texts: Vec<String> = (2..=ids.len()).map(|n| decoder.next(&tok, &ids[..n]).unwrap()).collect();
+        let texts: Vec<String> = (2..=ids.len())
+            .map(|n| decoder.next(&tok, &ids[..n]).unwrap())
+            .collect();
         assert_eq!(texts, vec![" ", "b", "", "é", "."]);
         assert_eq!(decode_generated(&tok, &ids, 1).unwrap(), " bé.");
     }

@@ -41,7 +41,8 @@ impl Runner {
                 self.allocate(min_blocks, min_blocks)?;
                 self.run_batch(&batch).context("warmup prefill")?;
                 self.cache = None;
-                let num_blocks = self.memory_budget()? / KvCache::bytes_per_block(self.model.spec(), block_size);
+                let num_blocks =
+                    self.memory_budget()? / KvCache::bytes_per_block(self.model.spec(), block_size);
                 if self.device.is_cuda() {
                     // The batch must also fit next to the full cache in GPU memory.
                     self.allocate_and_run(num_blocks, min_blocks, &batch, CUDA_SHRINK_ATTEMPTS)?
@@ -52,7 +53,9 @@ impl Runner {
             }
         };
         tracing::info!(num_blocks, block_size, "KV cache allocated");
-        Ok(WarmupResponse { max_supported_total_tokens: ((num_blocks - 1) * block_size) as u32 })
+        Ok(WarmupResponse {
+            max_supported_total_tokens: ((num_blocks - 1) * block_size) as u32,
+        })
     }
 
     fn allocate(&mut self, num_blocks: usize, min_blocks: usize) -> Result<()> {
@@ -62,7 +65,12 @@ impl Runner {
              ({min_blocks} blocks): lower max_batch_prefill_tokens or give the cache more memory",
             self.block_size
         );
-        self.cache = Some(KvCache::new(self.model.spec(), num_blocks, self.block_size, &self.device)?);
+        self.cache = Some(KvCache::new(
+            self.model.spec(),
+            num_blocks,
+            self.block_size,
+            &self.device,
+        )?);
         Ok(())
     }
 
@@ -78,14 +86,19 @@ impl Runner {
         let mut attempts_left = attempts;
         loop {
             attempts_left -= 1;
-            let Err(e) = self.allocate(num_blocks, min_blocks).and_then(|()| self.run_batch(batch)) else {
+            let Err(e) = self
+                .allocate(num_blocks, min_blocks)
+                .and_then(|()| self.run_batch(batch))
+            else {
                 return Ok(num_blocks);
             };
             self.cache = None;
             if attempts_left == 0 {
                 return Err(e.context(format!("warmup with a KV cache of {num_blocks} blocks")));
             }
-            tracing::warn!("warmup with {num_blocks} KV blocks failed ({e:#}); retrying with fewer");
+            tracing::warn!(
+                "warmup with {num_blocks} KV blocks failed ({e:#}); retrying with fewer"
+            );
             num_blocks = num_blocks * 4 / 5;
         }
     }
@@ -95,7 +108,11 @@ impl Runner {
         if batch.requests.is_empty() {
             return Ok(());
         }
-        let mut requests = batch.requests.iter().map(RequestState::from_proto).collect::<Result<Vec<_>>>()?;
+        let mut requests = batch
+            .requests
+            .iter()
+            .map(RequestState::from_proto)
+            .collect::<Result<Vec<_>>>()?;
         self.step(&mut requests, true)?;
         Ok(())
     }
@@ -103,7 +120,9 @@ impl Runner {
     fn memory_budget(&self) -> Result<usize> {
         Ok(match &self.device {
             Device::Cpu => self.kv_memory.cpu_bytes,
-            device => (free_device_memory(device)? as f64 * self.kv_memory.cuda_memory_fraction) as usize,
+            device => {
+                (free_device_memory(device)? as f64 * self.kv_memory.cuda_memory_fraction) as usize
+            }
         })
     }
 }
@@ -147,8 +166,16 @@ mod tests {
     fn blocks_used_covers_blocks_and_slots() {
         let batch = Batch {
             requests: vec![
-                Request { blocks: vec![3], slots: vec![48, 49], ..Default::default() },
-                Request { blocks: vec![1], slots: vec![16, 17, 95], ..Default::default() },
+                Request {
+                    blocks: vec![3],
+                    slots: vec![48, 49],
+                    ..Default::default()
+                },
+                Request {
+                    blocks: vec![1],
+                    slots: vec![16, 17, 95],
+                    ..Default::default()
+                },
             ],
             ..Default::default()
         };

@@ -25,19 +25,49 @@ pub struct RunnerHandle {
 }
 
 impl RunnerHandle {
-    pub fn spawn(mut runner: Runner) -> Result<Self> {
+    /// Starts the worker thread and builds the runner on it, so that the model is
+    /// loaded on the thread that will run it (CUDA contexts are per thread).
+    pub async fn spawn<F>(build: F) -> Result<Self>
+    where
+        F: FnOnce() -> Result<Runner> + Send + 'static,
+    {
         let (jobs, receiver) = mpsc::channel::<Job>();
+        let (ready, built) = oneshot::channel();
         let status = Arc::new(WorkerStatus::default());
         let worker_status = status.clone();
-        let thread = std::thread::Builder::new().name("shard-runner".into()).spawn(move || {
-            for job in receiver {
-                worker_status.busy.store(true, Ordering::SeqCst);
-                job(&mut runner);
-                worker_status.has_cache.store(runner.has_cache(), Ordering::SeqCst);
-                worker_status.busy.store(false, Ordering::SeqCst);
-            }
-        })?;
-        Ok(Self { jobs, status, thread })
+        let thread = std::thread::Builder::new()
+            .name("shard-runner".into())
+            .spawn(move || {
+                let mut runner = match catch_unwind(AssertUnwindSafe(build)) {
+                    Ok(Ok(runner)) => runner,
+                    Ok(Err(e)) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                    Err(panic) => {
+                        let _ =
+                            ready.send(Err(anyhow!("loading panicked: {}", panic_message(&panic))));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                for job in receiver {
+                    worker_status.busy.store(true, Ordering::SeqCst);
+                    job(&mut runner);
+                    worker_status
+                        .has_cache
+                        .store(runner.has_cache(), Ordering::SeqCst);
+                    worker_status.busy.store(false, Ordering::SeqCst);
+                }
+            })?;
+        built
+            .await
+            .map_err(|_| anyhow!("the shard runner thread stopped while loading"))??;
+        Ok(Self {
+            jobs,
+            status,
+            thread,
+        })
     }
 
     /// Runs `job` on the worker thread. A panic in it is reported as an error, and
@@ -49,13 +79,18 @@ impl RunnerHandle {
     {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |runner| {
-            let result = catch_unwind(AssertUnwindSafe(|| job(runner)))
-                .unwrap_or_else(|panic| Err(anyhow!("shard runner panicked: {}", panic_message(&panic))));
+            let result = catch_unwind(AssertUnwindSafe(|| job(runner))).unwrap_or_else(|panic| {
+                Err(anyhow!("shard runner panicked: {}", panic_message(&panic)))
+            });
             // The handler may have gone away (client cancelled): nothing to answer then.
             let _ = reply.send(result);
         });
-        self.jobs.send(job).map_err(|_| anyhow!("the shard runner thread has stopped"))?;
-        answer.await.map_err(|_| anyhow!("the shard runner thread has stopped"))?
+        self.jobs
+            .send(job)
+            .map_err(|_| anyhow!("the shard runner thread has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow!("the shard runner thread has stopped"))?
     }
 
     /// OK while the worker lives; once a cache exists and no step is running, also
@@ -64,7 +99,8 @@ impl RunnerHandle {
         if self.thread.is_finished() {
             return Err(anyhow!("the shard runner thread has stopped"));
         }
-        if self.status.busy.load(Ordering::SeqCst) || !self.status.has_cache.load(Ordering::SeqCst) {
+        if self.status.busy.load(Ordering::SeqCst) || !self.status.has_cache.load(Ordering::SeqCst)
+        {
             return Ok(());
         }
         self.run(Runner::health).await
