@@ -2,8 +2,9 @@
 //! cache, shared by the `text-generation-shard` binary and the integration tests.
 
 pub mod cache;
+pub mod dist;
 pub mod layers;
 pub mod models;
-pub mod weights;
 pub mod runner;
 pub mod server;
+pub mod weights;

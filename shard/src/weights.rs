@@ -194,9 +194,7 @@ impl Weights {
     ) -> Result<QMatMul> {
         let shape = shape.into();
         match &*self.checkpoint {
-            Checkpoint::Safetensors(_) => {
-                Ok(QMatMul::Tensor(self.tensor_part(name, shape, part)?))
-            }
+            Checkpoint::Safetensors(_) => Ok(QMatMul::Tensor(self.tensor_part(name, shape, part)?)),
             Checkpoint::Gguf { .. } => {
                 let qtensor = self.qtensor(name)?;
                 self.check_shape(name, qtensor.shape(), &shape)?;
@@ -313,8 +311,16 @@ impl Part {
             _ => bail!("{name}: only 1D and 2D tensors can be split, not {dims:?}"),
         };
         let extent = if self.dim == 0 { rows } else { cols };
-        if self.dim > 1 || dims.len() <= self.dim || self.range.end > extent || self.range.is_empty() {
-            bail!("{name}: cannot take {:?} of dim {} of {dims:?}", self.range, self.dim)
+        if self.dim > 1
+            || dims.len() <= self.dim
+            || self.range.end > extent
+            || self.range.is_empty()
+        {
+            bail!(
+                "{name}: cannot take {:?} of dim {} of {dims:?}",
+                self.range,
+                self.dim
+            )
         }
         let row_bytes = cols / block * block_bytes;
         if data.len() != rows * row_bytes {
@@ -332,7 +338,10 @@ impl Part {
                 self.range
             )
         }
-        let (from, to) = (self.range.start / block * block_bytes, self.range.end / block * block_bytes);
+        let (from, to) = (
+            self.range.start / block * block_bytes,
+            self.range.end / block * block_bytes,
+        );
         let bytes = data
             .chunks_exact(row_bytes)
             .flat_map(|row| &row[from..to])
@@ -445,12 +454,18 @@ mod tests {
     fn parts_of_rows_columns_and_blocks() {
         // [3, 4] of u8 elements.
         let data: Vec<u8> = (0..12).collect();
-        let rows = Part { dim: 0, range: 1..3 };
+        let rows = Part {
+            dim: 0,
+            range: 1..3,
+        };
         assert_eq!(
             rows.of_bytes("w", &data, &[3, 4], 1, 1).unwrap(),
             ((4..12).collect(), vec![2, 4])
         );
-        let cols = Part { dim: 1, range: 2..4 };
+        let cols = Part {
+            dim: 1,
+            range: 2..4,
+        };
         assert_eq!(
             cols.of_bytes("w", &data, &[3, 4], 1, 1).unwrap(),
             (vec![2, 3, 6, 7, 10, 11], vec![3, 2])
@@ -461,12 +476,30 @@ mod tests {
             cols.of_bytes("w", &data, &[3, 4], 2, 3).unwrap(),
             (vec![3, 4, 5, 9, 10, 11, 15, 16, 17], vec![3, 2])
         );
-        let split_block = Part { dim: 1, range: 1..3 };
-        let err = split_block.of_bytes("w", &data, &[3, 4], 2, 3).unwrap_err().to_string();
+        let split_block = Part {
+            dim: 1,
+            range: 1..3,
+        };
+        let err = split_block
+            .of_bytes("w", &data, &[3, 4], 2, 3)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("quantization blocks"), "{err}");
-        let bias = Part { dim: 0, range: 2..4 };
-        assert_eq!(bias.of_bytes("b", &[0, 1, 2, 3, 4, 5, 6, 7], &[4], 1, 2).unwrap(), (vec![4, 5, 6, 7], vec![2]));
-        assert!(Part { dim: 1, range: 0..1 }.of_bytes("b", &[0; 4], &[4], 1, 1).is_err());
+        let bias = Part {
+            dim: 0,
+            range: 2..4,
+        };
+        assert_eq!(
+            bias.of_bytes("b", &[0, 1, 2, 3, 4, 5, 6, 7], &[4], 1, 2)
+                .unwrap(),
+            (vec![4, 5, 6, 7], vec![2])
+        );
+        assert!(Part {
+            dim: 1,
+            range: 0..1
+        }
+        .of_bytes("b", &[0; 4], &[4], 1, 1)
+        .is_err());
     }
 
     #[test]
