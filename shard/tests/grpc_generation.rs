@@ -19,7 +19,11 @@ const PROMPT: &str = "The capital of France is";
 fn model_path() -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run scripts/fetch-default-model.sh", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-default-model.sh",
+        path.display()
+    );
     path
 }
 
@@ -49,13 +53,20 @@ impl Shard {
             .spawn()
             .unwrap();
         let socket = PathBuf::from(format!("{}-0", prefix.display()));
-        let mut shard = Self { child, socket, _dir: dir };
+        let mut shard = Self {
+            child,
+            socket,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         while !shard.socket.exists() {
             if let Some(status) = shard.child.try_wait().unwrap() {
                 panic!("shard exited before listening: {status}");
             }
-            assert!(Instant::now() < deadline, "shard did not listen within 120 s");
+            assert!(
+                Instant::now() < deadline,
+                "shard did not listen within 120 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         shard
@@ -67,7 +78,11 @@ impl Shard {
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let socket = socket.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
             }))
             .await
             .unwrap();
@@ -79,7 +94,13 @@ impl Shard {
         let mut client = self.client().await;
         let warmup = client
             .warmup(WarmupRequest {
-                batch: Some(Batch { id: 0, requests: vec![], size: 0, max_tokens: 0, max_blocks: 0 }),
+                batch: Some(Batch {
+                    id: 0,
+                    requests: vec![],
+                    size: 0,
+                    max_tokens: 0,
+                    max_blocks: 0,
+                }),
                 max_input_tokens: 1024,
                 max_prefill_tokens: 1024,
                 max_total_tokens: 2048,
@@ -99,7 +120,11 @@ impl Shard {
         if let Some(status) = self.child.try_wait().unwrap() {
             return status;
         }
-        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         self.child.wait().unwrap()
     }
 }
@@ -122,12 +147,17 @@ impl Blocks {
 
     fn request(&mut self, id: u64, prompt: &str, max_new_tokens: u32) -> Request {
         static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
-        let tokenizer = TOKENIZER.get_or_init(|| ModelFiles::open(model_path()).unwrap().tokenizer().unwrap());
+        let tokenizer =
+            TOKENIZER.get_or_init(|| ModelFiles::open(model_path()).unwrap().tokenizer().unwrap());
         let input_ids = tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
         let total = input_ids.len() as u32 + max_new_tokens;
         let blocks: Vec<u32> = (self.next..self.next + total.div_ceil(BLOCK_SIZE)).collect();
         self.next += blocks.len() as u32;
-        let slots = blocks.iter().flat_map(|b| b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE).take(total as usize).collect();
+        let slots = blocks
+            .iter()
+            .flat_map(|b| b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE)
+            .take(total as usize)
+            .collect();
         Request {
             id,
             input_ids,
@@ -139,7 +169,10 @@ impl Blocks {
                 repetition_penalty: 1.0,
                 ..Default::default()
             }),
-            stopping_parameters: Some(StoppingCriteriaParameters { max_new_tokens, ..Default::default() }),
+            stopping_parameters: Some(StoppingCriteriaParameters {
+                max_new_tokens,
+                ..Default::default()
+            }),
             blocks,
             slots,
             ..Default::default()
@@ -148,7 +181,13 @@ impl Blocks {
 }
 
 fn batch(id: u64, requests: Vec<Request>) -> Batch {
-    Batch { id, size: requests.len() as u32, requests, max_tokens: 0, max_blocks: 0 }
+    Batch {
+        id,
+        size: requests.len() as u32,
+        requests,
+        max_tokens: 0,
+        max_blocks: 0,
+    }
 }
 
 /// Generated token ids and final texts by request id.
@@ -166,8 +205,14 @@ impl Outputs {
     fn record(&mut self, generations: Vec<Generation>) {
         for g in generations {
             let tokens = g.tokens.unwrap();
-            self.tokens.entry(g.request_id).or_default().extend(tokens.ids);
-            self.texts.entry(g.request_id).or_default().push_str(&tokens.texts.concat());
+            self.tokens
+                .entry(g.request_id)
+                .or_default()
+                .extend(tokens.ids);
+            self.texts
+                .entry(g.request_id)
+                .or_default()
+                .push_str(&tokens.texts.concat());
             self.last_special.insert(g.request_id, tokens.is_special[0]);
             if let Some(text) = g.generated_text {
                 self.finished.insert(g.request_id, text);
@@ -176,8 +221,16 @@ impl Outputs {
     }
 }
 
-async fn prefill(client: &mut TextGenerationServiceClient<Channel>, batch: Batch, outputs: &mut Outputs) -> Option<CachedBatch> {
-    let response = client.prefill(PrefillRequest { batch: Some(batch) }).await.unwrap().into_inner();
+async fn prefill(
+    client: &mut TextGenerationServiceClient<Channel>,
+    batch: Batch,
+    outputs: &mut Outputs,
+) -> Option<CachedBatch> {
+    let response = client
+        .prefill(PrefillRequest { batch: Some(batch) })
+        .await
+        .unwrap()
+        .into_inner();
     outputs.record(response.generations);
     response.batch
 }
@@ -187,7 +240,11 @@ async fn decode(
     batches: Vec<CachedBatch>,
     outputs: &mut Outputs,
 ) -> Option<CachedBatch> {
-    let response = client.decode(DecodeRequest { batches }).await.unwrap().into_inner();
+    let response = client
+        .decode(DecodeRequest { batches })
+        .await
+        .unwrap()
+        .into_inner();
     outputs.record(response.generations);
     response.batch
 }
@@ -206,23 +263,48 @@ async fn generate(client: &mut TextGenerationServiceClient<Channel>, batch: Batc
 async fn greedy_generation_info_and_health() {
     let shard = Shard::spawn();
     let mut client = shard.client().await;
-    client.health(HealthRequest {}).await.expect("health before warmup");
+    client
+        .health(HealthRequest {})
+        .await
+        .expect("health before warmup");
     let info = client.info(InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!((info.block_size, info.device_type.as_str(), info.dtype.as_str()), (BLOCK_SIZE, "cpu", "float32"));
-    assert_eq!((info.model_type.as_str(), info.rank, info.world_size), ("llama", 0, 1));
+    assert_eq!(
+        (
+            info.block_size,
+            info.device_type.as_str(),
+            info.dtype.as_str()
+        ),
+        (BLOCK_SIZE, "cpu", "float32")
+    );
+    assert_eq!(
+        (info.model_type.as_str(), info.rank, info.world_size),
+        ("llama", 0, 1)
+    );
     assert!(!info.support_chunking);
     assert!(info.quantization.contains("Q4_1"), "{}", info.quantization);
-    let urls = client.service_discovery(ServiceDiscoveryRequest {}).await.unwrap().into_inner().urls;
+    let urls = client
+        .service_discovery(ServiceDiscoveryRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .urls;
     assert_eq!(urls, vec![format!("unix://{}", shard.socket.display())]);
 
     let mut client = shard.warm_client().await;
-    let outputs = generate(&mut client, batch(1, vec![Blocks::new().request(1, PROMPT, 2)])).await;
+    let outputs = generate(
+        &mut client,
+        batch(1, vec![Blocks::new().request(1, PROMPT, 2)]),
+    )
+    .await;
     let text = &outputs.finished[&1];
     assert_eq!(text.text, " Paris.");
     assert_eq!(text.finish_reason, FinishReason::Length as i32);
     assert_eq!(text.generated_tokens, 2);
     assert_eq!(text.seed, None);
-    client.health(HealthRequest {}).await.expect("health after warmup");
+    client
+        .health(HealthRequest {})
+        .await
+        .expect("health after warmup");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -232,7 +314,10 @@ async fn warmup_sizes_the_cache_from_the_cpu_budget() {
     let mut blocks = Blocks::new();
     let long_prompt = "word ".repeat(200);
     // As the router's warmup: every sampling feature on.
-    let mut requests = vec![blocks.request(1, &long_prompt, 1), blocks.request(2, PROMPT, 1)];
+    let mut requests = vec![
+        blocks.request(1, &long_prompt, 1),
+        blocks.request(2, PROMPT, 1),
+    ];
     for request in &mut requests {
         request.parameters = Some(NextTokenChooserParameters {
             temperature: 0.9,
@@ -262,7 +347,11 @@ async fn warmup_sizes_the_cache_from_the_cpu_budget() {
     let blocks = (64 << 20) / bytes_per_block;
     assert_eq!(warmup.max_supported_total_tokens, (blocks - 1) * BLOCK_SIZE);
     // Warmup leaves no batch behind, and the cache serves requests.
-    let outputs = generate(&mut client, batch(1, vec![Blocks::new().request(1, PROMPT, 2)])).await;
+    let outputs = generate(
+        &mut client,
+        batch(1, vec![Blocks::new().request(1, PROMPT, 2)]),
+    )
+    .await;
     assert_eq!(outputs.finished[&1].text, " Paris.");
 }
 
@@ -275,22 +364,47 @@ async fn continuous_batching_does_not_change_greedy_tokens() {
 
     // The same request shares its batch with a short one, then a longer one joins.
     let mut outputs = Outputs::default();
-    let first = batch(2, vec![blocks.request(10, PROMPT, 12), blocks.request(11, "Hello", 3)]);
+    let first = batch(
+        2,
+        vec![
+            blocks.request(10, PROMPT, 12),
+            blocks.request(11, "Hello", 3),
+        ],
+    );
     let mut cached = prefill(&mut client, first, &mut outputs).await.unwrap();
     for _ in 0..3 {
-        cached = decode(&mut client, vec![cached], &mut outputs).await.unwrap();
+        cached = decode(&mut client, vec![cached], &mut outputs)
+            .await
+            .unwrap();
     }
     // Request 11 finished (3 tokens): the router filters it out.
     assert!(outputs.finished.contains_key(&11));
     assert_eq!(cached.request_ids, vec![10]);
-    let joining = batch(3, vec![blocks.request(12, "Once upon a time, in a faraway land, there", 20)]);
+    let joining = batch(
+        3,
+        vec![blocks.request(12, "Once upon a time, in a faraway land, there", 20)],
+    );
     let joined = prefill(&mut client, joining, &mut outputs).await.unwrap();
     let mut cached = decode(&mut client, vec![cached, joined], &mut outputs).await;
     while let Some(batch) = cached {
         let batch = if outputs.finished.contains_key(&10) && batch.request_ids.contains(&10) {
-            let keep: Vec<u64> = batch.request_ids.iter().copied().filter(|&id| id != 10).collect();
-            let request = FilterBatchRequest { batch_id: batch.id, request_ids: keep };
-            client.filter_batch(request).await.unwrap().into_inner().batch.unwrap()
+            let keep: Vec<u64> = batch
+                .request_ids
+                .iter()
+                .copied()
+                .filter(|&id| id != 10)
+                .collect();
+            let request = FilterBatchRequest {
+                batch_id: batch.id,
+                request_ids: keep,
+            };
+            client
+                .filter_batch(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .batch
+                .unwrap()
         } else {
             batch
         };
@@ -300,7 +414,10 @@ async fn continuous_batching_does_not_change_greedy_tokens() {
     assert_eq!(outputs.tokens[&10], alone.tokens[&1]);
     assert_eq!(outputs.finished[&10].text, alone.finished[&1].text);
     assert_eq!(outputs.tokens[&12].len(), 20);
-    assert_eq!(outputs.texts[&12], outputs.finished[&12].text, "streamed texts add up to the text");
+    assert_eq!(
+        outputs.texts[&12], outputs.finished[&12].text,
+        "streamed texts add up to the text"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -310,15 +427,30 @@ async fn eos_token_finishes_unless_ignored() {
     let mut blocks = Blocks::new();
     let chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
     let mut ignoring = blocks.request(2, chat, 40);
-    ignoring.stopping_parameters.as_mut().unwrap().ignore_eos_token = true;
-    let outputs = generate(&mut client, batch(1, vec![blocks.request(1, chat, 40), ignoring])).await;
+    ignoring
+        .stopping_parameters
+        .as_mut()
+        .unwrap()
+        .ignore_eos_token = true;
+    let outputs = generate(
+        &mut client,
+        batch(1, vec![blocks.request(1, chat, 40), ignoring]),
+    )
+    .await;
     let eos = &outputs.finished[&1];
     assert_eq!(eos.finish_reason, FinishReason::EosToken as i32, "{eos:?}");
     assert_eq!(outputs.tokens[&1].last(), Some(&2), "<|im_end|> is token 2");
     assert!(outputs.last_special[&1], "<|im_end|> is special");
-    assert!(!eos.text.is_empty() && !eos.text.contains("<|im_end|>"), "{:?}", eos.text);
+    assert!(
+        !eos.text.is_empty() && !eos.text.contains("<|im_end|>"),
+        "{:?}",
+        eos.text
+    );
     let ignored = &outputs.finished[&2];
-    assert_eq!((ignored.finish_reason, ignored.generated_tokens), (FinishReason::Length as i32, 40));
+    assert_eq!(
+        (ignored.finish_reason, ignored.generated_tokens),
+        (FinishReason::Length as i32, 40)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -337,7 +469,10 @@ async fn seeded_sampling_is_reproducible_across_batches() {
     // Both batches keep several rows in every step: on CPU the model computes one-row
     // matmuls on quantized activations and larger ones densely, which shifts the logits
     // slightly; the sampler's RNG itself does not depend on the batch.
-    let first = batch(1, vec![blocks.request(1, PROMPT, 12), sampled(&mut blocks, 2, 42)]);
+    let first = batch(
+        1,
+        vec![blocks.request(1, PROMPT, 12), sampled(&mut blocks, 2, 42)],
+    );
     let first = generate(&mut client, first).await;
     let second = vec![
         sampled(&mut blocks, 3, 7),
@@ -366,7 +501,10 @@ async fn stop_sequence_and_length_finish_reasons() {
     assert_eq!(stop.finish_reason, FinishReason::StopSequence as i32);
     assert_eq!(stop.text, " Paris", "the text includes the stop sequence");
     let length = &outputs.finished[&2];
-    assert_eq!((length.finish_reason, length.generated_tokens), (FinishReason::Length as i32, 5));
+    assert_eq!(
+        (length.finish_reason, length.generated_tokens),
+        (FinishReason::Length as i32, 5)
+    );
     assert_eq!(outputs.tokens[&2].len(), 5);
 }
 
@@ -378,19 +516,40 @@ async fn prefill_logprobs_and_top_n_tokens() {
     request.prefill_logprobs = true;
     request.top_n_tokens = 3;
     let prompt_len = request.input_ids.len();
-    let response = client.prefill(PrefillRequest { batch: Some(batch(1, vec![request])) }).await.unwrap().into_inner();
+    let response = client
+        .prefill(PrefillRequest {
+            batch: Some(batch(1, vec![request])),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let generation = &response.generations[0];
     let prefill = generation.prefill_tokens.as_ref().expect("prefill tokens");
-    assert_eq!((prefill.ids.len(), prefill.logprobs.len(), prefill.texts.len()), (prompt_len, prompt_len, prompt_len));
+    assert_eq!(
+        (
+            prefill.ids.len(),
+            prefill.logprobs.len(),
+            prefill.texts.len()
+        ),
+        (prompt_len, prompt_len, prompt_len)
+    );
     assert!(prefill.logprobs[0].is_nan());
-    assert!(prefill.logprobs[1..].iter().all(|&l| l.is_finite() && l <= 0.0));
+    assert!(prefill.logprobs[1..]
+        .iter()
+        .all(|&l| l.is_finite() && l <= 0.0));
     assert_eq!(prefill.texts.concat(), PROMPT);
     assert_eq!(generation.top_tokens.len(), 1);
     let top = &generation.top_tokens[0];
-    assert_eq!((top.ids.len(), top.logprobs.len(), top.texts.len()), (3, 3, 3));
+    assert_eq!(
+        (top.ids.len(), top.logprobs.len(), top.texts.len()),
+        (3, 3, 3)
+    );
     assert!(top.logprobs.windows(2).all(|w| w[0] >= w[1]));
     let chosen = generation.tokens.as_ref().unwrap();
-    assert_eq!(chosen.ids[0], top.ids[0], "greedy picks the most likely token");
+    assert_eq!(
+        chosen.ids[0], top.ids[0],
+        "greedy picks the most likely token"
+    );
     assert!((chosen.logprobs[0] - top.logprobs[0]).abs() < 1e-5);
     assert_eq!(chosen.texts[0], " Paris");
     assert!(response.forward_ns > 0 && response.total_ns >= response.forward_ns);
@@ -402,14 +561,48 @@ async fn clear_cache_drops_batches() {
     let mut client = shard.warm_client().await;
     let mut blocks = Blocks::new();
     let mut outputs = Outputs::default();
-    let first = prefill(&mut client, batch(1, vec![blocks.request(1, PROMPT, 10)]), &mut outputs).await.unwrap();
-    let second = prefill(&mut client, batch(2, vec![blocks.request(2, PROMPT, 10)]), &mut outputs).await.unwrap();
-    client.clear_cache(ClearCacheRequest { id: Some(1) }).await.unwrap();
-    let error = client.decode(DecodeRequest { batches: vec![first] }).await.unwrap_err();
-    assert!(error.message().contains("batch 1 not found"), "{}", error.message());
-    let second = decode(&mut client, vec![second], &mut outputs).await.unwrap();
-    client.clear_cache(ClearCacheRequest { id: None }).await.unwrap();
-    assert!(client.decode(DecodeRequest { batches: vec![second] }).await.is_err());
+    let first = prefill(
+        &mut client,
+        batch(1, vec![blocks.request(1, PROMPT, 10)]),
+        &mut outputs,
+    )
+    .await
+    .unwrap();
+    let second = prefill(
+        &mut client,
+        batch(2, vec![blocks.request(2, PROMPT, 10)]),
+        &mut outputs,
+    )
+    .await
+    .unwrap();
+    client
+        .clear_cache(ClearCacheRequest { id: Some(1) })
+        .await
+        .unwrap();
+    let error = client
+        .decode(DecodeRequest {
+            batches: vec![first],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        error.message().contains("batch 1 not found"),
+        "{}",
+        error.message()
+    );
+    let second = decode(&mut client, vec![second], &mut outputs)
+        .await
+        .unwrap();
+    client
+        .clear_cache(ClearCacheRequest { id: None })
+        .await
+        .unwrap();
+    assert!(client
+        .decode(DecodeRequest {
+            batches: vec![second]
+        })
+        .await
+        .is_err());
 
     let mut shard = shard;
     assert!(shard.terminate().success(), "SIGTERM is a clean exit");
