@@ -338,7 +338,7 @@ mod tests {
         // One warmup run and two measured runs per batch size.
         assert_eq!(calls.prefill_sizes, [vec![1; 3], vec![4; 6]].concat());
         // The first step of a batch prefilled in two calls decodes both cached batches.
-        let per_run_8 = vec![2, 1, 1];
+        let per_run_8 = [2, 1, 1];
         assert_eq!(
             calls.decode_batch_counts,
             [vec![1; 9], per_run_8.repeat(3)].concat()
