@@ -3,8 +3,8 @@
     python shard/reference/make_fixtures.py OUTDIR [--gguf SMOLLM2_GGUF]
 
 For each tiny random model (fixed seeds, so the output is reproducible) OUTDIR/NAME/ gets
-an HF-layout model (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-generation_config.json) and expected.safetensors holding, for a few token sequences,
+an HF-layout model (config.json, model.safetensors or shards with their index,
+tokenizer.json, tokenizer_config.json, generation_config.json) and expected.safetensors holding, for a few token sequences,
 `input_ids.I` (int64 [len]) and `logits.I` (float32 [len, vocab]) from the numpy
 reference (llama_ref.py). OUTDIR/llama3_gguf/ holds the Llama 3 one converted to GGUF
 as llama.cpp does (f32 tensors, Q/K rows permuted, llama3 scaling as rope_freqs), with
@@ -22,7 +22,7 @@ import os
 import sys
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama_ref  # noqa: E402
@@ -88,6 +88,9 @@ MODELS = {
         "tie_word_embeddings": True,
     },
 }
+
+# Written as sharded safetensors with an index.
+SHARDED = {"mistral_window"}
 
 SEQUENCE_LENGTHS = [11, 6, 1]
 
@@ -158,13 +161,24 @@ def write_expected(path, sequences, logits):
     save_file(tensors, path)
 
 
-def write_tiny_model(out_dir, name, overrides, seed):
+def write_tiny_model(out_dir, name, overrides, seed, sharded):
     rng = np.random.default_rng(seed)
     cfg = {**BASE, **overrides, "architectures": ["LlamaForCausalLM"]}
     model_dir = os.path.join(out_dir, name)
     os.makedirs(model_dir, exist_ok=True)
     weights = random_weights(cfg, rng)
-    save_file(weights, os.path.join(model_dir, "model.safetensors"))
+    if sharded:
+        # Two shards and an index, as large checkpoints come.
+        names = sorted(weights)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        weight_map = {}
+        for file, shard_names in shards.items():
+            save_file({n: weights[n] for n in shard_names}, os.path.join(model_dir, file))
+            weight_map.update({n: file for n in shard_names})
+        with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    else:
+        save_file(weights, os.path.join(model_dir, "model.safetensors"))
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
@@ -209,8 +223,6 @@ def write_gguf_model(out_dir, hf_name, name):
 
     hf_dir = os.path.join(out_dir, hf_name)
     cfg, _ = llama_ref.load_hf(hf_dir)
-    from safetensors.numpy import load_file
-
     weights = load_file(os.path.join(hf_dir, "model.safetensors"))
     model_dir = os.path.join(out_dir, name)
     os.makedirs(model_dir, exist_ok=True)
@@ -283,7 +295,7 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     for seed, (name, overrides) in enumerate(MODELS.items()):
-        write_tiny_model(args.out_dir, name, overrides, seed)
+        write_tiny_model(args.out_dir, name, overrides, seed, sharded=name in SHARDED)
         print(f"wrote {os.path.join(args.out_dir, name)}")
     write_gguf_model(args.out_dir, "llama3_gqa_tied", "llama3_gguf")
     print(f"wrote {os.path.join(args.out_dir, 'llama3_gguf')}")
