@@ -18,7 +18,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET="${PRESET:-llama-3.1-8b}"
-MODEL_DIR="${MODEL_DIR:-/tmp/llama-8b-random}"
+# One folder per preset: an existing model is reused, so presets must not share one.
+case "$PRESET" in
+    llama-3.1-8b) MODEL_DIR="${MODEL_DIR:-/tmp/llama-8b-random}" ;;
+    *) MODEL_DIR="${MODEL_DIR:-/tmp/llama-$PRESET-random}" ;;
+esac
 DTYPE="${DTYPE:-bfloat16}"
 PORT="${PORT:-8080}"
 RESULTS_DIR="${RESULTS_DIR:-/tmp/bench-results}"
