@@ -33,10 +33,9 @@ SHARD_UDS="/tmp/bench-shard"
 LIMITS=(--max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192)
 
 export PATH="$PWD/.bin:$PATH"
-for env_script in shared/cuda/device-env.sh ../shared/cuda/device-env.sh; do
-    # shellcheck source=/dev/null
-    if [ -f "$env_script" ]; then source "$env_script"; break; fi
-done
+# Where the GPU machine's image keeps the CUDA runtime libraries the binaries link to
+# (what shared/cuda/device-env.sh sets, for runs that do not carry shared/).
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 for binary in text-generation-launcher text-generation-shard text-generation-router text-generation-benchmark; do
     [ -x ".bin/$binary" ] || { echo "run_gpu.sh: .bin/$binary is missing: run benchmark/build_for_gpu.sh first" >&2; exit 1; }
 done
