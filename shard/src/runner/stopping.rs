@@ -146,13 +146,13 @@ impl IncrementalDecoder {
 /// The text of `ids[start..]` without special tokens, decoded after one token of
 /// context so that a leading space survives decoders that strip it.
 pub fn decode_generated(tokenizer: &Tokenizer, ids: &[u32], start: usize) -> Result<String> {
-    let prefix_offset = start.saturating_sub(1);
-    Ok(
-        decode_after(tokenizer, ids, prefix_offset, start, true)?.unwrap_or_else(|| {
-            // Nothing complete after the context (e.g. only special tokens): decode alone.
-            tokenizer.decode(&ids[start..], true).unwrap_or_default()
-        }),
-    )
+    match decode_after(tokenizer, ids, start.saturating_sub(1), start, true)? {
+        Some(text) => Ok(text),
+        // Nothing complete after the context (e.g. only special tokens): decode alone.
+        None => tokenizer
+            .decode(&ids[start..], true)
+            .map_err(|e| anyhow!("detokenizing: {e}")),
+    }
 }
 
 #[cfg(test)]
