@@ -189,8 +189,9 @@ def make_model(out_dir: Path, preset: str, tokenizer_dir: Path, std: float, seed
     shards = plan_shards(tensor_specs(config), int(shard_gb * 1e9))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(), indent=2))
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(weight_index(shards), indent=2))
     write_weights(out_dir, shards, std, seed, device)
+    # Last: its presence tells benchmark/run_gpu.sh that the model is complete.
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(weight_index(shards), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
