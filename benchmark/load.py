@@ -189,6 +189,8 @@ async def run_level(
         print(f"  error: {sample}", file=sys.stderr)
     if summary["prompt_token_mismatches"]:
         print(f"  warning: {summary['prompt_token_mismatches']} prompts counted differently by the server", file=sys.stderr)
+    if summary["short_outputs"]:
+        print(f"  warning: {summary['short_outputs']} requests stopped before max_tokens (ignore_eos ignored?)", file=sys.stderr)
     return summary
 
 
