@@ -65,15 +65,23 @@ impl Communicator for SingleRank {
     }
 }
 
-/// This rank's share of `size` items split evenly over the group; an error names `what`
+/// This rank's share of `size` items split evenly over the group, None when one rank
+/// holds everything (loading then keeps its whole-tensor path); an error names `what`
 /// when `size` does not divide.
-pub fn even_split(comm: &dyn Communicator, size: usize, what: &str) -> Result<Range<usize>> {
+pub fn even_split(
+    comm: &dyn Communicator,
+    size: usize,
+    what: &str,
+) -> Result<Option<Range<usize>>> {
     let world = comm.world_size();
+    if world == 1 {
+        return Ok(None);
+    }
     if size % world != 0 {
         candle_core::bail!("{what} ({size}) is not divisible by the number of shards ({world})")
     }
     let part = size / world;
-    Ok(comm.rank() * part..(comm.rank() + 1) * part)
+    Ok(Some(comm.rank() * part..(comm.rank() + 1) * part))
 }
 
 /// Where rank 0 waits for the others.
@@ -122,7 +130,7 @@ mod tests {
         let comm = SingleRank;
         assert_eq!(comm.all_reduce_sum(&x)?.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
         assert_eq!(all_gather(&comm, &x, 1)?.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
-        assert_eq!(even_split(&comm, 6, "heads")?, 0..6);
+        assert_eq!(even_split(&comm, 6, "heads")?, None);
         Ok(())
     }
 
@@ -146,7 +154,7 @@ mod tests {
                 Ok(())
             }
         }
-        assert_eq!(even_split(&Second, 8, "heads").unwrap(), 4..8);
+        assert_eq!(even_split(&Second, 8, "heads").unwrap(), Some(4..8));
         let err = even_split(&Second, 9, "attention heads").unwrap_err().to_string();
         assert!(err.contains("attention heads (9)") && err.contains("(2)"), "{err}");
     }

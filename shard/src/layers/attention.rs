@@ -2,15 +2,18 @@
 //!
 //! Two seams are meant for device kernels: `write_kv_cache` (store the new tokens' keys
 //! and values at their slots) and `paged_attention` (every new token attends over its
-//! sequence's cached context through the block table). Both are written here with
-//! device-agnostic candle ops; a CUDA path can dispatch inside them.
+//! sequence's cached context through the block table). On a CUDA device (a build with
+//! the `cuda` feature) they run the kernels of `text-generation-kernels`; elsewhere the
+//! device-agnostic candle ops here.
 
-use super::linear::Linear;
+use super::linear::{Linear, RowParallelLinear};
 use super::norm::RmsNorm;
 use super::rotary::RotaryAt;
+use crate::dist::{even_split, Comm, Communicator};
 use crate::models::ForwardBatch;
 use crate::weights::Weights;
 use candle_core::{bail, DType, Device, Result, Tensor};
+use std::ops::Range;
 
 /// Shape and options of one attention layer.
 #[derive(Debug, Clone)]
@@ -29,21 +32,43 @@ pub struct AttentionConfig {
 
 /// One sequence's share of the batch, as the candle path reads the cache.
 struct SequenceKeys {
-    /// Rows of this sequence in the flattened batch.
-    first_token: usize,
-    new_tokens: usize,
     /// `[kv_len]` u32: cache slots of the attended keys, oldest first.
     slots: Tensor,
-    /// `[new_tokens, kv_len]` additive mask (0 / -inf) in f32, when anything is masked.
+    chunks: Vec<QueryChunk>,
+}
+
+/// Query rows attended together: bounds the `[heads, rows, keys]` scores of long
+/// prompts, and lets early rows skip the keys after them.
+const QUERY_CHUNK: usize = if cfg!(test) { 2 } else { 256 };
+
+/// Consecutive new tokens of one sequence and the keys they see.
+struct QueryChunk {
+    /// First row in the flattened batch.
+    first_token: usize,
+    rows: usize,
+    /// The keys seen, as a range of the sequence's gathered keys.
+    key_start: usize,
+    key_len: usize,
+    /// `[rows, key_len]` additive mask (0 / -inf) in f32, when anything is masked.
     mask: Option<Tensor>,
 }
 
+/// Whether tensors on `device` go through the CUDA kernels rather than the candle ops.
+/// The kernels take bf16/f16 with head_dim 64 or 128 and say so otherwise.
+fn uses_kernels(device: &Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda()
+}
+
 /// The batch's cache addressing, prepared once per forward pass and sliding window.
+/// Kernels read the device tensors of `batch` (`block_tables`, `context_lens`,
+/// `cu_seqlens_q`) with `block_size`; the candle path reads `seqs`.
 pub struct PagedAttentionInput<'a> {
     pub batch: &'a ForwardBatch,
+    pub block_size: usize,
     pub sliding_window: Option<usize>,
     /// `[tokens]` i64 slots of the new tokens (the runner's `batch.slots`, checked).
     slots: Tensor,
+    /// Empty when the kernels run: they read the batch's device tensors.
     seqs: Vec<SequenceKeys>,
 }
 
@@ -63,7 +88,18 @@ impl<'a> PagedAttentionInput<'a> {
         }
         let num_slots = block_size * num_blocks;
         let slots = batch.slots.to_dtype(DType::I64)?;
-        if let Some(bad) = slots.to_vec1::<i64>()?.into_iter().find(|&s| s < 0 || s as usize >= num_slots) {
+        let kernels = uses_kernels(device);
+        // Reading the slots back would stall the GPU every pass; the kernel skips a slot
+        // outside the cache instead, and the block tables are checked below.
+        let bad_slot = if kernels {
+            None
+        } else {
+            slots
+                .to_vec1::<i64>()?
+                .into_iter()
+                .find(|&s| s < 0 || s as usize >= num_slots)
+        };
+        if let Some(bad) = bad_slot {
             bail!("KV slot {bad} outside the cache's {num_slots} slots")
         }
         let mut seqs = Vec::with_capacity(batch.seqs.len());
@@ -71,38 +107,80 @@ impl<'a> PagedAttentionInput<'a> {
         for (i, seq) in batch.seqs.iter().enumerate() {
             let n = seq.new_tokens;
             if n == 0 || n > seq.context_len {
-                bail!("sequence {i}: {n} new tokens for a context of {}", seq.context_len)
+                bail!(
+                    "sequence {i}: {n} new tokens for a context of {}",
+                    seq.context_len
+                )
             }
             if seq.block_table.len() * block_size < seq.context_len {
-                bail!("sequence {i}: {} blocks cannot hold {} tokens", seq.block_table.len(), seq.context_len)
+                bail!(
+                    "sequence {i}: {} blocks cannot hold {} tokens",
+                    seq.block_table.len(),
+                    seq.context_len
+                )
             }
             if let Some(&bad) = seq.block_table.iter().find(|&&b| b as usize >= num_blocks) {
                 bail!("sequence {i}: block {bad} outside the cache's {num_blocks} blocks")
+            }
+            if kernels {
+                continue;
             }
             let start = seq.context_len - n;
             // The first new token sees back to `start - window + 1`; later ones less far.
             let kv_start = sliding_window.map_or(0, |w| (start + 1).saturating_sub(w));
             let slot_ids: Vec<u32> = (kv_start..seq.context_len)
-                .map(|p| seq.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32)
+                .map(|p| {
+                    seq.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32
+                })
                 .collect();
-            let kv_len = slot_ids.len();
-            let masked = |q: usize, k: usize| {
-                let (q_pos, k_pos) = (start + q, kv_start + k);
-                k_pos > q_pos || sliding_window.is_some_and(|w| q_pos - k_pos >= w)
-            };
-            let needs_mask = (0..n).any(|q| masked(q, 0) || masked(q, kv_len - 1));
-            let mask = if needs_mask {
-                let values: Vec<f32> = (0..n * kv_len)
-                    .map(|j| if masked(j / kv_len, j % kv_len) { f32::NEG_INFINITY } else { 0.0 })
-                    .collect();
-                Some(Tensor::from_vec(values, (n, kv_len), device)?)
-            } else {
-                None
-            };
-            seqs.push(SequenceKeys { first_token, new_tokens: n, slots: Tensor::new(slot_ids, device)?, mask });
+            let mut chunks = Vec::with_capacity(n.div_ceil(QUERY_CHUNK));
+            for c0 in (0..n).step_by(QUERY_CHUNK) {
+                let rows = QUERY_CHUNK.min(n - c0);
+                let (first_pos, last_pos) = (start + c0, start + c0 + rows - 1);
+                let key_start =
+                    sliding_window.map_or(0, |w| (first_pos + 1).saturating_sub(w)) - kv_start;
+                let key_len = last_pos + 1 - kv_start - key_start;
+                let masked = |q: usize, k: usize| {
+                    let (q_pos, k_pos) = (first_pos + q, kv_start + key_start + k);
+                    k_pos > q_pos || sliding_window.is_some_and(|w| q_pos - k_pos >= w)
+                };
+                // Windows only slide forward: the corner keys tell whether a row masks any.
+                let needs_mask = (0..rows).any(|q| masked(q, 0) || masked(q, key_len - 1));
+                let mask = if needs_mask {
+                    let values: Vec<f32> = (0..rows * key_len)
+                        .map(|j| {
+                            if masked(j / key_len, j % key_len) {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    Some(Tensor::from_vec(values, (rows, key_len), device)?)
+                } else {
+                    None
+                };
+                chunks.push(QueryChunk {
+                    first_token: first_token + c0,
+                    rows,
+                    key_start,
+                    key_len,
+                    mask,
+                });
+            }
+            seqs.push(SequenceKeys {
+                slots: Tensor::new(slot_ids, device)?,
+                chunks,
+            });
             first_token += n;
         }
-        Ok(Self { batch, sliding_window, slots, seqs })
+        Ok(Self {
+            batch,
+            block_size,
+            sliding_window,
+            slots,
+            seqs,
+        })
     }
 }
 
@@ -115,14 +193,31 @@ pub fn write_kv_cache(
     v: &Tensor,
     input: &PagedAttentionInput,
 ) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if uses_kernels(k.device()) {
+        return text_generation_kernels::reshape_and_cache(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            key_cache,
+            value_cache,
+            &input.slots,
+        );
+    }
     let (tokens, kv_heads, head_dim) = k.dims3()?;
     let row = kv_heads * head_dim;
     // scatter_set writes whole rows of the flattened cache: every element of a token's
     // row carries that token's slot.
-    let index = input.slots.unsqueeze(1)?.broadcast_as((tokens, row))?.contiguous()?;
+    let index = input
+        .slots
+        .unsqueeze(1)?
+        .broadcast_as((tokens, row))?
+        .contiguous()?;
     for (cache, new) in [(key_cache, k), (value_cache, v)] {
         let flat_cache = cache.reshape((cache.dim(0)?, row))?;
-        let new = new.to_dtype(cache.dtype())?.contiguous()?.reshape((tokens, row))?;
+        let new = new
+            .to_dtype(cache.dtype())?
+            .contiguous()?
+            .reshape((tokens, row))?;
         flat_cache.scatter_set(&index, &new, 0)?;
     }
     Ok(())
@@ -143,29 +238,78 @@ pub fn paged_attention(
     if num_heads % num_kv_heads != 0 {
         bail!("{num_heads} query heads cannot share {num_kv_heads} KV heads")
     }
+    #[cfg(feature = "cuda")]
+    if uses_kernels(q.device()) {
+        let batch = input.batch;
+        let q = q.contiguous()?;
+        let out = if batch.max_new_tokens == 1 {
+            text_generation_kernels::paged_attention_decode(
+                &q,
+                key_cache,
+                value_cache,
+                &batch.block_tables,
+                &batch.context_lens,
+                input.block_size,
+                scale as f32,
+                input.sliding_window,
+            )?
+        } else {
+            text_generation_kernels::paged_attention_prefill(
+                &q,
+                key_cache,
+                value_cache,
+                &batch.cu_seqlens_q,
+                &batch.context_lens,
+                &batch.block_tables,
+                input.block_size,
+                scale as f32,
+                input.sliding_window,
+            )?
+        };
+        return out.reshape((q.dim(0)?, num_heads * head_dim));
+    }
     let group = num_heads / num_kv_heads;
-    let outputs = input
-        .seqs
-        .iter()
-        .map(|seq| {
-            let n = seq.new_tokens;
+    let mut outputs = Vec::new();
+    for seq in &input.seqs {
+        // [kv_len, Hkv, D] -> [Hkv, kv_len, D]
+        let keys = key_cache
+            .index_select(&seq.slots, 0)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let values = value_cache
+            .index_select(&seq.slots, 0)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        for chunk in &seq.chunks {
+            let (n, kv_len) = (chunk.rows, chunk.key_len);
             // [n, H, D] -> [Hkv, group * n, D]: query heads of one KV head side by side.
-            let q = q.narrow(0, seq.first_token, n)?.transpose(0, 1)?.contiguous()?;
+            let q = q
+                .narrow(0, chunk.first_token, n)?
+                .transpose(0, 1)?
+                .contiguous()?;
             let q = q.reshape((num_kv_heads, group * n, head_dim))?;
-            let k = key_cache.index_select(&seq.slots, 0)?.transpose(0, 1)?.contiguous()?;
-            let v = value_cache.index_select(&seq.slots, 0)?.transpose(0, 1)?.contiguous()?;
-            let kv_len = k.dim(1)?;
-            let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+            let k = keys.narrow(1, chunk.key_start, kv_len)?.contiguous()?;
+            let v = values.narrow(1, chunk.key_start, kv_len)?.contiguous()?;
+            let scores = q
+                .matmul(&k.t()?)?
+                .to_dtype(DType::F32)?
+                .affine(scale, 0.0)?;
             let scores = scores.reshape((num_heads, n, kv_len))?;
-            let scores = match &seq.mask {
+            let scores = match &chunk.mask {
                 Some(mask) => scores.broadcast_add(mask)?,
                 None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-            let out = probs.reshape((num_kv_heads, group * n, kv_len))?.matmul(&v)?;
-            out.reshape((num_heads, n, head_dim))?.transpose(0, 1)?.reshape((n, num_heads * head_dim))
-        })
-        .collect::<Result<Vec<_>>>()?;
+            let out = probs
+                .reshape((num_kv_heads, group * n, kv_len))?
+                .matmul(&v)?;
+            outputs.push(
+                out.reshape((num_heads, n, head_dim))?
+                    .transpose(0, 1)?
+                    .reshape((n, num_heads * head_dim))?,
+            );
+        }
+    }
     Tensor::cat(&outputs, 0)
 }
 
@@ -173,28 +317,79 @@ pub struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
-    o_proj: Linear,
+    o_proj: RowParallelLinear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// This rank's query and KV heads.
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
+/// The heads one rank of a tensor-parallel group computes (indices into the layer's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadShares {
+    pub heads: Range<usize>,
+    pub kv_heads: Range<usize>,
+}
+
+impl AttentionConfig {
+    /// Query heads split evenly over the ranks; KV heads too, or, when there are fewer
+    /// KV heads than ranks, each rank keeps the one KV head its query heads read.
+    pub fn head_shares(&self, comm: &dyn Communicator) -> Result<HeadShares> {
+        let world = comm.world_size();
+        let heads =
+            even_split(comm, self.num_heads, "the attention heads")?.unwrap_or(0..self.num_heads);
+        let kv_heads = if self.num_kv_heads >= world {
+            even_split(comm, self.num_kv_heads, "the KV heads")?.unwrap_or(0..self.num_kv_heads)
+        } else if world % self.num_kv_heads == 0 {
+            let kv_head = comm.rank() / (world / self.num_kv_heads);
+            kv_head..kv_head + 1
+        } else {
+            bail!(
+                "{} KV heads cannot be spread over {world} shards",
+                self.num_kv_heads
+            )
+        };
+        Ok(HeadShares { heads, kv_heads })
+    }
+}
+
 impl Attention {
-    /// `w` points at the layer's `self_attn`.
-    pub fn load(w: &Weights, cfg: &AttentionConfig) -> Result<Self> {
-        let (q_dim, kv_dim) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let qk_norm = |name: &str| cfg.qk_norm_eps.map(|eps| RmsNorm::load(&w.pp(name), cfg.head_dim, eps)).transpose();
+    /// `w` points at the layer's `self_attn`; loads this rank's heads.
+    pub fn load(w: &Weights, cfg: &AttentionConfig, comm: &Comm) -> Result<Self> {
+        let (q_dim, kv_dim) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let shares = cfg.head_shares(&**comm)?;
+        // One rank loads whole tensors (no copy out of the mapped file).
+        let rows = |heads: &Range<usize>| {
+            (comm.world_size() > 1).then(|| heads.start * cfg.head_dim..heads.end * cfg.head_dim)
+        };
+        let column = |name: &str, out_dim: usize, heads: &Range<usize>| {
+            Linear::load_column_parallel(
+                &w.pp(name),
+                cfg.hidden_size,
+                out_dim,
+                cfg.qkv_bias,
+                rows(heads),
+            )
+        };
+        let qk_norm = |name: &str| {
+            cfg.qk_norm_eps
+                .map(|eps| RmsNorm::load(&w.pp(name), cfg.head_dim, eps))
+                .transpose()
+        };
         Ok(Self {
-            q_proj: Linear::load(&w.pp("q_proj"), cfg.hidden_size, q_dim, cfg.qkv_bias)?,
-            k_proj: Linear::load(&w.pp("k_proj"), cfg.hidden_size, kv_dim, cfg.qkv_bias)?,
-            v_proj: Linear::load(&w.pp("v_proj"), cfg.hidden_size, kv_dim, cfg.qkv_bias)?,
-            o_proj: Linear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, false)?,
+            q_proj: column("q_proj", q_dim, &shares.heads)?,
+            k_proj: column("k_proj", kv_dim, &shares.kv_heads)?,
+            v_proj: column("v_proj", kv_dim, &shares.kv_heads)?,
+            o_proj: RowParallelLinear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, comm)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
+            num_heads: shares.heads.len(),
+            num_kv_heads: shares.kv_heads.len(),
             head_dim: cfg.head_dim,
         })
     }
@@ -240,7 +435,10 @@ pub fn check_cache_layer(
         bail!("KV cache holds {heads} heads of {dim}, the model needs {num_kv_heads} of {head_dim}")
     }
     if cache.0.dtype() != dtype {
-        bail!("KV cache is {:?}, the model computes in {dtype:?}", cache.0.dtype())
+        bail!(
+            "KV cache is {:?}, the model computes in {dtype:?}",
+            cache.0.dtype()
+        )
     }
     if !cache.0.device().same_device(device) {
         bail!("KV cache and model are on different devices")
@@ -254,17 +452,31 @@ mod tests {
     use crate::models::SequenceInput;
 
     /// Naive attention of one sequence: q `[n, H, D]`, k/v `[ctx, Hkv, D]`, the last n
-    /// keys being the new tokens'.
-    fn naive(q: &[f32], k: &[f32], v: &[f32], n: usize, ctx: usize, h: usize, hkv: usize, d: usize, window: Option<usize>) -> Vec<f32> {
+    /// keys being the new tokens'; `dims` = (n, ctx, H, Hkv, D).
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: (usize, usize, usize, usize, usize),
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let (n, ctx, h, hkv, d) = dims;
         let mut out = vec![0f32; n * h * d];
         for t in 0..n {
             let pos = ctx - n + t;
             for head in 0..h {
                 let kvh = head / (h / hkv);
-                let allowed: Vec<usize> = (0..=pos).filter(|&j| window.is_none_or(|w| pos - j < w)).collect();
+                let allowed: Vec<usize> = (0..=pos)
+                    .filter(|&j| window.is_none_or(|w| pos - j < w))
+                    .collect();
                 let scores: Vec<f32> = allowed
                     .iter()
-                    .map(|&j| (0..d).map(|e| q[(t * h + head) * d + e] * k[(j * hkv + kvh) * d + e]).sum::<f32>() / (d as f32).sqrt())
+                    .map(|&j| {
+                        (0..d)
+                            .map(|e| q[(t * h + head) * d + e] * k[(j * hkv + kvh) * d + e])
+                            .sum::<f32>()
+                            / (d as f32).sqrt()
+                    })
                     .collect();
                 let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -280,7 +492,13 @@ mod tests {
     }
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
     }
 
     #[test]
@@ -291,30 +509,69 @@ mod tests {
         let window = Some(5);
         // Blocks deliberately out of order.
         let block_table = [5u32, 1, 6];
-        let slots: Vec<u32> = (0..ctx).map(|p| block_table[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
+        let slots: Vec<u32> = (0..ctx)
+            .map(|p| block_table[p / block_size] * block_size as u32 + (p % block_size) as u32)
+            .collect();
         let ids = vec![0u32; n];
         let batch = ForwardBatch::new(
-            &[SequenceInput { new_token_ids: &ids, start_position: ctx - n, slots: &slots, block_table: &block_table }],
+            &[SequenceInput {
+                new_token_ids: &ids,
+                start_position: ctx - n,
+                slots: &slots,
+                block_table: &block_table,
+            }],
             &[2],
             &dev,
         )?;
         let cache_shape = (num_blocks * block_size, hkv, d);
-        let (kc, vc) = (Tensor::zeros(cache_shape, DType::F32, &dev)?, Tensor::zeros(cache_shape, DType::F32, &dev)?);
-        let (k_all, v_all, q) = (values(ctx * hkv * d, 1), values(ctx * hkv * d, 2), values(n * h * d, 3));
+        let (kc, vc) = (
+            Tensor::zeros(cache_shape, DType::F32, &dev)?,
+            Tensor::zeros(cache_shape, DType::F32, &dev)?,
+        );
+        let (k_all, v_all, q) = (
+            values(ctx * hkv * d, 1),
+            values(ctx * hkv * d, 2),
+            values(n * h * d, 3),
+        );
         // The cached prefix, written as an earlier pass would have.
         let prefix = ForwardBatch::new(
-            &[SequenceInput { new_token_ids: &vec![0u32; ctx - n], start_position: 0, slots: &slots, block_table: &block_table }],
+            &[SequenceInput {
+                new_token_ids: &vec![0u32; ctx - n],
+                start_position: 0,
+                slots: &slots,
+                block_table: &block_table,
+            }],
             &[0],
             &dev,
         )?;
         let prefix_input = PagedAttentionInput::new(&prefix, block_size, num_blocks, window)?;
-        let kv = |data: &[f32], from: usize, len: usize| Tensor::from_slice(&data[from * hkv * d..(from + len) * hkv * d], (len, hkv, d), &dev);
-        write_kv_cache(&kc, &vc, &kv(&k_all, 0, ctx - n)?, &kv(&v_all, 0, ctx - n)?, &prefix_input)?;
+        let kv = |data: &[f32], from: usize, len: usize| {
+            Tensor::from_slice(
+                &data[from * hkv * d..(from + len) * hkv * d],
+                (len, hkv, d),
+                &dev,
+            )
+        };
+        write_kv_cache(
+            &kc,
+            &vc,
+            &kv(&k_all, 0, ctx - n)?,
+            &kv(&v_all, 0, ctx - n)?,
+            &prefix_input,
+        )?;
         let input = PagedAttentionInput::new(&batch, block_size, num_blocks, window)?;
-        write_kv_cache(&kc, &vc, &kv(&k_all, ctx - n, n)?, &kv(&v_all, ctx - n, n)?, &input)?;
+        write_kv_cache(
+            &kc,
+            &vc,
+            &kv(&k_all, ctx - n, n)?,
+            &kv(&v_all, ctx - n, n)?,
+            &input,
+        )?;
         let q_t = Tensor::from_slice(&q, (n, h, d), &dev)?;
-        let out = paged_attention(&q_t, &kc, &vc, &input, 1.0 / (d as f64).sqrt())?.flatten_all()?.to_vec1::<f32>()?;
-        let expected = naive(&q, &k_all, &v_all, n, ctx, h, hkv, d, window);
+        let out = paged_attention(&q_t, &kc, &vc, &input, 1.0 / (d as f64).sqrt())?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let expected = naive(&q, &k_all, &v_all, (n, ctx, h, hkv, d), window);
         for (a, b) in out.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
@@ -326,17 +583,29 @@ mod tests {
         let dev = Device::Cpu;
         let ids = [1u32, 2];
         let bad_slot = ForwardBatch::new(
-            &[SequenceInput { new_token_ids: &ids, start_position: 0, slots: &[0, 99], block_table: &[0] }],
+            &[SequenceInput {
+                new_token_ids: &ids,
+                start_position: 0,
+                slots: &[0, 99],
+                block_table: &[0],
+            }],
             &[1],
             &dev,
         )?;
         assert!(PagedAttentionInput::new(&bad_slot, 4, 2, None).is_err());
         let bad_block = ForwardBatch::new(
-            &[SequenceInput { new_token_ids: &ids, start_position: 0, slots: &[0, 1], block_table: &[7] }],
+            &[SequenceInput {
+                new_token_ids: &ids,
+                start_position: 0,
+                slots: &[0, 1],
+                block_table: &[7],
+            }],
             &[1],
             &dev,
         )?;
-        let err = PagedAttentionInput::new(&bad_block, 4, 2, None).err().unwrap();
+        let err = PagedAttentionInput::new(&bad_block, 4, 2, None)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("block 7"), "{err}");
         Ok(())
     }

@@ -1,8 +1,12 @@
-//! A linear layer over dense or quantized (GGUF) weights, with an optional bias.
+//! A linear layer over dense or quantized (GGUF) weights, with an optional bias, and its
+//! tensor-parallel forms: column-parallel (a share of the outputs) and row-parallel
+//! (a share of the inputs, summed over the group).
 
-use crate::weights::Weights;
+use crate::dist::{even_split, Comm};
+use crate::weights::{Part, Weights};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor};
+use std::ops::Range;
 
 /// From this many rows on, a CPU matmul with a quantized weight dequantizes the weight
 /// and runs a dense f32 matmul: candle's CPU quantized kernel costs about as much per
@@ -23,9 +27,22 @@ impl Linear {
 
     /// `{prefix}.weight` (and `{prefix}.bias` when `bias`).
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.matmul_weight("weight", (out_dim, in_dim))?;
+        Self::load_column_parallel(w, in_dim, out_dim, bias, None)
+    }
+
+    /// Column-parallel: only the output features `outputs` (weight rows and bias
+    /// entries) of the `[out_dim, in_dim]` layer; all of them for None.
+    pub fn load_column_parallel(
+        w: &Weights,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        outputs: Option<Range<usize>>,
+    ) -> Result<Self> {
+        let part = outputs.map(|range| Part { dim: 0, range });
+        let weight = w.matmul_weight_part("weight", (out_dim, in_dim), part.as_ref())?;
         let bias = if bias {
-            Some(w.tensor("bias", out_dim)?)
+            Some(w.tensor_part("bias", out_dim, part.as_ref())?)
         } else {
             None
         };
@@ -52,6 +69,31 @@ impl Linear {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
+    }
+}
+
+/// Row-parallel: this rank holds an even share of the input features, and the partial
+/// products are summed over the group. No bias: every rank would add it.
+pub struct RowParallelLinear {
+    linear: Linear,
+    comm: Comm,
+}
+
+impl RowParallelLinear {
+    /// `{prefix}.weight` of `[out_dim, in_dim]`, this rank's columns.
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, comm: &Comm) -> Result<Self> {
+        let part = even_split(&**comm, in_dim, "the input features of a row-parallel layer")?
+            .map(|range| Part { dim: 1, range });
+        let weight = w.matmul_weight_part("weight", (out_dim, in_dim), part.as_ref())?;
+        Ok(Self {
+            linear: Linear::new(weight, None),
+            comm: comm.clone(),
+        })
+    }
+
+    /// `x`: `[tokens, in / world_size]` (this rank's features) -> `[tokens, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.comm.all_reduce_sum(&self.linear.forward(x)?)
     }
 }
 

@@ -2,6 +2,7 @@
 //! checkpoint prefixes so names mirror the checkpoint (`...self_attn.q_proj`).
 
 pub mod attention;
+pub mod embedding;
 pub mod linear;
 pub mod mlp;
 pub mod norm;

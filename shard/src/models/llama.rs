@@ -8,14 +8,15 @@ use crate::cache::KvCache;
 use crate::layers::attention::{
     check_cache_layer, Attention, AttentionConfig, PagedAttentionInput,
 };
-use crate::layers::linear::Linear;
+use crate::dist::Comm;
+use crate::layers::embedding::{VocabParallelEmbedding, VocabParallelLmHead};
 use crate::layers::mlp::Mlp;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rotary::{RopeScaling, RotaryEmbedding, RotaryLayout};
 use crate::weights::Weights;
 use anyhow::{bail, Context};
-use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{DType, Result, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
 /// The config.json fields the family uses.
@@ -230,10 +231,11 @@ struct DecoderLayer {
 }
 
 pub struct Llama {
-    embed_tokens: Tensor,
+    embed_tokens: VocabParallelEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: VocabParallelLmHead,
+    device: Device,
     rotary: RotaryEmbedding,
     /// The distinct sliding windows of the layers.
     windows: Vec<Option<usize>>,
@@ -242,7 +244,8 @@ pub struct Llama {
 
 impl Llama {
     /// From an HF-layout checkpoint.
-    pub fn from_hf(config: LlamaConfig, weights: &Weights) -> anyhow::Result<Self> {
+    /// From an HF-layout checkpoint; this rank's share of it under `comm`.
+    pub fn from_hf(config: LlamaConfig, weights: &Weights, comm: &Comm) -> anyhow::Result<Self> {
         let scaling = config
             .rope_scaling
             .as_ref()
@@ -252,11 +255,12 @@ impl Llama {
         Self::load(
             config.architecture(RotaryLayout::HalfSplit, scaling)?,
             weights,
+            comm,
         )
     }
 
     /// From a GGUF checkpoint of architecture `arch`.
-    pub fn from_gguf(arch: &str, weights: &Weights) -> anyhow::Result<Self> {
+    pub fn from_gguf(arch: &str, weights: &Weights, comm: &Comm) -> anyhow::Result<Self> {
         let content = weights.gguf_content().context("not a GGUF checkpoint")?;
         let config = LlamaConfig::from_gguf(content, arch)?;
         // llama.cpp permutes Llama's Q/K rows for its adjacent-pair rotation; Qwen
@@ -272,10 +276,10 @@ impl Llama {
             .map(|factors| factors.to_dtype(DType::F32)?.to_vec1::<f32>())
             .transpose()?
             .map(RopeScaling::FrequencyFactors);
-        Self::load(config.architecture(layout, scaling)?, weights)
+        Self::load(config.architecture(layout, scaling)?, weights, comm)
     }
 
-    fn load(arch: Architecture, weights: &Weights) -> anyhow::Result<Self> {
+    fn load(arch: Architecture, weights: &Weights, comm: &Comm) -> anyhow::Result<Self> {
         let cfg = &arch.config;
         let (hidden, head_dim, kv_heads) = (cfg.hidden_size, cfg.head_dim(), cfg.num_kv_heads());
         let dtype = weights.dtype();
@@ -284,18 +288,30 @@ impl Llama {
         windows.sort();
         windows.dedup();
         let model = weights.pp("model");
-        let embed_tokens = model.tensor("embed_tokens.weight", (cfg.vocab_size, hidden))?;
+        let embed_tokens = VocabParallelEmbedding::load(
+            &model,
+            "embed_tokens.weight",
+            cfg.vocab_size,
+            hidden,
+            comm,
+        )?;
+        let attention_config = AttentionConfig {
+            hidden_size: hidden,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            qkv_bias: cfg.attention_bias.unwrap_or(cfg.model_type == "qwen2"),
+            qk_norm_eps: arch.qk_norm.then_some(cfg.rms_norm_eps),
+            sliding_window: None,
+        };
+        // The KV heads this rank computes and caches.
+        let rank_kv_heads = attention_config.head_shares(&**comm)?.kv_heads.len();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let w = model.pp("layers").pp(i);
                 let attention = AttentionConfig {
-                    hidden_size: hidden,
-                    num_heads: cfg.num_attention_heads,
-                    num_kv_heads: kv_heads,
-                    head_dim,
-                    qkv_bias: cfg.attention_bias.unwrap_or(cfg.model_type == "qwen2"),
-                    qk_norm_eps: arch.qk_norm.then_some(cfg.rms_norm_eps),
                     sliding_window: arch.sliding_windows[i],
+                    ..attention_config.clone()
                 };
                 Ok(DecoderLayer {
                     input_layernorm: RmsNorm::load(
@@ -303,13 +319,13 @@ impl Llama {
                         hidden,
                         cfg.rms_norm_eps,
                     )?,
-                    self_attn: Attention::load(&w.pp("self_attn"), &attention)?,
+                    self_attn: Attention::load(&w.pp("self_attn"), &attention, comm)?,
                     post_attention_layernorm: RmsNorm::load(
                         &w.pp("post_attention_layernorm"),
                         hidden,
                         cfg.rms_norm_eps,
                     )?,
-                    mlp: Mlp::load(&w.pp("mlp"), hidden, cfg.intermediate_size)?,
+                    mlp: Mlp::load(&w.pp("mlp"), hidden, cfg.intermediate_size, comm)?,
                     window_index: windows
                         .iter()
                         .position(|w| *w == attention.sliding_window)
@@ -320,7 +336,7 @@ impl Llama {
         let norm = RmsNorm::load(&model.pp("norm"), hidden, cfg.rms_norm_eps)?;
         let tied = cfg.tie_word_embeddings || !weights.contains("lm_head.weight");
         let lm_head = if tied && !weights.is_gguf() {
-            Linear::new(QMatMul::Tensor(embed_tokens.clone()), None)
+            VocabParallelLmHead::tied(&embed_tokens)
         } else {
             // GGUF: the (quantized) embedding matrix itself serves as the tied lm_head.
             let name = if tied {
@@ -328,7 +344,7 @@ impl Llama {
             } else {
                 "lm_head.weight"
             };
-            Linear::new(weights.matmul_weight(name, (cfg.vocab_size, hidden))?, None)
+            VocabParallelLmHead::load(weights, name, cfg.vocab_size, hidden, comm)?
         };
         let rotary = RotaryEmbedding::new(
             head_dim,
@@ -342,7 +358,7 @@ impl Llama {
         let spec = ModelSpec {
             model_type: cfg.model_type.clone(),
             num_layers: cfg.num_hidden_layers,
-            num_kv_heads: kv_heads,
+            num_kv_heads: rank_kv_heads,
             head_dim,
             vocab_size: cfg.vocab_size,
             max_position_embeddings: cfg.max_position_embeddings,
@@ -359,6 +375,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            device,
             rotary,
             windows,
             spec,
@@ -378,7 +395,7 @@ impl Llama {
             self.spec.num_kv_heads,
             self.spec.head_dim,
             self.spec.dtype,
-            self.embed_tokens.device(),
+            &self.device,
         )?;
         if batch.max_context_len > self.rotary.max_positions() {
             candle_core::bail!(
@@ -407,7 +424,7 @@ impl Model for Llama {
             return Tensor::zeros(
                 (num_logits, self.spec.vocab_size),
                 DType::F32,
-                self.embed_tokens.device(),
+                &self.device,
             );
         }
         self.check_batch(batch, cache)?;
@@ -419,7 +436,7 @@ impl Model for Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let rotary = self.rotary.at(&batch.positions)?;
-        let mut x = self.embed_tokens.index_select(&batch.input_ids, 0)?;
+        let mut x = self.embed_tokens.forward(&batch.input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let input = &inputs[layer.window_index];
             let h = layer.input_layernorm.forward(&x)?;

@@ -7,10 +7,12 @@
 pub mod llama;
 
 use crate::cache::KvCache;
+use crate::dist::{Comm, SingleRank};
 use crate::weights::Weights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use model_store::{Layout, ModelFiles};
+use std::sync::Arc;
 
 /// config.json `model_type`s served by `llama::Llama`.
 const HF_LLAMA_FAMILY: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
@@ -22,6 +24,16 @@ pub fn load_model(
     files: &ModelFiles,
     device: &Device,
     dtype: DType,
+) -> anyhow::Result<Box<dyn Model>> {
+    load_model_shard(files, device, dtype, &(Arc::new(SingleRank) as Comm))
+}
+
+/// Loads this rank's share of the model (tensor parallelism over `comm`'s group).
+pub fn load_model_shard(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+    comm: &Comm,
 ) -> anyhow::Result<Box<dyn Model>> {
     match files.layout() {
         Layout::HuggingFace => {
@@ -37,7 +49,7 @@ pub fn load_model(
             }
             let config = llama::LlamaConfig::from_json(&config)?;
             let weights = Weights::from_safetensors_dir(files.path(), dtype, device)?;
-            Ok(Box::new(llama::Llama::from_hf(config, &weights)?))
+            Ok(Box::new(llama::Llama::from_hf(config, &weights, comm)?))
         }
         Layout::Gguf => {
             let content = files.gguf_content()?;
@@ -54,7 +66,7 @@ pub fn load_model(
                 )
             }
             let weights = Weights::from_gguf(files.path(), content, dtype, device)?;
-            Ok(Box::new(llama::Llama::from_gguf(&arch, &weights)?))
+            Ok(Box::new(llama::Llama::from_gguf(&arch, &weights, comm)?))
         }
     }
 }
