@@ -1,11 +1,12 @@
 //! The shard process: command line, model loading, and the `TextGenerationService`
 //! gRPC server on a unix socket, whose handlers forward to the runner thread.
 
-use crate::models::load_model;
+use crate::dist::{self, Rendezvous};
+use crate::models::load_model_shard;
 use crate::runner::warmup::KvMemory;
 use crate::runner::worker::RunnerHandle;
-use crate::runner::Runner;
-use anyhow::{bail, ensure, Context, Result};
+use crate::runner::{Runner, RunnerConfig};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use model_store::ModelFiles;
@@ -16,6 +17,7 @@ use proto::v3::*;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request as GrpcRequest, Response, Status};
@@ -87,6 +89,9 @@ impl ShardArgs {
     }
 }
 
+/// How long the ranks of a tensor-parallel group wait for each other at start-up.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Loads the model and serves until SIGTERM or SIGINT.
 pub async fn run(args: ShardArgs) -> Result<()> {
     ensure!(
@@ -95,27 +100,18 @@ pub async fn run(args: ShardArgs) -> Result<()> {
         args.rank,
         args.world_size
     );
-    if args.world_size > 1 {
-        bail!(
-            "tensor parallelism (world size {}) is not supported yet: run with --world-size 1",
-            args.world_size
-        );
-    }
     ensure!(
         args.cuda_memory_fraction > 0.0 && args.cuda_memory_fraction <= 1.0,
         "--cuda-memory-fraction must be in (0, 1], got {}",
         args.cuda_memory_fraction
     );
-    let (rank, world_size) = (args.rank, args.world_size);
     let load_args = args.clone();
     let runner = RunnerHandle::spawn(move || load_runner(&load_args)).await?;
-    let info = runner
-        .run(move |runner| Ok(runner.info(rank, world_size)))
-        .await?;
+    let info = runner.run(|runner| Ok(runner.info())).await?;
     let service = ShardService {
         runner: Arc::new(runner),
         info,
-        urls: (0..world_size)
+        urls: (0..args.world_size)
             .map(|r| format!("unix://{}", args.socket_path(r).display()))
             .collect(),
     };
@@ -131,14 +127,33 @@ fn load_runner(args: &ShardArgs) -> Result<Runner> {
         DType::F32
     });
     let files = ModelFiles::open(&args.model_path)?;
+    let rendezvous = args.master_port.map(|master_port| Rendezvous {
+        master_addr: args
+            .master_addr
+            .clone()
+            .unwrap_or_else(|| "localhost".to_string()),
+        master_port,
+        timeout: RENDEZVOUS_TIMEOUT,
+    });
+    let comm = dist::connect(
+        args.rank as usize,
+        args.world_size as usize,
+        rendezvous.as_ref(),
+        &device,
+    )?;
     tracing::info!(path = %files.path().display(), ?device, ?dtype, "loading model");
-    let model = load_model(&files, &device, dtype)
+    let model = load_model_shard(&files, &device, dtype, &comm)
         .with_context(|| format!("loading model {}", files.path().display()))?;
-    let kv_memory = KvMemory {
-        cuda_memory_fraction: args.cuda_memory_fraction,
-        cpu_bytes: args.cpu_kv_cache_mb << 20,
+    let config = RunnerConfig {
+        block_size: args.block_size,
+        kv_memory: KvMemory {
+            cuda_memory_fraction: args.cuda_memory_fraction,
+            cpu_bytes: args.cpu_kv_cache_mb << 20,
+        },
+        rank: args.rank,
+        world_size: args.world_size,
     };
-    Runner::new(model, device, &files, args.block_size, kv_memory)
+    Runner::new(model, device, &files, config)
 }
 
 fn select_device(device: Option<DeviceArg>, ordinal: usize) -> Result<Device> {
@@ -207,7 +222,14 @@ impl TextGenerationService for ShardService {
         &self,
         _: GrpcRequest<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
-        self.runner.health().await.map_err(status)?;
+        if self.info.world_size > 1 {
+            // A health forward pass runs collectives, and the router does not order
+            // Health against Prefill/Decode: on one rank it could pair up with another
+            // rank's generation step. The runner thread answering is the check there.
+            self.runner.run(|_| Ok(())).await.map_err(status)?;
+        } else {
+            self.runner.health().await.map_err(status)?;
+        }
         Ok(Response::new(HealthResponse {}))
     }
 
