@@ -53,6 +53,16 @@ struct QueryChunk {
     mask: Option<Tensor>,
 }
 
+/// A decode step (one new token per sequence): all sequences attend in one batched
+/// matmul over their keys padded to the longest.
+struct DecodeKeys {
+    /// `[num_seqs * max_keys]` u32: each sequence's key slots, oldest first, padded.
+    slots: Tensor,
+    max_keys: usize,
+    /// `[num_seqs, 1, 1, max_keys]` additive mask of the padding, when there is any.
+    mask: Option<Tensor>,
+}
+
 /// Whether tensors on `device` go through the CUDA kernels rather than the candle ops.
 /// The kernels take bf16/f16 with head_dim 64 or 128 and say so otherwise.
 fn uses_kernels(device: &Device) -> bool {
@@ -68,8 +78,10 @@ pub struct PagedAttentionInput<'a> {
     pub sliding_window: Option<usize>,
     /// `[tokens]` i64 slots of the new tokens (the runner's `batch.slots`, checked).
     slots: Tensor,
-    /// Empty when the kernels run: they read the batch's device tensors.
+    /// Empty when the kernels run (they read the batch's device tensors) or for a
+    /// decode step.
     seqs: Vec<SequenceKeys>,
+    decode: Option<DecodeKeys>,
 }
 
 impl<'a> PagedAttentionInput<'a> {
@@ -103,6 +115,8 @@ impl<'a> PagedAttentionInput<'a> {
             bail!("KV slot {bad} outside the cache's {num_slots} slots")
         }
         let mut seqs = Vec::with_capacity(batch.seqs.len());
+        let is_decode = batch.seqs.iter().all(|s| s.new_tokens == 1);
+        let mut decode_slots = Vec::new();
         let mut first_token = 0;
         for (i, seq) in batch.seqs.iter().enumerate() {
             let n = seq.new_tokens;
@@ -133,6 +147,10 @@ impl<'a> PagedAttentionInput<'a> {
                     seq.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32
                 })
                 .collect();
+            if is_decode {
+                decode_slots.push(slot_ids);
+                continue;
+            }
             let mut chunks = Vec::with_capacity(n.div_ceil(QUERY_CHUNK));
             for c0 in (0..n).step_by(QUERY_CHUNK) {
                 let rows = QUERY_CHUNK.min(n - c0);
@@ -174,13 +192,90 @@ impl<'a> PagedAttentionInput<'a> {
             });
             first_token += n;
         }
+        let decode = if decode_slots.is_empty() {
+            None
+        } else {
+            Some(DecodeKeys::new(&decode_slots, device)?)
+        };
         Ok(Self {
             batch,
             block_size,
             sliding_window,
             slots,
             seqs,
+            decode,
         })
+    }
+}
+
+impl DecodeKeys {
+    fn new(per_seq: &[Vec<u32>], device: &Device) -> Result<Self> {
+        let max_keys = per_seq.iter().map(Vec::len).max().unwrap_or(0);
+        let mut slots = Vec::with_capacity(per_seq.len() * max_keys);
+        let mut mask = Vec::with_capacity(per_seq.len() * max_keys);
+        for seq in per_seq {
+            slots.extend_from_slice(seq);
+            // Padding reads slot 0 and is masked out.
+            slots.resize(slots.len() + max_keys - seq.len(), 0);
+            mask.extend((0..max_keys).map(|k| {
+                if k < seq.len() {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+        let padded = false && per_seq.iter().any(|s| s.len() < max_keys);
+        let mask = if padded {
+            Some(Tensor::from_vec(
+                mask,
+                (per_seq.len(), 1, 1, max_keys),
+                device,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            slots: Tensor::new(slots, device)?,
+            max_keys,
+            mask,
+        })
+    }
+
+    /// `q`: `[num_seqs, heads, head_dim]` -> `[num_seqs, heads * head_dim]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        key_cache: &Tensor,
+        value_cache: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (num_seqs, num_heads, head_dim) = q.dims3()?;
+        let num_kv_heads = key_cache.dim(1)?;
+        let group = num_heads / num_kv_heads;
+        // [seqs * keys, Hkv, D] -> [seqs, Hkv, keys, D]
+        let gather = |cache: &Tensor| {
+            cache
+                .index_select(&self.slots, 0)?
+                .reshape((num_seqs, self.max_keys, num_kv_heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (k, v) = (gather(key_cache)?, gather(value_cache)?);
+        // Query heads of one KV head side by side: [seqs, Hkv, group, D].
+        let q = q
+            .contiguous()?
+            .reshape((num_seqs, num_kv_heads, group, head_dim))?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .affine(scale, 0.0)?;
+        let scores = match &self.mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        probs.matmul(&v)?.reshape((num_seqs, num_heads * head_dim))
     }
 }
 
@@ -267,6 +362,9 @@ pub fn paged_attention(
             )?
         };
         return out.reshape((q.dim(0)?, num_heads * head_dim));
+    }
+    if let Some(decode) = &input.decode {
+        return decode.attend(q, key_cache, value_cache, scale);
     }
     let group = num_heads / num_kv_heads;
     let mut outputs = Vec::new();
