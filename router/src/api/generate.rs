@@ -113,7 +113,7 @@ impl Default for GenerateParameters {
 pub struct GenerateRequest {
     #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::object")]
     pub parameters: GenerateParameters,
 }
 
@@ -122,7 +122,7 @@ pub struct GenerateRequest {
 pub struct CompatGenerateRequest {
     #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::object")]
     pub parameters: GenerateParameters,
     #[serde(default)]
     pub stream: bool,

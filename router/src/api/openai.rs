@@ -75,6 +75,7 @@ pub struct Message {
 /// `model` and `user` are accepted and ignored: the served model answers.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
+    #[serde(deserialize_with = "super::objects")]
     #[schema(min_items = 1)]
     pub messages: Vec<Message>,
     #[serde(default)]
@@ -110,7 +111,7 @@ pub struct ChatCompletionRequest {
     pub stop: Option<OneOrMany>,
     #[serde(default)]
     pub stream: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::optional_object")]
     #[schema(nullable)]
     pub stream_options: Option<StreamOptions>,
     /// 0 means greedy decoding; unset means 1 (sampling).
@@ -144,7 +145,7 @@ pub struct CompletionRequest {
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::optional_object")]
     #[schema(nullable)]
     pub stream_options: Option<StreamOptions>,
     /// Number of alternatives per token to return with the log-probabilities.

@@ -1,5 +1,6 @@
 //! TGI's native generation routes: `/generate`, `/generate_stream` and `/`.
 
+use crate::api::Object;
 use crate::api::generate::{
     tokens, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token,
 };
@@ -21,10 +22,10 @@ use axum::Json;
     responses((status = 200, description = "Generated text", body = GenerateResponse), TgiErrors))]
 pub async fn generate(
     State(state): State<AppState>,
-    payload: Result<Json<GenerateRequest>, JsonRejection>,
+    payload: Result<Json<Object<GenerateRequest>>, JsonRejection>,
 ) -> Result<Response, TgiError> {
     let metrics = RequestMetrics::new();
-    let request = metrics.observe(payload.map_err(ApiError::from))?.0;
+    let Json(Object(request)) = metrics.observe(payload.map_err(ApiError::from))?;
     let response = metrics.observe(generate_response(&state, request, metrics).await)?;
     Ok(Json(response).into_response())
 }
@@ -35,10 +36,10 @@ pub async fn generate(
               TgiErrors))]
 pub async fn generate_stream(
     State(state): State<AppState>,
-    payload: Result<Json<GenerateRequest>, JsonRejection>,
+    payload: Result<Json<Object<GenerateRequest>>, JsonRejection>,
 ) -> Result<Response, TgiError> {
     let metrics = RequestMetrics::new();
-    let request = metrics.observe(payload.map_err(ApiError::from))?.0;
+    let Json(Object(request)) = metrics.observe(payload.map_err(ApiError::from))?;
     Ok(metrics.observe(stream_response(&state, request, metrics).await)?)
 }
 
@@ -49,10 +50,10 @@ pub async fn generate_stream(
         (Vec<GenerateResponse> = "application/json"), (StreamResponse = "text/event-stream"))), TgiErrors))]
 pub async fn compat_generate(
     State(state): State<AppState>,
-    payload: Result<Json<CompatGenerateRequest>, JsonRejection>,
+    payload: Result<Json<Object<CompatGenerateRequest>>, JsonRejection>,
 ) -> Result<Response, TgiError> {
     let metrics = RequestMetrics::new();
-    let request = metrics.observe(payload.map_err(ApiError::from))?.0;
+    let Json(Object(request)) = metrics.observe(payload.map_err(ApiError::from))?;
     let stream = request.stream;
     let response = if stream {
         stream_response(&state, request.into(), metrics).await

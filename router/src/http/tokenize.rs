@@ -1,5 +1,6 @@
 //! `POST /tokenize`.
 
+use crate::api::Object;
 use crate::api::generate::{GenerateRequest, SimpleToken};
 use crate::error::{ApiError, TgiError};
 use crate::http::openapi::TgiErrors;
@@ -13,9 +14,9 @@ use axum::Json;
     responses((status = 200, description = "Tokenized ids", body = Vec<SimpleToken>), TgiErrors))]
 pub async fn tokenize(
     State(state): State<AppState>,
-    payload: Result<Json<GenerateRequest>, JsonRejection>,
+    payload: Result<Json<Object<GenerateRequest>>, JsonRejection>,
 ) -> Result<Json<Vec<SimpleToken>>, TgiError> {
-    let Json(request) = payload.map_err(ApiError::from)?;
+    let Json(Object(request)) = payload.map_err(ApiError::from)?;
     state.validation.check_parameters(&request.parameters)?;
     let encoding = state.validation.tokenize(request.inputs.clone(), true).await?;
     // Byte-level tokenizers leave the leading space out of a token's offsets: each

@@ -3,6 +3,8 @@
 
 pub mod chat_template;
 mod params;
+#[cfg(test)]
+mod proptests;
 
 pub use params::check_top_p;
 mod tokenizer;
@@ -93,7 +95,8 @@ impl Validation {
             return Err(ValidationError::InputLength { input_length, max_input_tokens });
         }
         let max_new_tokens = checked.max_new_tokens.unwrap_or(max_total_tokens.saturating_sub(input_length));
-        if max_new_tokens == 0 || input_length + max_new_tokens > max_total_tokens {
+        // Saturating: a max_new_tokens near u32::MAX must not wrap around to a small total.
+        if max_new_tokens == 0 || input_length.saturating_add(max_new_tokens) > max_total_tokens {
             return Err(ValidationError::TotalLength { input_length, max_new_tokens, max_total_tokens });
         }
         Ok(ValidGenerateRequest {

@@ -1,6 +1,7 @@
 //! `POST /v1/chat/completions`.
 
 use super::{stream_end, OpenAiSampling, ResponseContext};
+use crate::api::Object;
 use crate::api::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatLogprobs, OpenAiResponse, Usage,
@@ -26,7 +27,7 @@ const CHUNK: &str = "chat.completion.chunk";
         (OpenAiResponse<ChatChoice> = "application/json"), (OpenAiResponse<ChatChunkChoice> = "text/event-stream"))), OpenAiErrors))]
 pub async fn chat_completions(
     State(state): State<AppState>,
-    payload: Result<Json<ChatCompletionRequest>, JsonRejection>,
+    payload: Result<Json<Object<ChatCompletionRequest>>, JsonRejection>,
 ) -> Result<Response, OpenAiError> {
     let metrics = RequestMetrics::new();
     Ok(metrics.observe(respond(&state, payload, metrics).await)?)
@@ -34,10 +35,10 @@ pub async fn chat_completions(
 
 async fn respond(
     state: &AppState,
-    payload: Result<Json<ChatCompletionRequest>, JsonRejection>,
+    payload: Result<Json<Object<ChatCompletionRequest>>, JsonRejection>,
     metrics: RequestMetrics,
 ) -> Result<Response, ApiError> {
-    let Json(request) = payload?;
+    let Json(Object(request)) = payload?;
     let logprobs = request.logprobs.unwrap_or(false);
     let parameters = OpenAiSampling {
         n: request.n,

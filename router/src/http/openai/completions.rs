@@ -1,6 +1,7 @@
 //! `POST /v1/completions`: one choice per prompt.
 
 use super::{stream_end, OpenAiSampling, ResponseContext};
+use crate::api::Object;
 use crate::api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, OpenAiResponse, Usage};
 use crate::error::{ApiError, OpenAiError};
 use crate::http::metrics::RequestMetrics;
@@ -24,7 +25,7 @@ const OBJECT: &str = "text_completion";
         (OpenAiResponse<CompletionChoice> = "application/json"), (OpenAiResponse<CompletionChoice> = "text/event-stream"))), OpenAiErrors))]
 pub async fn completions(
     State(state): State<AppState>,
-    payload: Result<Json<CompletionRequest>, JsonRejection>,
+    payload: Result<Json<Object<CompletionRequest>>, JsonRejection>,
 ) -> Result<Response, OpenAiError> {
     let metrics = RequestMetrics::new();
     Ok(metrics.observe(respond(&state, payload, metrics).await)?)
@@ -32,10 +33,10 @@ pub async fn completions(
 
 async fn respond(
     state: &AppState,
-    payload: Result<Json<CompletionRequest>, JsonRejection>,
+    payload: Result<Json<Object<CompletionRequest>>, JsonRejection>,
     metrics: RequestMetrics,
 ) -> Result<Response, ApiError> {
-    let Json(request) = payload?;
+    let Json(Object(request)) = payload?;
     let logprobs = request.logprobs.is_some();
     let parameters = OpenAiSampling {
         n: request.n,
