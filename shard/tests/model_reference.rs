@@ -228,9 +228,9 @@ fn tiny_models_run_in_bf16() {
     }
 }
 
-/// Sequences of different lengths batched together, going through a prefill, a chunk
-/// continuing the cached prefix, and batched decode steps, give each sequence's logits
-/// alone (and the reference's).
+/// Sequences of different lengths batched together, going through a prefill, batched
+/// decode steps and chunks continuing their cached prefixes, give each sequence's
+/// logits alone (and the reference's).
 #[test]
 fn ragged_batches_with_cached_prefixes_and_decode_match_single_sequences() {
     let dir = fixtures_dir();
@@ -252,8 +252,11 @@ fn ragged_batches_with_cached_prefixes_and_decode_match_single_sequences() {
             .enumerate()
             .map(|(i, (ids, _))| PagedSequence::new(ids.clone(), ids.len(), i, count))
             .collect();
-        step(model.as_ref(), &mut cache, &mut seqs, |_| 4);
-        step(model.as_ref(), &mut cache, &mut seqs, |_| 7);
+        // Lengths 11, 6, 1: prefill (5, 3, -), a decode step over contexts of different
+        // lengths (6, 4, 1), chunks continuing cached prefixes (9, 6, -), then decode.
+        step(model.as_ref(), &mut cache, &mut seqs, |s| s.tokens.len() / 2);
+        step(model.as_ref(), &mut cache, &mut seqs, |s| s.cached + 1);
+        step(model.as_ref(), &mut cache, &mut seqs, |s| s.cached + 3);
         while seqs.iter().any(|s| s.cached < s.tokens.len()) {
             step(model.as_ref(), &mut cache, &mut seqs, |s| s.cached + 1);
         }

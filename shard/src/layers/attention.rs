@@ -225,7 +225,7 @@ impl DecodeKeys {
                 }
             }));
         }
-        let padded = false && per_seq.iter().any(|s| s.len() < max_keys);
+        let padded = per_seq.iter().any(|s| s.len() < max_keys);
         let mask = if padded {
             Some(Tensor::from_vec(
                 mask,
