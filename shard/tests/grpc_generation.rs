@@ -40,6 +40,13 @@ impl Shard {
     }
 
     fn spawn_with(extra_args: &[&str]) -> Self {
+        let mut shard = Self::start(0, extra_args);
+        shard.wait_listening();
+        shard
+    }
+
+    /// Starts rank `rank` without waiting: the ranks of a group listen once all joined.
+    fn start(rank: u32, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let prefix = dir.path().join("shard");
         let child = Command::new(env!("CARGO_BIN_EXE_text-generation-shard"))
@@ -48,19 +55,22 @@ impl Shard {
             .arg("--uds-path")
             .arg(&prefix)
             .args(["--device", "cpu", "--block-size", &BLOCK_SIZE.to_string()])
+            .args(["--rank", &rank.to_string()])
             .args(extra_args)
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let socket = PathBuf::from(format!("{}-0", prefix.display()));
-        let mut shard = Self {
+        Self {
             child,
-            socket,
+            socket: PathBuf::from(format!("{}-{rank}", prefix.display())),
             _dir: dir,
-        };
+        }
+    }
+
+    fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !shard.socket.exists() {
-            if let Some(status) = shard.child.try_wait().unwrap() {
+        while !self.socket.exists() {
+            if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("shard exited before listening: {status}");
             }
             assert!(
@@ -69,7 +79,6 @@ impl Shard {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        shard
     }
 
     async fn client(&self) -> TextGenerationServiceClient<Channel> {
@@ -92,26 +101,31 @@ impl Shard {
     /// A client on a warmed-up shard whose cache holds 4096 tokens.
     async fn warm_client(&self) -> TextGenerationServiceClient<Channel> {
         let mut client = self.client().await;
-        let warmup = client
-            .warmup(WarmupRequest {
-                batch: Some(Batch {
-                    id: 0,
-                    requests: vec![],
-                    size: 0,
-                    max_tokens: 0,
-                    max_blocks: 0,
-                }),
-                max_input_tokens: 1024,
-                max_prefill_tokens: 1024,
-                max_total_tokens: 2048,
-                max_batch_total_tokens: Some(4096),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(warmup.max_supported_total_tokens, 4096);
+        warm(&mut client).await;
         client
     }
+}
+
+/// Warms the shard up with a cache of 4096 tokens.
+async fn warm(client: &mut TextGenerationServiceClient<Channel>) {
+    let warmup = client
+        .warmup(WarmupRequest {
+            batch: Some(Batch {
+                id: 0,
+                requests: vec![],
+                size: 0,
+                max_tokens: 0,
+                max_blocks: 0,
+            }),
+            max_input_tokens: 1024,
+            max_prefill_tokens: 1024,
+            max_total_tokens: 2048,
+            max_batch_total_tokens: Some(4096),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(warmup.max_supported_total_tokens, 4096);
 }
 
 impl Shard {
@@ -620,4 +634,59 @@ fn startup_errors_exit_with_code_1() {
     assert_eq!(output.status.code(), Some(1));
     let logs = String::from_utf8_lossy(&output.stdout);
     assert!(logs.contains("/definitely/not/a/model"), "{logs}");
+}
+
+/// Tensor parallelism on CPU: SmolLM2's 9 heads and 3 KV heads split over 3 ranks
+/// that meet over TCP. Every rank receives every call, as from the router.
+#[tokio::test(flavor = "multi_thread")]
+async fn tensor_parallel_ranks_generate_in_step() {
+    const WORLD_SIZE: u32 = 3;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let group = [
+        "--world-size",
+        &WORLD_SIZE.to_string(),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port,
+    ];
+    let mut shards: Vec<Shard> = (0..WORLD_SIZE)
+        .map(|rank| Shard::start(rank, &group))
+        .collect();
+    let mut clients = Vec::new();
+    for shard in &mut shards {
+        shard.wait_listening();
+        clients.push(shard.client().await);
+    }
+    let info = clients[1].info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.rank, info.world_size), (1, WORLD_SIZE));
+
+    let mut blocks = Blocks::new();
+    let mut sampled = blocks.request(2, "My favourite food is", 4);
+    let parameters = sampled.parameters.as_mut().unwrap();
+    parameters.do_sample = true;
+    parameters.seed = 5;
+    let requests = vec![blocks.request(1, PROMPT, 2), sampled];
+    // Each rank in its own task: the collectives wait for every rank.
+    let runs = clients.into_iter().map(|mut client| {
+        let batch = batch(1, requests.clone());
+        tokio::spawn(async move {
+            warm(&mut client).await;
+            generate(&mut client, batch).await
+        })
+    });
+    let mut outputs = Vec::new();
+    for run in runs.collect::<Vec<_>>() {
+        outputs.push(run.await.unwrap());
+    }
+    assert_eq!(outputs[0].finished[&1].text, " Paris.");
+    for rank in 1..WORLD_SIZE as usize {
+        assert_eq!(outputs[rank].tokens, outputs[0].tokens, "rank {rank}");
+    }
+    assert_eq!(outputs[0].tokens[&2].len(), 4);
 }

@@ -35,6 +35,9 @@ pub struct Runner {
     health_token_id: u32,
     block_size: usize,
     kv_memory: KvMemory,
+    rank: u32,
+    /// Above 1, every rank runs the same forward passes in step (tensor parallelism).
+    world_size: u32,
     /// Created by Warmup.
     cache: Option<KvCache>,
     batches: HashMap<u64, BatchState>,
@@ -55,15 +58,24 @@ struct LogitsRows {
     prompt_start: Option<u32>,
 }
 
+/// How the runner is set up, besides its model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunnerConfig {
+    /// Tokens per KV cache block.
+    pub block_size: usize,
+    pub kv_memory: KvMemory,
+    pub rank: u32,
+    pub world_size: u32,
+}
+
 impl Runner {
     pub fn new(
         model: Box<dyn Model>,
         device: Device,
         files: &ModelFiles,
-        block_size: usize,
-        kv_memory: KvMemory,
+        config: RunnerConfig,
     ) -> Result<Self> {
-        ensure!(block_size > 0, "block size must be positive");
+        ensure!(config.block_size > 0, "block size must be positive");
         let tokenizer = files.tokenizer()?;
         let special = files.special_tokens()?;
         let special_token_ids = tokenizer
@@ -79,14 +91,16 @@ impl Runner {
             eos_token_ids: special.eos_token_ids,
             special_token_ids,
             health_token_id: special.bos_token_id.unwrap_or(0),
-            block_size,
-            kv_memory,
+            block_size: config.block_size,
+            kv_memory: config.kv_memory,
+            rank: config.rank,
+            world_size: config.world_size,
             cache: None,
             batches: HashMap::new(),
         })
     }
 
-    pub fn info(&self, rank: u32, world_size: u32) -> InfoResponse {
+    pub fn info(&self) -> InfoResponse {
         let spec = self.model.spec();
         InfoResponse {
             requires_padding: false,
@@ -100,8 +114,8 @@ impl Runner {
             block_size: self.block_size as u32,
             model_type: spec.model_type.clone(),
             max_position_embeddings: spec.max_position_embeddings as u32,
-            rank,
-            world_size,
+            rank: self.rank,
+            world_size: self.world_size,
             quantization: spec.quantization.clone(),
         }
     }
@@ -189,8 +203,13 @@ impl Runner {
         }
     }
 
-    /// A one-token forward pass writing only to the reserved block 0.
+    /// A one-token forward pass writing only to the reserved block 0. Skipped in a
+    /// tensor-parallel group: a forward pass is a collective, and the ranks' health
+    /// checks are not in step with each other.
     pub fn health(&mut self) -> Result<()> {
+        if self.world_size > 1 {
+            return Ok(());
+        }
         let cache = self.cache.as_mut().context("no KV cache yet")?;
         let seq = SequenceInput {
             new_token_ids: &[self.health_token_id],
@@ -305,13 +324,7 @@ impl Runner {
                 targets.extend_from_slice(predicted);
             }
         }
-        let mut gathered = if gather_rows.is_empty() {
-            vec![]
-        } else {
-            let selected = logits.index_select(&Tensor::new(gather_rows, &self.device)?, 0)?;
-            sampler::target_logprobs(&selected, &targets)?
-        }
-        .into_iter();
+        let mut gathered = sampler::target_logprobs(logits, &gather_rows, &targets)?.into_iter();
         Ok(requests
             .iter()
             .zip(rows)

@@ -333,18 +333,36 @@ pub fn choose_tokens(
         .collect()
 }
 
-/// Log-probability of each `targets[i]` under row `i` of `logits` (`[targets.len(), vocab]`),
+/// Rows of prompt logits turned into logprobs at once: bounds the temporary
+/// `[rows, vocab]` log-softmax of long prompts.
+const PROMPT_LOGPROB_CHUNK_ROWS: usize = 512;
+
+/// Log-probability of each `targets[i]` under row `rows[i]` of `logits` (`[_, vocab]`),
 /// computed on the device: the prompt logprobs of `prefill_logprobs` requests.
-pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
-    if targets.is_empty() {
-        return Ok(vec![]);
+pub fn target_logprobs(logits: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
+    ensure!(
+        rows.len() == targets.len(),
+        "{} rows for {} targets",
+        rows.len(),
+        targets.len()
+    );
+    let mut logprobs = Vec::with_capacity(targets.len());
+    for (rows, targets) in rows
+        .chunks(PROMPT_LOGPROB_CHUNK_ROWS)
+        .zip(targets.chunks(PROMPT_LOGPROB_CHUNK_ROWS))
+    {
+        let device = logits.device();
+        let selected = logits.index_select(&Tensor::new(rows, device)?, 0)?;
+        let targets = Tensor::from_slice(targets, (targets.len(), 1), device)?;
+        let chunk = candle_nn::ops::log_softmax(&selected.to_dtype(DType::F32)?, D::Minus1)?;
+        logprobs.extend(
+            chunk
+                .gather(&targets, D::Minus1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
     }
-    let targets = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
-    let logprobs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    Ok(logprobs
-        .gather(&targets, D::Minus1)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
+    Ok(logprobs)
 }
 
 #[cfg(test)]
@@ -546,8 +564,9 @@ mod tests {
     #[test]
     fn prompt_logprobs_gather_the_targets() {
         let logits = Tensor::new(&[[0.0f32, 1.0], [2.0, 0.0]], &Device::Cpu).unwrap();
-        let lp = target_logprobs(&logits, &[1, 1]).unwrap();
-        assert!((lp[0] - log_softmax(&[0.0, 1.0])[1]).abs() < 1e-6);
-        assert!((lp[1] - log_softmax(&[2.0, 0.0])[1]).abs() < 1e-6);
+        let lp = target_logprobs(&logits, &[1, 0], &[0, 1]).unwrap();
+        assert!((lp[0] - log_softmax(&[2.0, 0.0])[0]).abs() < 1e-6);
+        assert!((lp[1] - log_softmax(&[0.0, 1.0])[1]).abs() < 1e-6);
+        assert!(target_logprobs(&logits, &[0], &[]).is_err());
     }
 }

@@ -43,7 +43,9 @@ impl Runner {
                 self.cache = None;
                 let num_blocks =
                     self.memory_budget()? / KvCache::bytes_per_block(self.model.spec(), block_size);
-                if self.device.is_cuda() {
+                // Retrying is for one rank alone: ranks of a group that retried
+                // differently would fall out of step in their collectives.
+                if self.device.is_cuda() && self.world_size == 1 {
                     // The batch must also fit next to the full cache in GPU memory.
                     self.allocate_and_run(num_blocks, min_blocks, &batch, CUDA_SHRINK_ATTEMPTS)?
                 } else {
