@@ -53,7 +53,8 @@ pub struct Args {
     #[arg(long, env)]
     pub max_total_tokens: Option<usize>,
 
-    /// Most prompt tokens prefilled in one forward pass. Default: `--max-input-tokens` + 50.
+    /// Most prompt tokens prefilled in one forward pass. Default: `--max-input-tokens` + 50,
+    /// at most `--max-batch-total-tokens`.
     #[arg(long, env)]
     pub max_batch_prefill_tokens: Option<usize>,
 
@@ -174,7 +175,7 @@ impl Args {
         if self.max_batch_size == Some(0) {
             bail!("`--max-batch-size` must be at least 1");
         }
-        if !(self.waiting_served_ratio >= 0.0) {
+        if self.waiting_served_ratio.is_nan() || self.waiting_served_ratio < 0.0 {
             bail!("`--waiting-served-ratio` must be >= 0, got {}", self.waiting_served_ratio);
         }
         if !(self.cuda_memory_fraction > 0.0 && self.cuda_memory_fraction <= 1.0) {
@@ -223,9 +224,10 @@ impl Args {
             bail!("`--max-total-tokens` must be at least 2, got {max_total_tokens}");
         }
         let max_input_tokens = self.max_input_tokens.unwrap_or(max_total_tokens - 1);
-        let max_batch_prefill_tokens = self
-            .max_batch_prefill_tokens
-            .unwrap_or(max_input_tokens + DEFAULT_PREFILL_SLACK);
+        // The default never contradicts an explicit `--max-batch-total-tokens`.
+        let max_batch_prefill_tokens = self.max_batch_prefill_tokens.unwrap_or_else(|| {
+            (max_input_tokens + DEFAULT_PREFILL_SLACK).min(self.max_batch_total_tokens.unwrap_or(usize::MAX))
+        });
         if max_input_tokens == 0 {
             bail!("`--max-input-tokens` must be at least 1");
         }
@@ -312,6 +314,8 @@ mod tests {
         let long_prompt = parse(&["--max-input-tokens", "5000"]).token_limits(Some(8192)).unwrap();
         assert_eq!(long_prompt.max_total_tokens, 5001);
         assert_eq!(long_prompt.max_batch_prefill_tokens, 5050);
+        let small_cache = parse(&["--max-total-tokens", "1024", "--max-input-tokens", "1000", "--max-batch-total-tokens", "1024"]);
+        assert_eq!(small_cache.token_limits(Some(8192)).unwrap().max_batch_prefill_tokens, 1024);
     }
 
     #[test]
@@ -321,7 +325,7 @@ mod tests {
             .contains("`--max-input-tokens` (100) must be < `--max-total-tokens` (100)"));
         assert!(err(&["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"])
             .contains("`--max-batch-prefill-tokens` (50) must be >="));
-        assert!(err(&["--max-total-tokens", "4096", "--max-batch-total-tokens", "2000"])
+        assert!(err(&["--max-batch-prefill-tokens", "4145", "--max-batch-total-tokens", "2000"])
             .contains("`--max-batch-prefill-tokens` (4145) must be <= `--max-batch-total-tokens`"));
         assert!(err(&[
             "--max-total-tokens",
