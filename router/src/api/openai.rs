@@ -55,10 +55,7 @@ impl MessageContent {
     pub fn into_text(self) -> String {
         match self {
             MessageContent::Text(text) => text,
-            MessageContent::Parts(parts) => parts
-                .into_iter()
-                .map(|ContentPart::Text { text }| text)
-                .collect(),
+            MessageContent::Parts(parts) => parts.into_iter().map(|ContentPart::Text { text }| text).collect(),
         }
     }
 }
@@ -405,7 +402,8 @@ mod tests {
     fn chat_request_rejects_unknown_roles_and_parts() {
         let bad_role = json!({"messages": [{"role": "wizard", "content": "x"}]});
         assert!(serde_json::from_value::<ChatCompletionRequest>(bad_role).is_err());
-        let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
+        let image =
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
         assert!(serde_json::from_value::<ChatCompletionRequest>(image).is_err());
     }
 
@@ -451,6 +449,9 @@ mod tests {
 
     #[test]
     fn usage_adds_up() {
-        assert_eq!(Usage::new(3, 4) + Usage::new(1, 1), Usage { prompt_tokens: 4, completion_tokens: 5, total_tokens: 9 });
+        assert_eq!(
+            Usage::new(3, 4) + Usage::new(1, 1),
+            Usage { prompt_tokens: 4, completion_tokens: 5, total_tokens: 9 }
+        );
     }
 }

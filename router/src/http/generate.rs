@@ -1,9 +1,9 @@
 //! TGI's native generation routes: `/generate`, `/generate_stream` and `/`.
 
-use crate::api::Object;
 use crate::api::generate::{
     tokens, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token,
 };
+use crate::api::Object;
 use crate::error::{ApiError, TgiError};
 use crate::http::metrics::RequestMetrics;
 use crate::http::openapi::TgiErrors;
@@ -128,7 +128,9 @@ impl Renderer for TgiRenderer {
         let (token, top_tokens, end) = match response {
             InferStreamResponse::Prefill(_) => return vec![],
             InferStreamResponse::Intermediate { token, top_tokens } => (token, top_tokens, None),
-            InferStreamResponse::End { token, top_tokens, generated_text, .. } => (token, top_tokens, Some(generated_text)),
+            InferStreamResponse::End { token, top_tokens, generated_text, .. } => {
+                (token, top_tokens, Some(generated_text))
+            }
         };
         self.tokens += 1;
         let event = StreamResponse {

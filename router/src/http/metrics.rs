@@ -115,8 +115,12 @@ mod tests {
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             let request = RequestMetrics::new();
-            let generated =
-                GeneratedText { text: "x".into(), generated_tokens: 3, finish_reason: FinishReason::Length, seed: None };
+            let generated = GeneratedText {
+                text: "x".into(),
+                generated_tokens: 3,
+                finish_reason: FinishReason::Length,
+                seed: None,
+            };
             request.success(&generated, Instant::now(), Instant::now());
             request.failure(&ApiError::Unhealthy);
         });

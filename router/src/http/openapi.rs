@@ -82,7 +82,9 @@ pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     let operations = doc["paths"].as_object_mut().into_iter().flat_map(|paths| paths.values_mut());
     for operation in operations.flat_map(|path| path.as_object_mut().into_iter().flat_map(|ops| ops.values_mut())) {
-        let Some(responses) = operation["responses"].as_object_mut() else { continue };
+        let Some(responses) = operation["responses"].as_object_mut() else {
+            continue;
+        };
         for response in responses.values_mut() {
             if let Some(sse) = response.pointer_mut("/content/text~1event-stream/schema") {
                 *sse = json!({
@@ -117,12 +119,25 @@ mod tests {
     #[test]
     fn describes_every_route_with_its_schemas() {
         let doc = document();
-        for path in ["/generate", "/generate_stream", "/", "/tokenize", "/info", "/health", "/metrics",
-                     "/v1/chat/completions", "/v1/completions", "/v1/models", "/openapi.json"] {
+        for path in [
+            "/generate",
+            "/generate_stream",
+            "/",
+            "/tokenize",
+            "/info",
+            "/health",
+            "/metrics",
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/openapi.json",
+        ] {
             assert!(doc["paths"][path].is_object(), "{path} missing");
         }
         let schemas = &doc["components"]["schemas"];
-        for schema in ["GenerateRequest", "GenerateParameters", "ChatCompletionRequest", "CompletionRequest", "ErrorResponse"] {
+        for schema in
+            ["GenerateRequest", "GenerateParameters", "ChatCompletionRequest", "CompletionRequest", "ErrorResponse"]
+        {
             assert!(schemas[schema].is_object(), "{schema} missing");
         }
         let error = &doc["paths"]["/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"];

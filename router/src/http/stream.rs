@@ -30,7 +30,8 @@ pub trait Renderer: Send + 'static {
 pub fn json_event(value: &impl Serialize) -> Event {
     match serde_json::to_string(value) {
         Ok(json) => Event::default().data(json),
-        Err(e) => Event::default().data(serde_json::json!({"error": e.to_string(), "error_type": "serialization"}).to_string()),
+        Err(e) => Event::default()
+            .data(serde_json::json!({"error": e.to_string(), "error_type": "serialization"}).to_string()),
     }
 }
 
@@ -93,7 +94,12 @@ pub fn sse_response(
             .map(move |message| (position, Some(message)))
             .chain(stream::once(async move { (position, None) }));
         merged.push(tagged.boxed());
-        slots.push(Slot { index: generation.index, metrics: generation.metrics, ended: false, _permit: generation.permit });
+        slots.push(Slot {
+            index: generation.index,
+            metrics: generation.metrics,
+            ended: false,
+            _permit: generation.permit,
+        });
     }
     let state = State { merged, slots, renderer, done: false };
     let events = stream::unfold(state, |mut state| async move {

@@ -61,7 +61,10 @@ impl ScriptedBackend {
 }
 
 impl Backend for ScriptedBackend {
-    fn generate_stream(&self, request: ValidGenerateRequest) -> Result<(OwnedSemaphorePermit, InferStream), InferError> {
+    fn generate_stream(
+        &self,
+        request: ValidGenerateRequest,
+    ) -> Result<(OwnedSemaphorePermit, InferStream), InferError> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)?;
         self.requests.lock().unwrap().push(request);
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -84,7 +87,15 @@ impl Backend for ScriptedBackend {
                     InferStreamResponse::End { token, generated_text, queued, start, .. } => {
                         tokens.push(token);
                         let top_tokens = vec![vec![]; tokens.len()];
-                        return Ok(InferResponse { prefill: vec![], input_length, tokens, top_tokens, generated_text, queued, start });
+                        return Ok(InferResponse {
+                            prefill: vec![],
+                            input_length,
+                            tokens,
+                            top_tokens,
+                            generated_text,
+                            queued,
+                            start,
+                        });
                     }
                     InferStreamResponse::Prefill(_) => {}
                 }
@@ -200,7 +211,8 @@ async fn invalid_requests_are_rejected_before_queueing() {
 #[tokio::test]
 async fn malformed_bodies_map_to_400_413_415() {
     let app = test_app(Arc::new(ScriptedBackend::new()), ServerConfig::default());
-    let malformed = Request::post("/generate").header(header::CONTENT_TYPE, "application/json").body(Body::from("{")).unwrap();
+    let malformed =
+        Request::post("/generate").header(header::CONTENT_TYPE, "application/json").body(Body::from("{")).unwrap();
     let (status, response) = call_json(&app, malformed).await;
     assert_eq!((status, response["error_type"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
     let (status, response) = call_json(&app, Request::post("/generate").body(Body::from("{}")).unwrap()).await;
@@ -238,7 +250,8 @@ async fn generate_stream_sends_one_event_per_token() {
 
 #[tokio::test]
 async fn failures_in_the_middle_of_a_stream_end_it_with_an_error_event() {
-    let backend = ScriptedBackend { failure: Some(InferError::GenerationError("shard died".into())), ..ScriptedBackend::new() };
+    let backend =
+        ScriptedBackend { failure: Some(InferError::GenerationError("shard died".into())), ..ScriptedBackend::new() };
     let app = test_app(Arc::new(backend), ServerConfig::default());
     let (status, body) = call(&app, post("/generate_stream", json!({"inputs": "the"}))).await;
     assert_eq!(status, StatusCode::OK);
@@ -379,7 +392,10 @@ async fn info_tokenize_and_models() {
     assert_eq!((info["model_id"].as_str(), info["max_total_tokens"].as_u64()), (Some("test-model"), Some(10)));
     let (status, tokens) = call_json(&app, post("/tokenize", json!({"inputs": "the capital"}))).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(tokens, json!([{"id": 3, "text": "the", "start": 0, "stop": 3}, {"id": 4, "text": " capital", "start": 3, "stop": 11}]));
+    assert_eq!(
+        tokens,
+        json!([{"id": 3, "text": "the", "start": 0, "stop": 3}, {"id": 4, "text": " capital", "start": 3, "stop": 11}])
+    );
     let (_, models) = call_json(&app, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
     assert_eq!(models["data"][0]["id"], "test-model");
 }

@@ -1,7 +1,7 @@
 //! `POST /tokenize`.
 
-use crate::api::Object;
 use crate::api::generate::{GenerateRequest, SimpleToken};
+use crate::api::Object;
 use crate::error::{ApiError, TgiError};
 use crate::http::openapi::TgiErrors;
 use crate::http::server::AppState;

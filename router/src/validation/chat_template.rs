@@ -50,10 +50,8 @@ impl ChatTemplate {
         if messages.is_empty() {
             return Err(ValidationError::OutOfRange { name: "messages", expected: "a non-empty list" });
         }
-        let messages = messages
-            .into_iter()
-            .map(|m| TemplateMessage { role: m.role, content: m.content.into_text() })
-            .collect();
+        let messages =
+            messages.into_iter().map(|m| TemplateMessage { role: m.role, content: m.content.into_text() }).collect();
         let context = TemplateContext {
             messages,
             bos_token: self.bos_token.as_deref(),
@@ -105,7 +103,11 @@ mod tests {
     #[test]
     fn renders_smollm2_conversation() {
         let prompt = smollm2_template()
-            .apply(vec![message(Role::System, "Be brief."), message(Role::User, "Hi"), message(Role::Assistant, "Hello!")])
+            .apply(vec![
+                message(Role::System, "Be brief."),
+                message(Role::User, "Hi"),
+                message(Role::Assistant, "Hello!"),
+            ])
             .unwrap();
         assert_eq!(
             prompt,

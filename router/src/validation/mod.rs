@@ -12,8 +12,8 @@ mod tokenizer;
 use crate::api::generate::GenerateParameters;
 use crate::infer_types::{ValidGenerateRequest, ValidStoppingParameters};
 use std::sync::Arc;
-use tokenizers::{Encoding, Tokenizer};
 use tokenizer::TokenizerPool;
+use tokenizers::{Encoding, Tokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ValidationLimits {
@@ -119,7 +119,8 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn validation(max_input_tokens: u32, max_total_tokens: u32) -> Validation {
-        let limits = ValidationLimits { max_input_tokens, max_total_tokens, max_stop_sequences: 4, max_top_n_tokens: 5 };
+        let limits =
+            ValidationLimits { max_input_tokens, max_total_tokens, max_stop_sequences: 4, max_top_n_tokens: 5 };
         Validation::new(tokenizer::tests::word_tokenizer(), 1, limits).unwrap()
     }
 
@@ -156,8 +157,14 @@ pub(crate) mod tests {
             v.validate("the capital of".into(), &parameters(Some(4), None), true).await.unwrap_err(),
             ValidationError::TotalLength { input_length: 3, max_new_tokens: 4, max_total_tokens: 6 }
         );
-        assert_eq!(v.validate(String::new(), &parameters(None, None), true).await.unwrap_err(), ValidationError::EmptyInput);
+        assert_eq!(
+            v.validate(String::new(), &parameters(None, None), true).await.unwrap_err(),
+            ValidationError::EmptyInput
+        );
         // Whitespace tokenizes to nothing with this tokenizer.
-        assert_eq!(v.validate("   ".into(), &parameters(None, None), true).await.unwrap_err(), ValidationError::EmptyInput);
+        assert_eq!(
+            v.validate("   ".into(), &parameters(None, None), true).await.unwrap_err(),
+            ValidationError::EmptyInput
+        );
     }
 }

@@ -32,10 +32,16 @@ pub fn check_top_p(top_p: Option<f32>) -> Result<Option<f32>, ValidationError> {
     Ok(check("top_p", top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?.filter(|&v| v < 1.0))
 }
 
-pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Result<CheckedParameters, ValidationError> {
+pub fn check_parameters(
+    p: &GenerateParameters,
+    limits: &ValidationLimits,
+) -> Result<CheckedParameters, ValidationError> {
     check("best_of", p.best_of, |v| v == 1.0, "1 (best_of is not supported)")?;
     if p.watermark {
-        return Err(ValidationError::OutOfRange { name: "watermark", expected: "false (watermarking is not supported)" });
+        return Err(ValidationError::OutOfRange {
+            name: "watermark",
+            expected: "false (watermarking is not supported)",
+        });
     }
     let temperature = check("temperature", p.temperature, |v| v > 0.0, "strictly positive")?;
     let repetition_penalty = check("repetition_penalty", p.repetition_penalty, |v| v > 0.0, "strictly positive")?;

@@ -26,9 +26,7 @@ impl TokenizerPool {
         for i in 0..workers {
             let queue = queue.clone();
             let tokenizer = tokenizer.clone();
-            std::thread::Builder::new()
-                .name(format!("tokenizer-{i}"))
-                .spawn(move || work(&tokenizer, &queue))?;
+            std::thread::Builder::new().name(format!("tokenizer-{i}")).spawn(move || work(&tokenizer, &queue))?;
         }
         Ok(Self { jobs, workers })
     }
@@ -75,10 +73,8 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn encodes_on_worker_threads() {
         let pool = TokenizerPool::new(word_tokenizer(), 2).unwrap();
-        let encodings = futures::future::join_all(
-            (0..8).map(|_| pool.encode("the capital of france is".into(), true)),
-        )
-        .await;
+        let encodings =
+            futures::future::join_all((0..8).map(|_| pool.encode("the capital of france is".into(), true))).await;
         for encoding in encodings {
             let encoding = encoding.unwrap();
             assert_eq!(encoding.get_ids(), &[3, 4, 5, 6, 7]);

@@ -1,11 +1,11 @@
 //! `POST /v1/chat/completions`.
 
 use super::{stream_end, OpenAiSampling, ResponseContext};
-use crate::api::Object;
 use crate::api::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatLogprobs, OpenAiResponse, Usage,
 };
+use crate::api::Object;
 use crate::error::{ApiError, OpenAiError};
 use crate::http::metrics::RequestMetrics;
 use crate::http::openapi::OpenAiErrors;

@@ -1,8 +1,8 @@
 //! `POST /v1/completions`: one choice per prompt.
 
 use super::{stream_end, OpenAiSampling, ResponseContext};
-use crate::api::Object;
 use crate::api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, OpenAiResponse, Usage};
+use crate::api::Object;
 use crate::error::{ApiError, OpenAiError};
 use crate::http::metrics::RequestMetrics;
 use crate::http::openapi::OpenAiErrors;

@@ -83,7 +83,11 @@ impl ResponseContext {
 }
 
 /// The end of an OpenAI stream: the usage chunk when asked for, then `[DONE]`.
-pub fn stream_end<C: serde::Serialize>(context: &ResponseContext, object: &'static str, usage: Option<Usage>) -> Vec<Event> {
+pub fn stream_end<C: serde::Serialize>(
+    context: &ResponseContext,
+    object: &'static str,
+    usage: Option<Usage>,
+) -> Vec<Event> {
     let usage_chunk = usage.map(|usage| super::stream::json_event(&context.response::<C>(object, vec![], Some(usage))));
     usage_chunk.into_iter().chain([Event::default().data("[DONE]")]).collect()
 }
