@@ -174,12 +174,14 @@ def test_disconnected_streams_free_their_slots(server):
         def open_stream(_):
             response = requests.post(f"{url}/generate_stream", json=endless, stream=True, timeout=REQUEST_TIMEOUT_S)
             assert response.status_code == 200, response.text
-            next(sse_events(response))
-            return response
+            # Returned with the response: a collected event generator closes the connection.
+            events = sse_events(response)
+            next(events)
+            return response, events
 
         streams = list(pool.map(open_stream, range(MAX_CONCURRENT)))
         assert requests.post(f"{url}/generate", json={"inputs": "Hi"}, timeout=30).status_code == 429
-        for response in streams:
+        for response, _ in streams:
             response.close()
 
         deadline = time.monotonic() + 30

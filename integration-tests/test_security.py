@@ -164,10 +164,12 @@ def test_limits_answer_at_once_while_the_server_is_full(server):
         requests.post(f"{server.url}/generate_stream", json=long_stream, headers=auth, stream=True, timeout=120)
         for _ in range(MAX_CONCURRENT)
     ]
+    # The event generators stay referenced: a collected one closes its connection.
+    events = [sse_events(response) for response in streams]
     try:
-        for response in streams:
+        for response, stream_events in zip(streams, events):
             assert response.status_code == 200, response.text
-            next(sse_events(response))
+            next(stream_events)
         over_limits = [
             ({"inputs": PROMPT, "parameters": {"max_new_tokens": 1}}, 429),
             ({"inputs": PROMPT, "parameters": {"stop": ["a"] * 5}}, 422),
