@@ -54,7 +54,9 @@ pub fn check_parameters(
     let max_new_tokens = check("max_new_tokens", p.max_new_tokens, |v| v > 0.0, "strictly positive")?;
     let truncate = check("truncate", p.truncate, |v| v > 0.0, "strictly positive")?;
     // JSON clients and the OpenAPI description (int64) agree on signed 64-bit seeds.
-    check("seed", p.seed.map(|s| s as f64), |v| v <= i64::MAX as f64, "at most 2^63 - 1")?;
+    if p.seed.is_some_and(|seed| seed > i64::MAX as u64) {
+        return Err(ValidationError::OutOfRange { name: "seed", expected: "at most 2^63 - 1" });
+    }
     if let Some(truncate) = truncate {
         if truncate > limits.max_input_tokens {
             return Err(ValidationError::Truncate { truncate, max_input_tokens: limits.max_input_tokens });
@@ -157,6 +159,7 @@ mod tests {
             ("best_of", GenerateParameters { best_of: Some(2), ..Default::default() }),
             ("watermark", GenerateParameters { watermark: true, ..Default::default() }),
             ("seed", GenerateParameters { seed: Some(u64::MAX), ..Default::default() }),
+            ("seed", GenerateParameters { seed: Some(1 << 63), ..Default::default() }),
         ];
         for (name, parameters) in cases {
             assert_eq!(out_of_range(checked(parameters)), name);
