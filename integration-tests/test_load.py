@@ -48,6 +48,8 @@ def server():
     launcher = Launcher(
         "--max-total-tokens", str(KV_TOKENS),
         "--max-input-tokens", str(KV_TOKENS - 24),
+        # The warmup prefill must fit the small KV cache too.
+        "--max-batch-prefill-tokens", str(KV_TOKENS - 24),
         "--max-batch-total-tokens", str(KV_TOKENS),
         "--max-concurrent-requests", str(MAX_CONCURRENT),
     )
