@@ -82,6 +82,9 @@ pub struct GenerateParameters {
     #[serde(default)]
     #[schema(nullable, minimum = 0, example = 5)]
     pub top_n_tokens: Option<u32>,
+    /// Keep generating past the end-of-sequence token (vLLM's extension; benchmarks use it).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateParameters {
@@ -105,6 +108,7 @@ impl Default for GenerateParameters {
             decoder_input_details: false,
             seed: None,
             top_n_tokens: None,
+            ignore_eos: false,
         }
     }
 }

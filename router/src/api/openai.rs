@@ -118,6 +118,9 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[schema(nullable, exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
+    /// Keep generating past the end-of-sequence token (vLLM's extension).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `model` and `user` are accepted and ignored: the served model answers.
@@ -164,6 +167,9 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(nullable, minimum = 0)]
     pub seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token (vLLM's extension).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// A non-empty string or a non-empty list of them.

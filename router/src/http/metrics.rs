@@ -7,31 +7,25 @@ use axum::extract::State;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use std::time::Instant;
 
-const DURATION_HISTOGRAMS: [&str; 5] = [
-    "tgi_request_duration",
-    "tgi_request_validation_duration",
-    "tgi_request_queue_duration",
-    "tgi_request_inference_duration",
-    "tgi_request_mean_time_per_token_duration",
-];
 const TOKEN_HISTOGRAMS: [&str; 3] =
     ["tgi_request_input_length", "tgi_request_generated_tokens", "tgi_request_max_new_tokens"];
 
-/// A recorder whose histograms have buckets fit for their values: seconds from
-/// 1 ms to ~2 min, and token counts up to `max_total_tokens`.
+/// A recorder whose histograms have buckets fit for their values: every `*_duration`
+/// (the router's and the batching loop's, as TGI) in seconds from 1 ms to ~2 min,
+/// and token counts up to `max_total_tokens`.
 pub fn prometheus_builder(max_total_tokens: u32) -> PrometheusBuilder {
     let seconds: Vec<f64> = (0..18).map(|i| 0.001 * 2f64.powi(i)).collect();
     let tokens: Vec<f64> = std::iter::successors(Some(1.0), |t| Some(t * 2.0))
         .take_while(|&t| t < max_total_tokens as f64)
         .chain([max_total_tokens as f64])
         .collect();
-    let mut builder = PrometheusBuilder::new();
-    for (names, buckets) in [(&DURATION_HISTOGRAMS[..], &seconds), (&TOKEN_HISTOGRAMS[..], &tokens)] {
-        for name in names {
-            builder = builder
-                .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
-                .expect("bucket lists are never empty");
-        }
+    let mut builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("duration".to_string()), &seconds)
+        .expect("bucket lists are never empty");
+    for name in TOKEN_HISTOGRAMS {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_string()), &tokens)
+            .expect("bucket lists are never empty");
     }
     builder
 }

@@ -106,7 +106,7 @@ impl Validation {
             stopping_parameters: ValidStoppingParameters {
                 max_new_tokens,
                 stop_sequences: checked.stop_sequences,
-                ignore_eos_token: false,
+                ignore_eos_token: parameters.ignore_eos,
             },
             decoder_input_details: parameters.decoder_input_details,
             top_n_tokens: checked.top_n_tokens,

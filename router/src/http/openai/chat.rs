@@ -50,6 +50,7 @@ async fn respond(
         stop: request.stop,
         max_tokens: request.max_completion_tokens.or(request.max_tokens),
         top_n_tokens: request.top_logprobs.filter(|_| logprobs),
+        ignore_eos: request.ignore_eos,
     }
     .into_parameters()?;
     let template = state.chat_template.as_ref().ok_or(ApiError::NoChatTemplate)?;

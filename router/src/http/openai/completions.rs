@@ -48,6 +48,7 @@ async fn respond(
         stop: request.stop,
         max_tokens: request.max_tokens,
         top_n_tokens: request.logprobs,
+        ignore_eos: request.ignore_eos,
     }
     .into_parameters()?;
     let prompts = request.prompt.into_vec();

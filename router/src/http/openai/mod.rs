@@ -25,6 +25,7 @@ pub struct OpenAiSampling {
     pub stop: Option<OneOrMany>,
     pub max_tokens: Option<u32>,
     pub top_n_tokens: Option<u32>,
+    pub ignore_eos: bool,
 }
 
 impl OpenAiSampling {
@@ -45,6 +46,7 @@ impl OpenAiSampling {
             stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             max_new_tokens: self.max_tokens,
             top_n_tokens: self.top_n_tokens,
+            ignore_eos: self.ignore_eos,
             ..GenerateParameters::default()
         })
     }
