@@ -502,6 +502,28 @@ mod tests {
         .is_err());
     }
 
+    /// Rows and block-aligned columns of a quantized matrix, cut in their quantized
+    /// form, dequantize to the same values as the whole matrix's.
+    #[test]
+    fn quantized_parts_dequantize_like_the_whole() -> Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (6, 128), &dev)?;
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype)?;
+            let whole = q.dequantize(&dev)?;
+            let data = q.data()?;
+            for part in [Part { dim: 0, range: 2..4 }, Part { dim: 1, range: 64..96 }] {
+                let (bytes, dims) = part.of_bytes("w", &data, &[6, 128], dtype.block_size(), dtype.type_size())?;
+                let cut = qtensor_from_ggml(dtype, &bytes, dims, &dev)?.dequantize(&dev)?;
+                let expected = whole.narrow(part.dim, part.range.start, part.range.len())?;
+                let diff = (cut - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "{dtype:?} {part:?}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn missing_safetensors_is_an_error() {
         let dir = std::env::temp_dir().join(format!("shard-weights-test-{}", std::process::id()));

@@ -61,7 +61,10 @@ impl VocabParallelLmHead {
     pub fn load(w: &Weights, name: &str, vocab: usize, hidden: usize, comm: &Comm) -> Result<Self> {
         let part = vocab_part(vocab, comm)?;
         Ok(Self {
-            linear: Linear::new(w.matmul_weight_part(name, (vocab, hidden), part.as_ref())?, None),
+            linear: Linear::new(
+                w.matmul_weight_part(name, (vocab, hidden), part.as_ref())?,
+                None,
+            ),
             comm: comm.clone(),
         })
     }

@@ -66,6 +66,17 @@ pub fn load_model_shard(
                 )
             }
             let weights = Weights::from_gguf(files.path(), content, dtype, device)?;
+            // Quantized matrices cut into shares do not yet reproduce one rank's logits
+            // (checked in tests/tensor_parallel.rs): refuse rather than serve drifting output.
+            let quantized = weights
+                .gguf_dtype("model.layers.0.self_attn.q_proj.weight")
+                .is_some_and(|q| !matches!(q.as_str(), "F32" | "F16" | "BF16"));
+            if quantized && comm.world_size() > 1 {
+                bail!(
+                    "tensor parallelism over quantized GGUF weights is not supported: \
+                     serve the HF safetensors checkpoint with --num-shard > 1"
+                )
+            }
             Ok(Box::new(llama::Llama::from_gguf(&arch, &weights, comm)?))
         }
     }
