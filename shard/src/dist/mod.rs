@@ -128,8 +128,14 @@ mod tests {
     fn single_rank_is_the_identity() -> Result<()> {
         let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
         let comm = SingleRank;
-        assert_eq!(comm.all_reduce_sum(&x)?.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
-        assert_eq!(all_gather(&comm, &x, 1)?.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
+        assert_eq!(
+            comm.all_reduce_sum(&x)?.to_vec2::<f32>()?,
+            x.to_vec2::<f32>()?
+        );
+        assert_eq!(
+            all_gather(&comm, &x, 1)?.to_vec2::<f32>()?,
+            x.to_vec2::<f32>()?
+        );
         assert_eq!(even_split(&comm, 6, "heads")?, None);
         Ok(())
     }
@@ -155,8 +161,13 @@ mod tests {
             }
         }
         assert_eq!(even_split(&Second, 8, "heads").unwrap(), Some(4..8));
-        let err = even_split(&Second, 9, "attention heads").unwrap_err().to_string();
-        assert!(err.contains("attention heads (9)") && err.contains("(2)"), "{err}");
+        let err = even_split(&Second, 9, "attention heads")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("attention heads (9)") && err.contains("(2)"),
+            "{err}"
+        );
     }
 
     #[test]
