@@ -411,10 +411,61 @@ pub fn paged_attention(
     Tensor::cat(&outputs, 0)
 }
 
+/// The q/k/v projections of this rank's heads.
+enum QkvProj {
+    Split {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// Rows `[q | k | v]` of one projection, its output split by narrowing: on a CUDA
+    /// device with dense weights, one GEMM launch instead of three (decode at small
+    /// batches is bound by launches). At one token the narrowed rows stay contiguous
+    /// views; with more they are copied once when reshaped into heads.
+    Fused {
+        qkv: Linear,
+        q_dim: usize,
+        kv_dim: usize,
+    },
+}
+
+impl QkvProj {
+    fn new(
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        q_dim: usize,
+        kv_dim: usize,
+        fuse: bool,
+    ) -> Result<Self> {
+        let parts = [q, k, v];
+        if fuse {
+            if let Some(qkv) = Linear::concat_outputs(&parts)? {
+                return Ok(Self::Fused { qkv, q_dim, kv_dim });
+            }
+        }
+        let [q, k, v] = parts;
+        Ok(Self::Split { q, k, v })
+    }
+
+    /// `x`: `[tokens, hidden]` -> q `[tokens, q_dim]`, k and v `[tokens, kv_dim]`.
+    fn forward(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        match self {
+            Self::Split { q, k, v } => Ok([q.forward(x)?, k.forward(x)?, v.forward(x)?]),
+            Self::Fused { qkv, q_dim, kv_dim } => {
+                let y = qkv.forward(x)?;
+                Ok([
+                    y.narrow(1, 0, *q_dim)?,
+                    y.narrow(1, *q_dim, *kv_dim)?,
+                    y.narrow(1, q_dim + kv_dim, *kv_dim)?,
+                ])
+            }
+        }
+    }
+}
+
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv_proj: QkvProj,
     o_proj: RowParallelLinear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -479,10 +530,20 @@ impl Attention {
                 .map(|eps| RmsNorm::load(&w.pp(name), cfg.head_dim, eps))
                 .transpose()
         };
+        // Each rank fuses its own share of the heads.
+        let (rank_q_dim, rank_kv_dim) = (
+            shares.heads.len() * cfg.head_dim,
+            shares.kv_heads.len() * cfg.head_dim,
+        );
         Ok(Self {
-            q_proj: column("q_proj", q_dim, &shares.heads)?,
-            k_proj: column("k_proj", kv_dim, &shares.kv_heads)?,
-            v_proj: column("v_proj", kv_dim, &shares.kv_heads)?,
+            qkv_proj: QkvProj::new(
+                column("q_proj", q_dim, &shares.heads)?,
+                column("k_proj", kv_dim, &shares.kv_heads)?,
+                column("v_proj", kv_dim, &shares.kv_heads)?,
+                rank_q_dim,
+                rank_kv_dim,
+                w.device().is_cuda(),
+            )?,
             o_proj: RowParallelLinear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, comm)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
@@ -501,16 +562,17 @@ impl Attention {
         input: &PagedAttentionInput,
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
-        let heads = |proj: &Linear, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let h = proj.forward(x)?.reshape((tokens, heads, self.head_dim))?;
+        let [q, k, v] = self.qkv_proj.forward(x)?;
+        let heads = |proj: Tensor, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let h = proj.reshape((tokens, heads, self.head_dim))?;
             match norm {
                 Some(norm) => norm.forward(&h),
                 None => Ok(h),
             }
         };
-        let q = rotary.apply(&heads(&self.q_proj, self.num_heads, &self.q_norm)?)?;
-        let k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads, &self.k_norm)?)?;
-        let v = heads(&self.v_proj, self.num_kv_heads, &None)?;
+        let q = rotary.apply(&heads(q, self.num_heads, &self.q_norm)?)?;
+        let k = rotary.apply(&heads(k, self.num_kv_heads, &self.k_norm)?)?;
+        let v = heads(v, self.num_kv_heads, &None)?;
         let (key_cache, value_cache) = kv_cache;
         write_kv_cache(key_cache, value_cache, &k, &v, input)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -705,6 +767,53 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("block 7"), "{err}");
+        Ok(())
+    }
+
+    /// The fused projection narrows out the same q, k and v as three projections, for
+    /// one token (contiguous views) and several (strided rows).
+    #[test]
+    fn fused_qkv_splits_like_separate_projections() -> Result<()> {
+        use candle_core::quantized::QMatMul;
+        let dev = Device::Cpu;
+        let (hidden, q_dim, kv_dim) = (16, 8, 4);
+        let linear = |out: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                QMatMul::Tensor(Tensor::randn(0f32, 1., (out, hidden), &dev)?),
+                Some(Tensor::randn(0f32, 1., out, &dev)?),
+            ))
+        };
+        let split = QkvProj::new(
+            linear(q_dim)?,
+            linear(kv_dim)?,
+            linear(kv_dim)?,
+            q_dim,
+            kv_dim,
+            false,
+        )?;
+        let QkvProj::Split { q, k, v } = split else {
+            panic!("not asked to fuse")
+        };
+        let inputs = [
+            Tensor::randn(0f32, 1., (1, hidden), &dev)?,
+            Tensor::randn(0f32, 1., (5, hidden), &dev)?,
+        ];
+        let expected = inputs
+            .iter()
+            .map(|x| Ok([q.forward(x)?, k.forward(x)?, v.forward(x)?]))
+            .collect::<Result<Vec<_>>>()?;
+        let fused = QkvProj::new(q, k, v, q_dim, kv_dim, true)?;
+        assert!(
+            matches!(fused, QkvProj::Fused { .. }),
+            "dense projections fuse"
+        );
+        for (x, expected) in inputs.iter().zip(expected) {
+            for (got, want) in fused.forward(x)?.iter().zip(expected) {
+                assert_eq!(got.dims(), want.dims());
+                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{} tokens: {diff}", x.dim(0)?);
+            }
+        }
         Ok(())
     }
 }

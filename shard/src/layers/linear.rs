@@ -5,14 +5,8 @@
 use crate::dist::{even_split, Comm};
 use crate::weights::{Part, Weights};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{bail, DType, Module, Result, Tensor};
 use std::ops::Range;
-
-/// From this many rows on, a CPU matmul with a quantized weight dequantizes the weight
-/// and runs a dense f32 matmul: candle's CPU quantized kernel costs about as much per
-/// row as dequantizing the whole matrix, while gemm's per-row cost is tiny (prefill of
-/// 512 tokens on SmolLM2: ~30x faster).
-const CPU_DEQUANTIZE_MIN_ROWS: usize = 8;
 
 pub struct Linear {
     /// `[out, in]`.
@@ -49,10 +43,38 @@ impl Linear {
         Ok(Self::new(weight, bias))
     }
 
+    /// One layer whose outputs are those of `parts` side by side (weight rows and biases
+    /// concatenated), so that one GEMM replaces several; None when a weight is quantized
+    /// (its blocks are kept as loaded).
+    pub fn concat_outputs(parts: &[Linear]) -> Result<Option<Self>> {
+        let mut weights = Vec::with_capacity(parts.len());
+        for part in parts {
+            match &part.weight {
+                QMatMul::Tensor(w) => weights.push(w),
+                _ => return Ok(None),
+            }
+        }
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = match biases.len() {
+            0 => None,
+            n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+            n => bail!("{n} of {} concatenated layers have a bias", parts.len()),
+        };
+        Ok(Some(Self::new(
+            QMatMul::Tensor(Tensor::cat(&weights, 0)?),
+            bias,
+        )))
+    }
+
     /// `x`: `[tokens, in]` -> `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            QMatMul::QTensor(q) if x.device().is_cpu() && x.dim(0)? >= CPU_DEQUANTIZE_MIN_ROWS => {
+            // On CPU a quantized weight is dequantized for every product, whatever the rows:
+            // candle's CPU quantized kernel also quantizes the activations to 8 bits, so
+            // using it for few rows only would make a sequence's tokens depend on the size
+            // of the batch it runs in; and per row it costs about as much as dequantizing
+            // the whole matrix (prefill of 512 tokens on SmolLM2: ~30x faster this way).
+            QMatMul::QTensor(q) if x.device().is_cpu() => {
                 let w = q.dequantize(x.device())?;
                 x.to_dtype(DType::F32)?
                     .matmul(&w.t()?)?
@@ -82,8 +104,12 @@ pub struct RowParallelLinear {
 impl RowParallelLinear {
     /// `{prefix}.weight` of `[out_dim, in_dim]`, this rank's columns.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, comm: &Comm) -> Result<Self> {
-        let part = even_split(&**comm, in_dim, "the input features of a row-parallel layer")?
-            .map(|range| Part { dim: 1, range });
+        let part = even_split(
+            &**comm,
+            in_dim,
+            "the input features of a row-parallel layer",
+        )?
+        .map(|range| Part { dim: 1, range });
         let weight = w.matmul_weight_part("weight", (out_dim, in_dim), part.as_ref())?;
         Ok(Self {
             linear: Linear::new(weight, None),
@@ -103,26 +129,66 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
-    /// Both CPU paths of a quantized weight (quantized kernel for few rows, dequantized
-    /// matmul for many) agree with the dense product of the dequantized weight.
+    /// On CPU a quantized weight gives the dense product of its dequantized values, and
+    /// a row's result does not depend on the rows beside it (batch invariance).
     #[test]
-    fn quantized_paths_agree() -> Result<()> {
+    fn quantized_rows_match_the_dense_product_alone_or_batched() -> Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (64, 256), &dev)?;
         let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
         let dense = q.dequantize(&dev)?;
         let linear = Linear::new(QMatMul::from_qtensor(q)?, None);
-        for rows in [1, CPU_DEQUANTIZE_MIN_ROWS + 3] {
-            let x = Tensor::randn(0f32, 1., (rows, 256), &dev)?;
-            let expected = x.matmul(&dense.t()?)?;
-            let err = (linear.forward(&x)? - &expected)?
+        let x = Tensor::randn(0f32, 1., (11, 256), &dev)?;
+        let batched = linear.forward(&x)?;
+        let expected = x.matmul(&dense.t()?)?;
+        let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(max_diff(&batched, &expected)? < 1e-5 * scale);
+        for row in [0, 5, 10] {
+            let alone = linear.forward(&x.narrow(0, row, 1)?)?;
+            let diff = max_diff(&alone, &batched.narrow(0, row, 1)?)?;
+            assert!(diff < 1e-5 * scale, "row {row}: {diff} vs {scale}");
+        }
+        Ok(())
+    }
+
+    /// The concatenated layer computes each part's outputs, in order; quantized parts
+    /// and a bias on only some parts are not concatenated.
+    #[test]
+    fn concat_outputs_matches_the_parts() -> Result<()> {
+        let dev = Device::Cpu;
+        let part = |out: usize, bias: bool| -> Result<Linear> {
+            let b = if bias {
+                Some(Tensor::randn(0f32, 1., out, &dev)?)
+            } else {
+                None
+            };
+            Ok(Linear::new(
+                QMatMul::Tensor(Tensor::randn(0f32, 1., (out, 32), &dev)?),
+                b,
+            ))
+        };
+        let x = Tensor::randn(0f32, 1., (3, 32), &dev)?;
+        for bias in [false, true] {
+            let parts = [part(8, bias)?, part(4, bias)?, part(4, bias)?];
+            let fused = Linear::concat_outputs(&parts)?.expect("dense parts concatenate");
+            let expected = Tensor::cat(
+                &parts
+                    .iter()
+                    .map(|p| p.forward(&x))
+                    .collect::<Result<Vec<_>>>()?,
+                1,
+            )?;
+            let diff = (fused.forward(&x)? - expected)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
-            let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
-            // The quantized kernel also quantizes x to 8 bits.
-            assert!(err < 0.02 * scale, "rows {rows}: {err} vs {scale}");
+            assert!(diff < 1e-5, "bias {bias}: {diff}");
         }
+        assert!(Linear::concat_outputs(&[part(4, true)?, part(4, false)?]).is_err());
+        let q = QTensor::quantize(&Tensor::randn(0f32, 1., (4, 32), &dev)?, GgmlDType::Q8_0)?;
+        let quantized = Linear::new(QMatMul::from_qtensor(q)?, None);
+        assert!(Linear::concat_outputs(&[part(4, false)?, quantized])?.is_none());
         Ok(())
     }
 
