@@ -124,7 +124,13 @@ mod tests {
             stop: Some(OneOrMany::One("\n".into())),
             max_tokens: None,
             top_n_tokens: None,
+            ignore_eos: true,
         }
+    }
+
+    #[test]
+    fn ignore_eos_reaches_the_parameters() {
+        assert!(sampling(Some(0.0), None).into_parameters().unwrap().ignore_eos);
     }
 
     #[test]
