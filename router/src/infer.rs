@@ -284,8 +284,8 @@ fn validate_config(config: &SchedulerConfig) -> anyhow::Result<()> {
 /// The prompts are laid out in consecutive KV blocks from block 1: the shards
 /// size the cache to hold at least this batch.
 fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<WarmupRequest> {
-    /// Any id in every vocabulary: the content of the prompts does not matter.
-    const WARMUP_TOKEN: u32 = 100;
+    /// Id 0 is in every vocabulary, however small: the content of the prompts does not matter.
+    const WARMUP_TOKEN: u32 = 0;
     anyhow::ensure!(block_size > 0, "the shards reported a KV block size of 0");
     // Every prompt starts on a fresh block, so each may waste up to one block.
     let prompts = config
