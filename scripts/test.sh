@@ -11,13 +11,15 @@ fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r integration-tests/requirements.txt
 
 # Reference outputs the shard's model tests compare against, computed in Python.
-if [ -f shard/reference/make_fixtures.py ]; then
-    export SHARD_FIXTURES="$PWD/target/shard-fixtures"
-    .venv/bin/python shard/reference/make_fixtures.py "$SHARD_FIXTURES"
-fi
+export SHARD_FIXTURES="$PWD/target/shard-fixtures"
+.venv/bin/python shard/reference/make_fixtures.py "$SHARD_FIXTURES"
 
 cargo build --release --workspace
 cargo test --release --workspace
+# Deployment files (manifests, Prometheus config and rules, dashboard), then a real
+# Prometheus scraping the real router.
+deploy/check.sh
+deploy/prometheus_e2e.sh --launch models/SmolLM2-135M-Instruct
 # Separate runs: each directory has its own conftest.py. No .pytest_cache in the checkout.
 .venv/bin/python -m pytest -p no:cacheprovider integration-tests -v
 .venv/bin/python -m pytest -p no:cacheprovider benchmark/tests -q
