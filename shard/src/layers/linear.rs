@@ -66,6 +66,27 @@ impl Linear {
         )))
     }
 
+    /// The number of output features (weights are `[out, in]`).
+    pub fn out_dim(&self) -> usize {
+        match &self.weight {
+            QMatMul::QTensor(q) => q.shape().dims()[0],
+            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => w.dims()[0],
+        }
+    }
+
+    /// The layer of outputs `start..start + len` of a dense layer, its weight rows and
+    /// bias entries as views (no copy).
+    pub fn narrow_outputs(&self, start: usize, len: usize) -> Result<Self> {
+        let QMatMul::Tensor(w) = &self.weight else {
+            bail!("only a dense layer's outputs are narrowed")
+        };
+        let bias = match &self.bias {
+            Some(b) => Some(b.narrow(0, start, len)?),
+            None => None,
+        };
+        Ok(Self::new(QMatMul::Tensor(w.narrow(0, start, len)?), bias))
+    }
+
     /// `x`: `[tokens, in]` -> `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -142,7 +163,9 @@ mod tests {
         let batched = linear.forward(&x)?;
         let expected = x.matmul(&dense.t()?)?;
         let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
-        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
         assert!(max_diff(&batched, &expected)? < 1e-5 * scale);
         for row in [0, 5, 10] {
             let alone = linear.forward(&x.narrow(0, row, 1)?)?;
@@ -184,6 +207,12 @@ mod tests {
                 .max_all()?
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "bias {bias}: {diff}");
+            let middle = fused.narrow_outputs(8, 4)?.forward(&x)?;
+            let diff = (middle - parts[1].forward(&x)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "bias {bias}, narrowed: {diff}");
         }
         assert!(Linear::concat_outputs(&[part(4, true)?, part(4, false)?]).is_err());
         let q = QTensor::quantize(&Tensor::randn(0f32, 1., (4, 32), &dev)?, GgmlDType::Q8_0)?;
