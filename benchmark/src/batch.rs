@@ -39,7 +39,7 @@ pub fn build_requests(
                     .map(|_| rng.random_range(0..vocab_size))
                     .collect(),
                 inputs: String::new(),
-                parameters: Some(greedy()),
+                parameters: Some(NextTokenChooserParameters::greedy()),
                 stopping_parameters: Some(StoppingCriteriaParameters {
                     max_new_tokens,
                     stop_sequences: Vec::new(),
@@ -116,20 +116,6 @@ pub fn warmup_prompt_lens(max_batch_prefill_tokens: u32, max_input_tokens: u32) 
         remaining -= len;
     }
     lens
-}
-
-fn greedy() -> NextTokenChooserParameters {
-    NextTokenChooserParameters {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        typical_p: 1.0,
-        do_sample: false,
-        seed: 0,
-        repetition_penalty: 1.0,
-        frequency_penalty: 0.0,
-        presence_penalty: 0.0,
-    }
 }
 
 #[cfg(test)]

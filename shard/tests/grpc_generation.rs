@@ -176,13 +176,7 @@ impl Blocks {
             id,
             input_ids,
             inputs: prompt.to_string(),
-            parameters: Some(NextTokenChooserParameters {
-                temperature: 1.0,
-                top_p: 1.0,
-                typical_p: 1.0,
-                repetition_penalty: 1.0,
-                ..Default::default()
-            }),
+            parameters: Some(NextTokenChooserParameters::greedy()),
             stopping_parameters: Some(StoppingCriteriaParameters {
                 max_new_tokens,
                 ..Default::default()

@@ -531,13 +531,7 @@ mod tests {
 
     #[test]
     fn rejects_invalid_parameters() {
-        let valid = NextTokenChooserParameters {
-            temperature: 1.0,
-            top_p: 1.0,
-            typical_p: 1.0,
-            repetition_penalty: 1.0,
-            ..Default::default()
-        };
+        let valid = NextTokenChooserParameters::greedy();
         assert!(SamplingParams::from_proto(Some(&valid)).is_ok());
         for bad in [
             NextTokenChooserParameters {
