@@ -4,6 +4,8 @@
 //! point `SHARD_FIXTURES` at DIR. The SmolLM2 tests read the GGUF from `SHARD_GGUF`
 //! (default: the workspace's models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use model_store::ModelFiles;
 use std::collections::HashMap;
@@ -34,21 +36,6 @@ fn fixtures_dir() -> PathBuf {
         dir.display()
     );
     dir
-}
-
-fn gguf_path() -> PathBuf {
-    let path = std::env::var("SHARD_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "SmolLM2 GGUF {} missing: run scripts/fetch-default-model.sh or set SHARD_GGUF",
-        path.display()
-    );
-    path
 }
 
 /// The reference's sequences and logits: `(token ids, [len, vocab] logits)`.
@@ -286,7 +273,7 @@ fn argmax_rows(logits: &Tensor) -> Vec<u32> {
 #[test]
 fn smollm2_gguf_matches_the_numpy_reference() {
     let (ids, reference) = expected(&fixtures_dir().join("smollm2")).remove(0);
-    let path = gguf_path();
+    let path = common::smollm2_gguf();
     let tokenizer = ModelFiles::open(&path).unwrap().tokenizer().unwrap();
     let encoded = tokenizer.encode("The capital of France is", false).unwrap();
     assert_eq!(
@@ -320,7 +307,7 @@ fn smollm2_gguf_matches_the_numpy_reference() {
 
 #[test]
 fn smollm2_greedy_says_paris() {
-    let path = gguf_path();
+    let path = common::smollm2_gguf();
     let tokenizer = ModelFiles::open(&path).unwrap().tokenizer().unwrap();
     let prompt = tokenizer
         .encode("The capital of France is", false)

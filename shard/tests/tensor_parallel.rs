@@ -6,6 +6,8 @@
 //! `SHARD_FIXTURES=DIR`; the SmolLM2 test reads the GGUF from `SHARD_GGUF` (default: the
 //! workspace's models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use model_store::ModelFiles;
 use std::net::TcpListener;
@@ -25,21 +27,6 @@ fn fixture(name: &str) -> PathBuf {
     });
     let path = PathBuf::from(dir).join(name);
     assert!(path.is_dir(), "fixture {} missing", path.display());
-    path
-}
-
-fn smollm2_gguf() -> PathBuf {
-    let path = std::env::var("SHARD_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "SmolLM2 GGUF {} missing: run scripts/fetch-default-model.sh or set SHARD_GGUF",
-        path.display()
-    );
     path
 }
 
@@ -193,7 +180,7 @@ fn kv_heads_are_replicated_when_fewer_than_ranks() {
 /// Quantized GGUF weights are refused on several ranks with a clear error.
 #[test]
 fn quantized_gguf_on_several_ranks_is_a_clear_error() {
-    let errors = load_errors(&smollm2_gguf(), 3);
+    let errors = load_errors(&common::smollm2_gguf(), 3);
     for err in errors {
         assert!(err.contains("quantized GGUF"), "{err}");
     }
