@@ -108,6 +108,11 @@ pub struct Args {
     #[arg(long, env, default_value_t = 0.9)]
     pub cuda_memory_fraction: f32,
 
+    /// Batch sizes whose decode steps the shards capture as CUDA graphs
+    /// (comma-separated); 0 for none. The shard's default: 1,2,4,8,16,24,32,48,64,96,128,192,256.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cuda_graphs: Option<Vec<usize>>,
+
     /// Log as JSON lines (the launcher's and its children's).
     #[arg(long, env)]
     pub json_output: bool,
@@ -180,6 +185,11 @@ impl Args {
         }
         if !(self.cuda_memory_fraction > 0.0 && self.cuda_memory_fraction <= 1.0) {
             bail!("`--cuda-memory-fraction` must be in (0, 1], got {}", self.cuda_memory_fraction);
+        }
+        if let Some(sizes) = &self.cuda_graphs {
+            if sizes.len() > 1 && sizes.contains(&0) {
+                bail!("`--cuda-graphs` takes batch sizes above 0, or 0 alone for none, got {sizes:?}");
+            }
         }
         if self.payload_limit == 0 {
             bail!("`--payload-limit` must be at least 1 byte");
@@ -356,6 +366,9 @@ mod tests {
         assert!(err(&["--quantize", "gptq"]).contains("`--quantize gptq` is not supported"));
         assert!(err(&["--cuda-memory-fraction", "0"]).contains("--cuda-memory-fraction"));
         assert!(err(&["--max-concurrent-requests", "0"]).contains("--max-concurrent-requests"));
+        assert!(err(&["--cuda-graphs", "0,8"]).contains("--cuda-graphs"));
+        assert!(parse(&["--cuda-graphs", "0"]).validate().is_ok());
+        assert_eq!(parse(&["--cuda-graphs", "1,4"]).cuda_graphs, Some(vec![1, 4]));
         assert!(Args::try_parse_from(["launcher", "--dtype", "int3"]).is_err());
         assert_eq!(flag_value(&Dtype::Bfloat16), "bfloat16");
     }

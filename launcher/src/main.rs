@@ -277,6 +277,10 @@ fn shard_spec(args: &Args, rank: usize, num_shard: usize, model_path: &Path, pro
     if let Some(device) = &args.device {
         flags.extend(["--device".into(), flag_value(device)]);
     }
+    if let Some(sizes) = &args.cuda_graphs {
+        let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
+        flags.extend(["--cuda-graphs".into(), sizes.join(",")]);
+    }
     if args.json_output {
         flags.push("--json-output".into());
     }

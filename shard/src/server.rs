@@ -5,7 +5,7 @@ use crate::dist::{self, Rendezvous};
 use crate::models::load_model_shard;
 use crate::runner::warmup::KvMemory;
 use crate::runner::worker::RunnerHandle;
-use crate::runner::{Runner, RunnerConfig};
+use crate::runner::{Runner, RunnerConfig, DEFAULT_CUDA_GRAPH_BATCH_SIZES};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
@@ -78,6 +78,11 @@ pub struct ShardArgs {
     /// Tokens per KV cache block.
     #[arg(long, env = "BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
+    /// Batch sizes whose decode steps are captured as CUDA graphs (comma-separated);
+    /// 0 for none. Larger batches, and other devices and dtypes, run eagerly.
+    #[arg(long, env = "CUDA_GRAPHS", value_delimiter = ',',
+          default_values_t = DEFAULT_CUDA_GRAPH_BATCH_SIZES)]
+    pub cuda_graphs: Vec<usize>,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
@@ -152,8 +157,21 @@ fn load_runner(args: &ShardArgs) -> Result<Runner> {
         },
         rank: args.rank,
         world_size: args.world_size,
+        cuda_graph_batch_sizes: cuda_graph_batch_sizes(&args.cuda_graphs)?,
     };
     Runner::new(model, device, &files, config)
+}
+
+/// `--cuda-graphs`: batch sizes, or a lone 0 for none.
+fn cuda_graph_batch_sizes(sizes: &[usize]) -> Result<Vec<usize>> {
+    if sizes == [0] {
+        return Ok(vec![]);
+    }
+    ensure!(
+        !sizes.contains(&0),
+        "--cuda-graphs takes batch sizes above 0, or 0 alone for none, got {sizes:?}"
+    );
+    Ok(sizes.to_vec())
 }
 
 fn select_device(device: Option<DeviceArg>, ordinal: usize) -> Result<Device> {

@@ -9,6 +9,7 @@
 use super::linear::{Linear, RowParallelLinear};
 use super::norm::RmsNorm;
 use super::rotary::RotaryAt;
+use super::uses_cuda_kernels;
 use crate::dist::{even_split, Comm, Communicator};
 use crate::models::ForwardBatch;
 use crate::weights::Weights;
@@ -63,12 +64,6 @@ struct DecodeKeys {
     mask: Option<Tensor>,
 }
 
-/// Whether tensors on `device` go through the CUDA kernels rather than the candle ops.
-/// The kernels take bf16/f16 with head_dim 64 or 128 and say so otherwise.
-fn uses_kernels(device: &Device) -> bool {
-    cfg!(feature = "cuda") && device.is_cuda()
-}
-
 /// The batch's cache addressing, prepared once per forward pass and sliding window.
 /// Kernels read the device tensors of `batch` (`block_tables`, `context_lens`,
 /// `cu_seqlens_q`) with `block_size`; the candle path reads `seqs`.
@@ -76,6 +71,9 @@ pub struct PagedAttentionInput<'a> {
     pub batch: &'a ForwardBatch,
     pub block_size: usize,
     pub sliding_window: Option<usize>,
+    /// The CUDA kernels run (see `uses_cuda_kernels`), not the candle ops.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernels: bool,
     /// `[tokens]` i64 slots of the new tokens (the runner's `batch.slots`, checked).
     slots: Tensor,
     /// Empty when the kernels run (they read the batch's device tensors) or for a
@@ -91,6 +89,7 @@ impl<'a> PagedAttentionInput<'a> {
         block_size: usize,
         num_blocks: usize,
         sliding_window: Option<usize>,
+        dtype: DType,
     ) -> Result<Self> {
         let device = batch.input_ids.device();
         let total_tokens = batch.input_ids.dim(0)?;
@@ -100,7 +99,7 @@ impl<'a> PagedAttentionInput<'a> {
         }
         let num_slots = block_size * num_blocks;
         let slots = batch.slots.to_dtype(DType::I64)?;
-        let kernels = uses_kernels(device);
+        let kernels = uses_cuda_kernels(device, dtype);
         // Reading the slots back would stall the GPU every pass; the kernel skips a slot
         // outside the cache instead, and the block tables are checked below.
         let bad_slot = if kernels {
@@ -201,6 +200,7 @@ impl<'a> PagedAttentionInput<'a> {
             batch,
             block_size,
             sliding_window,
+            kernels,
             slots,
             seqs,
             decode,
@@ -289,7 +289,7 @@ pub fn write_kv_cache(
     input: &PagedAttentionInput,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
-    if uses_kernels(k.device()) {
+    if input.kernels {
         return text_generation_kernels::reshape_and_cache(
             &k.contiguous()?,
             &v.contiguous()?,
@@ -334,7 +334,7 @@ pub fn paged_attention(
         bail!("{num_heads} query heads cannot share {num_kv_heads} KV heads")
     }
     #[cfg(feature = "cuda")]
-    if uses_kernels(q.device()) {
+    if input.kernels {
         let batch = input.batch;
         let q = q.contiguous()?;
         let out = if batch.max_new_tokens == 1 {
@@ -701,7 +701,7 @@ mod tests {
             &[0],
             &dev,
         )?;
-        let prefix_input = PagedAttentionInput::new(&prefix, block_size, num_blocks, window)?;
+        let prefix_input = PagedAttentionInput::new(&prefix, block_size, num_blocks, window, DType::F32)?;
         let kv = |data: &[f32], from: usize, len: usize| {
             Tensor::from_slice(
                 &data[from * hkv * d..(from + len) * hkv * d],
@@ -716,7 +716,7 @@ mod tests {
             &kv(&v_all, 0, ctx - n)?,
             &prefix_input,
         )?;
-        let input = PagedAttentionInput::new(&batch, block_size, num_blocks, window)?;
+        let input = PagedAttentionInput::new(&batch, block_size, num_blocks, window, DType::F32)?;
         write_kv_cache(
             &kc,
             &vc,
@@ -749,7 +749,7 @@ mod tests {
             &[1],
             &dev,
         )?;
-        assert!(PagedAttentionInput::new(&bad_slot, 4, 2, None).is_err());
+        assert!(PagedAttentionInput::new(&bad_slot, 4, 2, None, DType::F32).is_err());
         let bad_block = ForwardBatch::new(
             &[SequenceInput {
                 new_token_ids: &ids,
@@ -760,7 +760,7 @@ mod tests {
             &[1],
             &dev,
         )?;
-        let err = PagedAttentionInput::new(&bad_block, 4, 2, None)
+        let err = PagedAttentionInput::new(&bad_block, 4, 2, None, DType::F32)
             .err()
             .unwrap();
         assert!(err.to_string().contains("block 7"), "{err}");

@@ -90,19 +90,21 @@ impl Linear {
     /// `x`: `[tokens, in]` -> `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            // On CPU a quantized weight is dequantized for every product, whatever the rows:
-            // candle's CPU quantized kernel also quantizes the activations to 8 bits, so
-            // using it for few rows only would make a sequence's tokens depend on the size
-            // of the batch it runs in; and per row it costs about as much as dequantizing
-            // the whole matrix (prefill of 512 tokens on SmolLM2: ~30x faster this way).
-            QMatMul::QTensor(q) if x.device().is_cpu() => {
+            // On CPU, and for f32 activations anywhere, a quantized weight is dequantized
+            // for every product, whatever the rows: candle's quantized kernels also
+            // quantize the activations to 8 bits, so on CPU, where they serve few rows
+            // only, a sequence's tokens would depend on the size of its batch (and per row
+            // they cost about as much as dequantizing the whole matrix: prefill of 512
+            // tokens on SmolLM2 ~30x faster this way); and f32 on CUDA is the exact path
+            // that matches the CPU.
+            QMatMul::QTensor(q) if x.device().is_cpu() || x.dtype() == DType::F32 => {
                 let w = q.dequantize(x.device())?;
                 x.to_dtype(DType::F32)?
                     .matmul(&w.t()?)?
                     .to_dtype(x.dtype())?
             }
             // candle's quantized matmul takes f32 activations.
-            QMatMul::QTensor(_) if x.dtype() != DType::F32 => self
+            QMatMul::QTensor(_) => self
                 .weight
                 .forward(&x.to_dtype(DType::F32)?)?
                 .to_dtype(x.dtype())?,

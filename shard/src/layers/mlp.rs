@@ -1,12 +1,14 @@
 //! The gated feed-forward block: `down(silu(gate(x)) * up(x))`.
 //!
-//! On a CUDA device with dense weights, gate and up are one `[2 * intermediate, hidden]`
+//! On a CUDA device with dense bf16/f16 weights, gate and up are one `[2 * intermediate, hidden]`
 //! projection whose output the fused `silu_mul` kernel reads in one pass (one GEMM and
 //! one kernel instead of two GEMMs and three elementwise ops).
 
 use super::linear::{Linear, RowParallelLinear};
 use crate::dist::{even_split, Comm};
 use crate::weights::{Part, Weights};
+#[cfg(feature = "cuda")]
+use super::uses_cuda_kernels;
 #[cfg(feature = "cuda")]
 use candle_core::quantized::QMatMul;
 use candle_core::{Result, Tensor};
@@ -44,7 +46,7 @@ impl Mlp {
             // The kernel reads rows in 16-byte vectors: 8 half-precision elements.
             #[cfg(feature = "cuda")]
             (QMatMul::Tensor(gate), QMatMul::Tensor(up))
-                if gate.device().is_cuda() && gate.dim(0)? % 8 == 0 =>
+                if uses_cuda_kernels(gate.device(), w.dtype()) && gate.dim(0)? % 8 == 0 =>
             {
                 let fused = Tensor::cat(&[&gate, &up], 0)?;
                 GateUp::Fused(Linear::new(QMatMul::Tensor(fused), None))

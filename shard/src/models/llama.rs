@@ -405,13 +405,11 @@ impl Llama {
             )
         }
         let vocab = self.spec.vocab_size as u32;
-        if let Some(bad) = batch
-            .input_ids
-            .to_vec1::<u32>()?
-            .into_iter()
-            .find(|&t| t >= vocab)
-        {
-            candle_core::bail!("token id {bad} outside the vocabulary of {vocab}")
+        if batch.max_input_id >= vocab {
+            candle_core::bail!(
+                "token id {} outside the vocabulary of {vocab}",
+                batch.max_input_id
+            )
         }
         Ok(())
     }
@@ -432,7 +430,13 @@ impl Model for Llama {
             .windows
             .iter()
             .map(|&window| {
-                PagedAttentionInput::new(batch, cache.block_size(), cache.num_blocks(), window)
+                PagedAttentionInput::new(
+                    batch,
+                    cache.block_size(),
+                    cache.num_blocks(),
+                    window,
+                    self.spec.dtype,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let rotary = self.rotary.at(&batch.positions)?;

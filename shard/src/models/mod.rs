@@ -136,6 +136,8 @@ pub struct ForwardBatch {
     pub logits_indices: Tensor,
     pub max_new_tokens: usize,
     pub max_context_len: usize,
+    /// The largest of `input_ids`, kept on the host so checking it costs no device read.
+    pub max_input_id: u32,
 }
 
 /// The input of one sequence to `ForwardBatch::new`.
@@ -186,6 +188,7 @@ impl ForwardBatch {
             });
         }
         let context_lens: Vec<u32> = layouts.iter().map(|l| l.context_len as u32).collect();
+        let max_input_id = input_ids.iter().copied().max().unwrap_or(0);
         Ok(Self {
             input_ids: Tensor::new(input_ids, device)?,
             positions: Tensor::new(positions, device)?,
@@ -196,6 +199,7 @@ impl ForwardBatch {
             logits_indices: Tensor::new(logits_rows, device)?,
             max_new_tokens: layouts.iter().map(|l| l.new_tokens).max().unwrap_or(0),
             max_context_len: layouts.iter().map(|l| l.context_len).max().unwrap_or(0),
+            max_input_id,
             seqs: layouts,
         })
     }

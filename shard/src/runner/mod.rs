@@ -3,6 +3,8 @@
 //! jobs. Each Prefill/Decode is one forward pass plus one token choice per request.
 
 pub mod batch;
+#[cfg(feature = "cuda")]
+pub mod decode_graphs;
 pub mod sampler;
 pub mod stopping;
 pub mod warmup;
@@ -40,6 +42,12 @@ pub struct Runner {
     world_size: u32,
     /// Created by Warmup.
     cache: Option<KvCache>,
+    /// Batch sizes to capture decode graphs for (CUDA, one rank, bf16/f16).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    cuda_graph_batch_sizes: Vec<usize>,
+    /// Captured by Warmup, after the cache.
+    #[cfg(feature = "cuda")]
+    decode_graphs: Option<decode_graphs::DecodeGraphs>,
     batches: HashMap<u64, BatchState>,
 }
 
@@ -58,14 +66,21 @@ struct LogitsRows {
     prompt_start: Option<u32>,
 }
 
+/// Batch sizes whose decode steps are captured as CUDA graphs unless told otherwise:
+/// every size up to 32, then steps of a quarter to a half, up to 256.
+pub const DEFAULT_CUDA_GRAPH_BATCH_SIZES: [usize; 13] =
+    [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
+
 /// How the runner is set up, besides its model.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunnerConfig {
     /// Tokens per KV cache block.
     pub block_size: usize,
     pub kv_memory: KvMemory,
     pub rank: u32,
     pub world_size: u32,
+    /// Batch sizes to capture decode graphs for on CUDA; empty for none.
+    pub cuda_graph_batch_sizes: Vec<usize>,
 }
 
 impl Runner {
@@ -96,6 +111,9 @@ impl Runner {
             rank: config.rank,
             world_size: config.world_size,
             cache: None,
+            cuda_graph_batch_sizes: config.cuda_graph_batch_sizes,
+            #[cfg(feature = "cuda")]
+            decode_graphs: None,
             batches: HashMap::new(),
         })
     }
@@ -235,10 +253,6 @@ impl Runner {
     /// One forward pass and one new token for each request; finished requests are removed.
     fn step(&mut self, requests: &mut Vec<RequestState>, is_prefill: bool) -> Result<StepOutput> {
         let start = Instant::now();
-        let cache = self
-            .cache
-            .as_mut()
-            .context("the KV cache does not exist yet: call Warmup first")?;
         for request in requests.iter() {
             request.check_slots()?;
         }
@@ -269,8 +283,22 @@ impl Runner {
                 block_table: &r.blocks,
             })
             .collect();
-        let forward_batch = ForwardBatch::new(&inputs, &logits_rows, &self.device)?;
-        let logits = self.model.forward(&forward_batch, cache)?;
+        let graph_logits = if is_prefill {
+            None
+        } else {
+            self.replay_decode_graph(requests)?
+        };
+        let logits = match graph_logits {
+            Some(logits) => logits,
+            None => {
+                let cache = self
+                    .cache
+                    .as_mut()
+                    .context("the KV cache does not exist yet: call Warmup first")?;
+                let forward_batch = ForwardBatch::new(&inputs, &logits_rows, &self.device)?;
+                self.model.forward(&forward_batch, cache)?
+            }
+        };
         self.device.synchronize()?;
         let forward_ns = start.elapsed().as_nanos() as u64;
 
@@ -304,6 +332,75 @@ impl Runner {
             forward_ns,
             decode_ns: decode_start.elapsed().as_nanos() as u64,
         })
+    }
+
+    /// Captures the decode graphs for the cache just allocated, when they apply: CUDA
+    /// kernels (bf16/f16), one rank (a collective inside a graph is not attempted).
+    /// A capture that fails leaves decode steps eager, with a warning.
+    #[cfg(feature = "cuda")]
+    fn capture_decode_graphs(&mut self, max_total_tokens: usize) {
+        use crate::layers::uses_cuda_kernels;
+        self.decode_graphs = None;
+        let (Some(cache), spec) = (self.cache.as_mut(), self.model.spec()) else {
+            return;
+        };
+        if self.cuda_graph_batch_sizes.is_empty()
+            || self.world_size > 1
+            || !uses_cuda_kernels(&self.device, spec.dtype)
+        {
+            return;
+        }
+        let max_blocks = max_total_tokens.div_ceil(self.block_size).max(1);
+        let start = Instant::now();
+        match decode_graphs::DecodeGraphs::capture(
+            &*self.model,
+            cache,
+            &self.cuda_graph_batch_sizes,
+            max_blocks,
+            &self.device,
+        ) {
+            Ok(graphs) => {
+                tracing::info!(
+                    batch_sizes = ?graphs.batch_sizes(),
+                    max_blocks,
+                    ms = start.elapsed().as_millis() as u64,
+                    "decode steps captured as CUDA graphs"
+                );
+                self.decode_graphs = Some(graphs);
+            }
+            Err(e) => tracing::warn!("decode steps stay eager: {e:#}"),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn capture_decode_graphs(&mut self, _max_total_tokens: usize) {}
+
+    /// Logits of a decode step replayed by a captured graph, or None to run it eagerly.
+    #[cfg(feature = "cuda")]
+    fn replay_decode_graph(&self, requests: &[RequestState]) -> Result<Option<Tensor>> {
+        let Some(graphs) = &self.decode_graphs else {
+            return Ok(None);
+        };
+        // Positions past the model's are left to the eager pass to reject.
+        let max_positions = self.model.spec().max_position_embeddings;
+        if requests.iter().any(|r| r.tokens.len() > max_positions) {
+            return Ok(None);
+        }
+        let seqs: Vec<_> = requests
+            .iter()
+            .map(|r| decode_graphs::DecodeInput {
+                token_id: r.tokens[r.cached_len],
+                position: r.cached_len,
+                slot: r.slots[r.cached_len],
+                block_table: &r.blocks,
+            })
+            .collect();
+        Ok(graphs.replay(&seqs)?)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn replay_decode_graph(&self, _requests: &[RequestState]) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
     /// For each request, the logprobs of its prompt tokens (NaN where no logits precede

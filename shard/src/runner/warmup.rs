@@ -24,6 +24,11 @@ const CUDA_SHRINK_ATTEMPTS: usize = 5;
 impl Runner {
     pub fn warmup(&mut self, request: WarmupRequest) -> Result<WarmupResponse> {
         self.batches.clear();
+        #[cfg(feature = "cuda")]
+        {
+            // The graphs hold the old cache's addresses.
+            self.decode_graphs = None;
+        }
         self.cache = None;
         let block_size = self.block_size;
         let batch = request.batch.unwrap_or_default();
@@ -55,6 +60,7 @@ impl Runner {
             }
         };
         tracing::info!(num_blocks, block_size, "KV cache allocated");
+        self.capture_decode_graphs(request.max_total_tokens as usize);
         Ok(WarmupResponse {
             max_supported_total_tokens: ((num_blocks - 1) * block_size) as u32,
         })
