@@ -12,6 +12,9 @@ mod infer_types;
 mod kv;
 mod validation;
 
+#[cfg(test)]
+mod first_token_tests;
+
 use anyhow::{ensure, Context};
 use api::generate::Info;
 use clap::Parser;
@@ -214,7 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.hostname, args.port))?;
     tracing::info!("Listening on {}", listener.local_addr()?);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    http::server::serve(listener, app, shutdown_signal()).await?;
     tracing::info!("Shut down");
     Ok(())
 }

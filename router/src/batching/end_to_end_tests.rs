@@ -34,6 +34,7 @@ async fn start(kv_blocks: u32, config: SchedulerConfig) -> (Infer, ShardSummary,
         block_size: BLOCK_SIZE,
         kv_capacity_tokens: kv_blocks * BLOCK_SIZE,
         decode_delay: Duration::from_millis(5),
+        prefill_delay: Duration::ZERO,
     })
     .await;
     let (infer, summary) = Infer::connect(&shard.path(), config).await.unwrap();

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::v3::text_generation_service_server::{
     TextGenerationService, TextGenerationServiceServer,
@@ -31,6 +31,8 @@ pub struct FakeShardConfig {
     pub kv_capacity_tokens: u32,
     /// How long every Decode takes, so that requests can join running batches.
     pub decode_delay: Duration,
+    /// How long every Prefill takes (its "forward pass").
+    pub prefill_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +55,8 @@ struct FakeState {
     clear_calls: usize,
     /// The other shards of the model, as ServiceDiscovery lists them.
     peer_urls: Vec<String>,
+    /// When each Prefill arrived and when its answer was ready.
+    prefill_times: Vec<(Instant, Instant)>,
 }
 
 /// Handle on a running fake shard; the socket is removed when it is dropped.
@@ -119,6 +123,11 @@ impl FakeShard {
 
     pub fn decode_batch_counts(&self) -> Vec<usize> {
         self.lock().decode_batch_counts.clone()
+    }
+
+    /// When each Prefill arrived and when its answer was ready, in order.
+    pub fn prefill_times(&self) -> Vec<(Instant, Instant)> {
+        self.lock().prefill_times.clone()
     }
 
     pub fn filter_calls(&self) -> usize {
@@ -320,6 +329,11 @@ impl TextGenerationService for FakeShard {
         &self,
         request: tonic::Request<PrefillRequest>,
     ) -> Result<Response<PrefillResponse>, Status> {
+        let arrived = Instant::now();
+        // Even a zero sleep waits for the timer's next millisecond tick.
+        if !self.config.prefill_delay.is_zero() {
+            tokio::time::sleep(self.config.prefill_delay).await;
+        }
         let batch = request
             .into_inner()
             .batch
@@ -375,9 +389,13 @@ impl TextGenerationService for FakeShard {
             generation.prefill_tokens = prefill_tokens.remove(&generation.request_id);
         }
         let batch = Self::cache(&mut state, batch.id, running);
+        let forward_ns = arrived.elapsed().as_nanos() as u64;
+        state.prefill_times.push((arrived, Instant::now()));
         Ok(Response::new(PrefillResponse {
             generations,
             batch,
+            forward_ns,
+            total_ns: forward_ns,
             ..Default::default()
         }))
     }

@@ -123,6 +123,7 @@ mod tests {
             block_size: 16,
             kv_capacity_tokens,
             decode_delay: Duration::ZERO,
+            prefill_delay: Duration::ZERO,
         })
         .await
     }
