@@ -13,6 +13,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::seq::SliceRandom;
 use text_generation_kernels::{
+    gemv,
     paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
 };
 
@@ -195,6 +196,34 @@ fn main() -> Result<()> {
             (gate.silu()? * up).map(drop)
         })?;
         println!("{:<52} {us:>10.1}", "  unfused candle silu(gate) * up");
+    }
+
+    // Llama-3.1-8B's decode projections (q/k/v fused, o, gate/up fused, down, lm_head)
+    // for 1 and 8 rows; weights cycle through copies worth more than L2 (50 MB).
+    for (n, k) in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)] {
+        for m in [1, 8] {
+            let label = format!("gemv m={m} {n}x{k}");
+            if !wanted(&label) {
+                continue;
+            }
+            let bytes = (n * k * 2) as f64;
+            let copies = (200e6 / bytes).ceil() as usize;
+            let weights = (0..copies)
+                .map(|_| Tensor::randn(0f32, 0.05, (n, k), &dev)?.to_dtype(DType::BF16))
+                .collect::<Result<Vec<_>>>()?;
+            let x = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(DType::BF16)?;
+            let mut i = 0;
+            let us = time_us(&dev, || {
+                i += 1;
+                gemv(&x, &weights[i % copies]).map(drop)
+            })?;
+            println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
+            let us = time_us(&dev, || {
+                i += 1;
+                x.matmul(&weights[i % copies].t()?).map(drop)
+            })?;
+            println!("{:<52} {us:>10.1} {:>9.0} GB/s", "  cuBLAS x.matmul(w.t())", bytes / us / 1e3);
+        }
     }
 
     let label = format!("reshape_and_cache {tokens} tokens");

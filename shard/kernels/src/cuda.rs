@@ -19,6 +19,8 @@ const CACHE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache.ptx"));
 const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prefill.ptx"));
 const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
+const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
+const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 
 /// Context tokens per decode CTA (`PARTITION` in decode.cu).
 const DECODE_PARTITION: usize = 512;
@@ -30,6 +32,10 @@ const PREFILL_BLOCK_N: usize = 64;
 const PREFILL_STAGES: usize = 2;
 const PREFILL_THREADS: u32 = 128;
 const HEAD_DIMS: [usize; 2] = [64, 128];
+/// Weight rows per GEMV CTA (`GEMV_WARPS` in gemv.cu).
+const GEMV_WARPS: usize = 8;
+/// The most activation rows [`gemv`] takes (gemv.cu instantiates 1 to 8).
+pub const GEMV_MAX_ROWS: usize = 8;
 /// Query heads per decode CTA that have kernels (decode.cu instantiates these).
 const DECODE_HEADS_PER_CTA: [usize; 5] = [8, 4, 3, 2, 1];
 
@@ -233,6 +239,189 @@ impl candle_core::CustomOp1 for SiluMul {
             DType::BF16 => launch::<half::bf16>(input, layout, "bf16"),
             DType::F16 => launch::<half::f16>(input, layout, "f16"),
             other => bail!("silu_mul: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+/// The residual add and RMSNorm of a Llama block in one pass: for `x` and `h`
+/// `[rows, H]` and `weight` `[H]` (contiguous bf16/f16, H a multiple of 8), returns
+/// `(x + h, rms_norm(x + h) * weight)`, two views of one `[2, rows, H]` buffer.
+pub fn add_rms_norm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let (rows, width) = x.dims2()?;
+    expect_shape("h", h, &[rows, width])?;
+    expect_shape("weight", weight, &[width])?;
+    if width % 8 != 0 || width == 0 {
+        bail!("add_rms_norm: the width ({width}) must be a positive multiple of 8");
+    }
+    let dtype = half_dtype("x", x)?;
+    for (name, t) in [("x", x), ("h", h), ("weight", weight)] {
+        expect_dtype(name, t, dtype)?;
+        expect_cuda(name, t)?;
+    }
+    if rows == 0 {
+        return Ok((x.clone(), x.clone()));
+    }
+    let both = x.apply_op3_no_bwd(h, weight, &AddRmsNorm { eps })?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("add_rms_norm runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        h: &CudaStorage,
+        h_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let args = [(x, x_l), (h, h_l), (w, w_l)];
+        match x.dtype() {
+            DType::BF16 => self.launch::<half::bf16>("bf16", args),
+            DType::F16 => self.launch::<half::f16>("f16", args),
+            other => bail!("add_rms_norm: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+impl AddRmsNorm {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        name: &str,
+        [(x, x_l), (h, h_l), (w, w_l)]: [(&CudaStorage, &Layout); 3],
+    ) -> Result<(CudaStorage, Shape)> {
+        const THREADS: u32 = 256; // NORM_THREADS in norm.cu
+        let dev = x.device();
+        let (rows, width) = x_l.shape().dims2()?;
+        let (x, h, w) = (
+            view::<T>(x, x_l, "x")?,
+            view::<T>(h, h_l, "h")?,
+            view::<T>(w, w_l, "weight")?,
+        );
+        // SAFETY: the kernel writes every element of both halves.
+        let out = unsafe { dev.alloc::<T>(2 * rows * width)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("add_rms_norm_{name}"),
+            "text_generation_norm",
+            NORM_PTX,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (as_i32(rows, "rows")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_arg, vecs) = (rows as i64, as_i32(width / 8, "H / 8")?);
+        let mut builder = func.builder();
+        builder.arg(&out).arg(&x).arg(&h).arg(&w).arg(&rows_arg).arg(&vecs).arg(&self.eps);
+        // SAFETY: shapes checked in `add_rms_norm`, contiguity and alignment by `view`.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((
+            T::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((2, rows, width)),
+        ))
+    }
+}
+
+/// `x @ w.t()` for a few rows: `x` `[m, k]` with 1 <= m <= [`GEMV_MAX_ROWS`], `w`
+/// `[n, k]` (a linear layer's weight; row views of a larger one are fine), both
+/// contiguous bf16 or f16 with k a multiple of 8; returns `[m, n]`, accumulated in f32.
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (_, w_k) = w.dims2()?;
+    if w_k != k {
+        bail!("gemv: x has {k} columns, w {w_k}");
+    }
+    if !(1..=GEMV_MAX_ROWS).contains(&m) {
+        bail!("gemv takes 1 to {GEMV_MAX_ROWS} rows of x, got {m}");
+    }
+    if k % 8 != 0 || k == 0 {
+        bail!("gemv: k ({k}) must be a positive multiple of 8");
+    }
+    let dtype = half_dtype("x", x)?;
+    expect_dtype("w", w, dtype)?;
+    expect_cuda("x", x)?;
+    expect_cuda("w", w)?;
+    x.apply_op2_no_bwd(w, &Gemv)
+}
+
+struct Gemv;
+
+impl candle_core::CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("gemv runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn launch<T: CudaDType + DeviceRepr>(
+            x: &CudaStorage,
+            x_l: &Layout,
+            w: &CudaStorage,
+            w_l: &Layout,
+            name: &str,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device();
+            let (m, k) = x_l.shape().dims2()?;
+            let n = w_l.shape().dims()[0];
+            let (x, w) = (view::<T>(x, x_l, "x")?, view::<T>(w, w_l, "w")?);
+            // SAFETY: the kernel writes every output element.
+            let y = unsafe { dev.alloc::<T>(m * n)? };
+            let func = dev.get_or_load_custom_func(
+                &format!("gemv_{name}_m{m}"),
+                "text_generation_gemv",
+                GEMV_PTX,
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: (as_i32(n.div_ceil(GEMV_WARPS), "n / 8")? as u32, 1, 1),
+                block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (n_out, k_vecs) = (as_i32(n, "n")?, as_i32(k / 8, "k / 8")?);
+            let mut builder = func.builder();
+            builder.arg(&y).arg(&x).arg(&w).arg(&n_out).arg(&k_vecs);
+            // SAFETY: shapes checked in `gemv`; `view` checked contiguity and alignment.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((T::wrap_cuda_slice(y, dev.clone()), Shape::from((m, n))))
+        }
+        match x.dtype() {
+            DType::BF16 => launch::<half::bf16>(x, x_l, w, w_l, "bf16"),
+            DType::F16 => launch::<half::f16>(x, x_l, w, w_l, "f16"),
+            other => bail!("gemv: unsupported dtype {other:?}"),
         }
     }
 }

@@ -5,7 +5,10 @@
 //!   context (split over the context for long sequences, then merged);
 //! - [`paged_attention_prefill`]: causal flash attention for ragged prefill batches
 //!   whose new tokens follow a (possibly cached) prefix, on tensor cores;
-//! - [`silu_mul`]: SwiGLU of a fused gate/up projection in one pass.
+//! - [`silu_mul`]: SwiGLU of a fused gate/up projection in one pass;
+//! - [`gemv`]: a few activation rows times a weight matrix, at memory bandwidth
+//!   (decode steps);
+//! - [`add_rms_norm`]: a block's residual add and the RMSNorm after it in one pass.
 //!
 //! Layouts follow the shard's paged cache: a cache tensor is
 //! `[num_blocks * block_size, num_kv_heads, head_dim]`, row `slot` holding the token
@@ -20,4 +23,7 @@
 mod cuda;
 
 #[cfg(feature = "cuda")]
-pub use cuda::{paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul};
+pub use cuda::{
+    add_rms_norm, gemv, paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
+    GEMV_MAX_ROWS,
+};

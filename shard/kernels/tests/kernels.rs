@@ -9,7 +9,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use text_generation_kernels::{
-    paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
+    gemv, paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
 };
 
 const BLOCK_SIZE: usize = 16;
@@ -486,5 +486,54 @@ fn silu_mul_matches_reference() -> Result<()> {
         silu_mul(&Tensor::zeros((2, 12), DType::BF16, &dev)?).is_err(),
         "I = 6 is not a multiple of 8"
     );
+    Ok(())
+}
+
+#[test]
+fn gemv_matches_an_f32_matmul() -> Result<()> {
+    let dev = device();
+    for dtype in [DType::BF16, DType::F16] {
+        // Odd widths: rows not a multiple of the CTA's 8, k not of the unrolled stride.
+        for (m, n, k) in [(1, 4096, 4096), (3, 77, 264), (8, 1030, 14336), (5, 9, 8)] {
+            let x = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(dtype)?;
+            let w = (Tensor::randn(0f32, 1., (n + 16, k), &dev)? * 0.05)?.to_dtype(dtype)?;
+            // A row view of a larger weight, as a fused q/k/v projection's parts are.
+            let w = w.narrow(0, 8, n)?;
+            let out = gemv(&x, &w)?;
+            assert_eq!(out.dims(), &[m, n]);
+            let expected = x
+                .to_dtype(DType::F32)?
+                .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+            let err = rel_error(&out, &expected)?;
+            assert!(err < tolerance(dtype), "gemv {dtype:?} m={m} n={n} k={k}: rel error {err}");
+        }
+    }
+    let x = Tensor::zeros((9, 64), DType::BF16, &dev)?;
+    assert!(gemv(&x, &Tensor::zeros((4, 64), DType::BF16, &dev)?).is_err(), "9 rows");
+    let x = Tensor::zeros((1, 12), DType::BF16, &dev)?;
+    assert!(gemv(&x, &Tensor::zeros((4, 12), DType::BF16, &dev)?).is_err(), "k = 12");
+    Ok(())
+}
+
+#[test]
+fn add_rms_norm_matches_an_f32_reference() -> Result<()> {
+    let dev = device();
+    for dtype in [DType::BF16, DType::F16] {
+        for (rows, width) in [(1, 4096), (5, 576), (3, 8)] {
+            let x = Tensor::randn(0f32, 1., (rows, width), &dev)?.to_dtype(dtype)?;
+            let h = Tensor::randn(0f32, 1., (rows, width), &dev)?.to_dtype(dtype)?;
+            let weight = Tensor::randn(1f32, 0.1, width, &dev)?.to_dtype(dtype)?;
+            let (sum, normed) = text_generation_kernels::add_rms_norm(&x, &h, &weight, 1e-5)?;
+            let expected_sum = (&x + &h)?;
+            assert_eq!(rel_error(&sum, &expected_sum)?, 0.0, "the sum is exact in {dtype:?}");
+            let s = expected_sum.to_dtype(DType::F32)?;
+            let inv_rms = (s.sqr()?.mean_keepdim(1)? + 1e-5)?.sqrt()?.recip()?;
+            let expected = s
+                .broadcast_mul(&inv_rms)?
+                .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+            let err = rel_error(&normed, &expected)?;
+            assert!(err < tolerance(dtype), "add_rms_norm {dtype:?} {rows}x{width}: rel error {err}");
+        }
+    }
     Ok(())
 }

@@ -21,6 +21,23 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
+
+    /// The residual stream after a block adds `h` to `x` (`[tokens, dim]`), and its
+    /// norm: `(x + h, norm(x + h))`. One kernel on CUDA in bf16/f16.
+    pub fn forward_add(&self, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if super::uses_cuda_kernels(x.device(), x.dtype()) && x.rank() == 2 && x.dim(1)? % 8 == 0 {
+            return text_generation_kernels::add_rms_norm(
+                &x.contiguous()?,
+                &h.contiguous()?,
+                &self.weight,
+                self.eps,
+            );
+        }
+        let sum = (x + h)?;
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
+    }
 }
 
 #[cfg(test)]

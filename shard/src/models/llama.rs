@@ -441,22 +441,27 @@ impl Model for Llama {
             .collect::<Result<Vec<_>>>()?;
         let rotary = self.rotary.at(&batch.positions)?;
         let mut x = self.embed_tokens.forward(&batch.input_ids)?;
+        // A sub-block's output is added to the residual stream `x` by the norm that
+        // follows it (one fused kernel on CUDA): `delta` is the output not yet added.
+        let mut delta: Option<Tensor> = None;
+        let add_and_norm = |norm: &RmsNorm, x: &Tensor, delta: Option<Tensor>| match delta {
+            Some(delta) => norm.forward_add(x, &delta),
+            None => Ok((x.clone(), norm.forward(x)?)),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let input = &inputs[layer.window_index];
-            let h = layer.input_layernorm.forward(&x)?;
+            let (residual, h) = add_and_norm(&layer.input_layernorm, &x, delta.take())?;
             let h = layer
                 .self_attn
                 .forward(&h, &rotary, cache.layer(i), input)?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            let (residual, h) = layer.post_attention_layernorm.forward_add(&residual, &h)?;
+            delta = Some(layer.mlp.forward(&h)?);
+            x = residual;
         }
-        // Norm and lm_head only for the rows whose logits are wanted.
-        let x = x.index_select(&batch.logits_indices, 0)?;
+        let (_, normed) = add_and_norm(&self.norm, &x, delta)?;
+        // lm_head only for the rows whose logits are wanted.
         self.lm_head
-            .forward(&self.norm.forward(&x)?)?
+            .forward(&normed.index_select(&batch.logits_indices, 0)?)?
             .to_dtype(DType::F32)
     }
 

@@ -1,0 +1,67 @@
+// Products of a few activation rows with a weight matrix, for decode steps:
+// y[m, n] = sum_k x[m, k] * w[n, k] with M <= 8 rows of x. Such a step reads every
+// weight once for a handful of tokens, so it is bound by memory bandwidth, where
+// cuBLAS's GEMM kernels (split-K and its reduction at these shapes) leave some on the
+// table. One warp streams one weight row with 16-byte loads, several in flight per
+// thread, applies each to all M rows of x (which stay in L1/L2), and accumulates in f32.
+#include "common.cuh"
+
+constexpr int GEMV_WARPS = 8;   // weight rows per CTA, one per warp
+constexpr int GEMV_UNROLL = 4;  // 16-byte weight loads in flight per thread
+
+template <typename T, int M>
+__device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n_out,
+                     int k_vecs) {
+    const int lane = threadIdx.x % 32;
+    const int n = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
+    if (n >= n_out) return;  // the whole warp: n is per warp
+    const uint4* w_row = reinterpret_cast<const uint4*>(w) + static_cast<int64_t>(n) * k_vecs;
+    const uint4* x_vecs = reinterpret_cast<const uint4*>(x);
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    for (int base = lane; base < k_vecs; base += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int v = base + u * 32;
+            // Streamed: each weight is read once per step, keep L2 for x.
+            wv[u] = v < k_vecs ? __ldcs(w_row + v) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int v = base + u * 32;
+            if (v < k_vecs) {
+                float wf[VEC];
+                unpack8<T>(wv[u], wf);
+#pragma unroll
+                for (int m = 0; m < M; ++m) {
+                    float xf[VEC];
+                    unpack8<T>(__ldg(x_vecs + static_cast<int64_t>(m) * k_vecs + v), xf);
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) acc[m] = fmaf(wf[i], xf[i], acc[m]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) y[static_cast<int64_t>(m) * n_out + n] = from_float<T>(acc[m]);
+    }
+}
+
+#define GEMV(T, TN, M)                                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                     \
+        gemv_##TN##_m##M(T* y, const T* x, const T* w, int n_out, int k_vecs) {                       \
+        gemv<T, M>(y, x, w, n_out, k_vecs);                                                           \
+    }
+#define GEMV_ALL_M(T, TN) \
+    GEMV(T, TN, 1) GEMV(T, TN, 2) GEMV(T, TN, 3) GEMV(T, TN, 4) GEMV(T, TN, 5) GEMV(T, TN, 6) GEMV(T, TN, 7) GEMV(T, TN, 8)
+
+GEMV_ALL_M(__nv_bfloat16, bf16)
+GEMV_ALL_M(__half, f16)
