@@ -16,6 +16,16 @@ export SHARD_FIXTURES="$PWD/target/shard-fixtures"
 
 cargo build --release --workspace
 cargo test --release --workspace
+# The CUDA build type-checks and its kernels compile (nvcc to PTX), though no GPU here
+# runs them: NVIDIA's toolchain from shared/cuda (pip wheels, installed once into
+# ~/.cache), and a target dir kept between runs on the same machine.
+(
+    # shellcheck source=/dev/null
+    source ../shared/cuda/toolchain.sh
+    cargo check --all-targets -p text-generation-shard -p text-generation-kernels \
+        --features text-generation-shard/cuda,text-generation-shard/nccl,text-generation-kernels/cuda \
+        --target-dir "${CUDA_CHECK_TARGET_DIR:-$HOME/.cache/text-generation-cuda-check}"
+)
 # Deployment files (manifests, Prometheus config and rules, dashboard), then a real
 # Prometheus scraping the real router.
 deploy/check.sh

@@ -181,7 +181,10 @@ async fn measure(
         let mut generated = 0;
         for batch in batches {
             let response = client
-                .prefill(PrefillRequest { batch: Some(batch) })
+                .prefill(PrefillRequest {
+                    batch: Some(batch),
+                    cached_batch: None,
+                })
                 .await
                 .context("Prefill")?
                 .into_inner();

@@ -103,9 +103,9 @@ pub struct Args {
     #[arg(long, env, default_value_t = 29500)]
     pub master_port: u16,
 
-    /// Share of the GPU memory left free after warmup that the KV cache takes. 0.9
-    /// rather than TGI's 1.0 leaves room for the CUDA context and allocator slack.
-    #[arg(long, env, default_value_t = 0.9)]
+    /// Share of the GPU memory left free after warmup that the KV cache takes. 0.95
+    /// rather than TGI's 1.0 leaves room for the decode CUDA graphs and allocator slack.
+    #[arg(long, env, default_value_t = 0.95)]
     pub cuda_memory_fraction: f32,
 
     /// Batch sizes whose decode steps the shards capture as CUDA graphs

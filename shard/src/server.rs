@@ -70,7 +70,7 @@ pub struct ShardArgs {
     #[arg(long, env = "DEVICE", value_enum)]
     pub device: Option<DeviceArg>,
     /// Share of the free GPU memory (after warmup) that the KV cache takes.
-    #[arg(long, env = "CUDA_MEMORY_FRACTION", default_value_t = 0.9)]
+    #[arg(long, env = "CUDA_MEMORY_FRACTION", default_value_t = 0.95)]
     pub cuda_memory_fraction: f64,
     /// KV cache size on CPU, unless the router fixes max_batch_total_tokens.
     #[arg(long, env = "CPU_KV_CACHE_MB", default_value_t = 1024)]
@@ -305,13 +305,14 @@ impl TextGenerationService for ShardService {
         &self,
         request: GrpcRequest<PrefillRequest>,
     ) -> Result<Response<PrefillResponse>, Status> {
-        let batch = request
-            .into_inner()
-            .batch
-            .ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
+        let PrefillRequest {
+            batch,
+            cached_batch,
+        } = request.into_inner();
+        let batch = batch.ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
         let response = self
             .runner
-            .run(move |runner| runner.prefill(batch))
+            .run(move |runner| runner.prefill(batch, cached_batch))
             .await
             .map_err(status)?;
         Ok(Response::new(response))

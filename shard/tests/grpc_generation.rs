@@ -234,8 +234,21 @@ async fn prefill(
     batch: Batch,
     outputs: &mut Outputs,
 ) -> Option<CachedBatch> {
+    mixed_prefill(client, batch, None, outputs).await
+}
+
+/// A prefill that also decodes `cached` in the same forward pass.
+async fn mixed_prefill(
+    client: &mut TextGenerationServiceClient<Channel>,
+    batch: Batch,
+    cached: Option<CachedBatch>,
+    outputs: &mut Outputs,
+) -> Option<CachedBatch> {
     let response = client
-        .prefill(PrefillRequest { batch: Some(batch) })
+        .prefill(PrefillRequest {
+            batch: Some(batch),
+            cached_batch: cached,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -429,6 +442,38 @@ async fn continuous_batching_does_not_change_greedy_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_prefill_decodes_the_cached_batch_in_the_same_pass() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    const JOINING: &str = "Once upon a time, in a faraway land, there";
+    let alone_a = generate(&mut client, batch(1, vec![blocks.request(1, PROMPT, 10)])).await;
+    let alone_b = generate(&mut client, batch(2, vec![blocks.request(2, JOINING, 8)])).await;
+
+    let mut outputs = Outputs::default();
+    let mut running = prefill(&mut client, batch(5, vec![blocks.request(20, PROMPT, 10)]), &mut outputs)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        running = decode(&mut client, vec![running], &mut outputs).await.unwrap();
+    }
+    assert_eq!(outputs.tokens[&20].len(), 3);
+    let joining = batch(6, vec![blocks.request(21, JOINING, 8)]);
+    let mut cached = mixed_prefill(&mut client, joining, Some(running.clone()), &mut outputs).await;
+    let merged = cached.clone().unwrap();
+    assert_eq!((merged.id, merged.request_ids.clone()), (6, vec![20, 21]));
+    assert_eq!(outputs.tokens[&20].len(), 4, "the running request advanced one token");
+    assert_eq!(outputs.tokens[&21].len(), 1, "the new request got its first token");
+    let stale = client.decode(DecodeRequest { batches: vec![running] }).await;
+    assert!(stale.is_err(), "the cached batch's id is consumed");
+    while let Some(batch) = cached {
+        cached = decode(&mut client, vec![batch], &mut outputs).await;
+    }
+    assert_eq!(outputs.tokens[&20], alone_a.tokens[&1]);
+    assert_eq!(outputs.tokens[&21], alone_b.tokens[&2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn eos_token_finishes_unless_ignored() {
     let shard = Shard::spawn();
     let mut client = shard.warm_client().await;
@@ -527,6 +572,7 @@ async fn prefill_logprobs_and_top_n_tokens() {
     let response = client
         .prefill(PrefillRequest {
             batch: Some(batch(1, vec![request])),
+            cached_batch: None,
         })
         .await
         .unwrap()

@@ -9,7 +9,7 @@ use futures::StreamExt;
 
 use super::queue::tests::request;
 use crate::client::fake_shard::{
-    FakeShard, FakeShardConfig, FIRST_TOKEN, POISON_DECODE, POISON_PREFILL,
+    FakeShard, FakeShardConfig, ShardCall, FIRST_TOKEN, POISON_DECODE, POISON_PREFILL,
 };
 use crate::infer::{Infer, SchedulerConfig, ShardSummary};
 use crate::infer_types::{FinishReason, InferError, InferStreamResponse, ValidGenerateRequest};
@@ -52,6 +52,61 @@ fn with_input(input_ids: Vec<u32>, max_new_tokens: u32) -> ValidGenerateRequest 
         input_ids: Arc::new(input_ids),
         ..request(1, max_new_tokens)
     }
+}
+
+fn prefill(
+    batch_id: u64,
+    request_ids: Vec<u64>,
+    prompt_tokens: u32,
+    cached: Option<(u64, usize)>,
+) -> ShardCall {
+    ShardCall::Prefill {
+        batch_id,
+        request_ids,
+        prompt_tokens,
+        cached,
+    }
+}
+
+fn decode(batch_ids: Vec<u64>) -> ShardCall {
+    ShardCall::Decode { batch_ids }
+}
+
+fn is_mixed(call: &ShardCall) -> bool {
+    matches!(
+        call,
+        ShardCall::Prefill {
+            cached: Some(_),
+            ..
+        }
+    )
+}
+
+/// Checks a whole stream: `max_new_tokens` tokens, the k-th being the fake
+/// shard's k-th, then the end.
+fn assert_complete(responses: &[Result<InferStreamResponse, InferError>], max_new_tokens: u32) {
+    assert_eq!(responses.len(), max_new_tokens as usize, "{responses:?}");
+    let mut ids = Vec::new();
+    for (index, response) in responses.iter().enumerate() {
+        match response {
+            Ok(InferStreamResponse::Intermediate { token, .. }) if index + 1 < responses.len() => {
+                ids.push(token.id)
+            }
+            Ok(InferStreamResponse::End {
+                token,
+                generated_text,
+                ..
+            }) if index + 1 == responses.len() => {
+                ids.push(token.id);
+                assert_eq!(generated_text.generated_tokens, max_new_tokens);
+                let text: String = (0..max_new_tokens).map(|k| format!(" w{k}")).collect();
+                assert_eq!(generated_text.text, text);
+            }
+            other => panic!("unexpected response {index}: {other:?}"),
+        }
+    }
+    let expected: Vec<u32> = (0..max_new_tokens).map(|k| FIRST_TOKEN + k).collect();
+    assert_eq!(ids, expected, "every token once, in order");
 }
 
 #[tokio::test]
@@ -133,32 +188,139 @@ async fn streams_prompt_details_then_tokens_then_the_end() {
 }
 
 #[tokio::test]
-async fn new_requests_join_the_running_batch() {
+async fn a_joining_request_is_prefilled_in_one_mixed_step_with_the_running_decode() {
     let (infer, _, shard) = start(64, config()).await;
     let (_permit, mut long) = infer.generate_stream(request(10, 60)).unwrap();
     // The long request is decoding once its second token arrives.
+    let mut long_responses = Vec::new();
     for _ in 0..2 {
-        within_seconds(long.next()).await.unwrap().unwrap();
+        long_responses.push(within_seconds(long.next()).await.unwrap());
     }
     let short = within_seconds(infer.generate(request(10, 5)))
         .await
         .unwrap();
-    assert_eq!(short.generated_text.generated_tokens, 5);
-    let rest: Vec<_> = within_seconds(long.collect::<Vec<_>>()).await;
-    assert_eq!(rest.len(), 58);
-    assert!(matches!(
-        rest.last(),
-        Some(Ok(InferStreamResponse::End { .. }))
-    ));
+    let short_ids: Vec<u32> = short.tokens.iter().map(|t| t.id).collect();
+    assert_eq!(
+        short_ids,
+        (0..5).map(|k| FIRST_TOKEN + k).collect::<Vec<_>>()
+    );
+    long_responses.extend(within_seconds(long.collect::<Vec<_>>()).await);
+    assert_complete(&long_responses, 60);
+
+    let calls = shard.calls();
+    assert_eq!(calls[0], prefill(0, vec![0], 10, None));
+    let mixed: Vec<usize> = (0..calls.len()).filter(|&i| is_mixed(&calls[i])).collect();
+    assert_eq!(mixed.len(), 1, "one join, one mixed step: {calls:?}");
+    let joined_at = mixed[0];
+    assert!(joined_at >= 2, "joined at call {joined_at}");
+    assert_eq!(
+        calls[joined_at],
+        prefill(1, vec![1], 10, Some((0, 1))),
+        "the short request's prefill carries the running batch"
+    );
     assert!(
-        shard.decode_batch_counts().contains(&2),
-        "the short request was decoded together with the long one"
+        calls[1..joined_at].iter().all(|c| *c == decode(vec![0])),
+        "{calls:?}"
+    );
+    assert!(
+        calls[joined_at + 1..].iter().all(|c| *c == decode(vec![1])),
+        "the union goes on alone, under the new batch's id: {calls:?}"
+    );
+    assert_eq!(
+        calls.len(),
+        60,
+        "every forward pass advanced the long request: no separate prefill or decode"
     );
     assert!(
         shard.filter_calls() > 0,
         "the finished short request was filtered out"
     );
     assert_eq!(shard.cached_request_count(), 0);
+}
+
+#[tokio::test]
+async fn requests_joining_at_many_steps_get_exactly_their_tokens_in_order() {
+    let (infer, _, shard) = start(64, config()).await;
+    let mut streams = Vec::new();
+    for i in 0..12u32 {
+        let max_new_tokens = 3 + (i * 7) % 20;
+        let (permit, stream) = infer
+            .generate_stream(request(4 + i as usize, max_new_tokens))
+            .unwrap();
+        streams.push((max_new_tokens, permit, stream));
+        // About two decode steps: the next one joins a running batch.
+        tokio::time::sleep(Duration::from_millis(12)).await;
+    }
+    for (max_new_tokens, _permit, stream) in streams {
+        let responses: Vec<_> = within_seconds(stream.collect::<Vec<_>>()).await;
+        assert_complete(&responses, max_new_tokens);
+    }
+    let calls = shard.calls();
+    let mixed = calls.iter().filter(|c| is_mixed(c)).count();
+    assert!(mixed >= 2, "requests joined running batches: {calls:?}");
+    for call in &calls {
+        match call {
+            ShardCall::Prefill {
+                prompt_tokens,
+                cached: Some((_, running)),
+                ..
+            } => assert!(
+                prompt_tokens + *running as u32 <= 128,
+                "a mixed forward pass within max_batch_prefill_tokens: {call:?}"
+            ),
+            ShardCall::Decode { batch_ids } => assert_eq!(batch_ids.len(), 1, "{calls:?}"),
+            ShardCall::Prefill { cached: None, .. } => {}
+        }
+    }
+    assert_eq!(shard.cached_request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_join_too_large_to_share_the_pass_is_prefilled_alone_then_decoded_together() {
+    // The fake shard refuses a forward pass larger than the warmup's
+    // max_batch_prefill_tokens (prompt tokens plus one per running request).
+    let config = SchedulerConfig {
+        max_batch_prefill_tokens: 64,
+        ..config()
+    };
+    let (infer, _, shard) = start(64, config).await;
+    let (_first, running_a) = infer.generate_stream(request(10, 20)).unwrap();
+    let (_second, mut running_b) = infer.generate_stream(request(10, 20)).unwrap();
+    let mut responses_b = vec![within_seconds(running_b.next()).await.unwrap()];
+    // 62 prompt tokens + 2 running ones fill the forward pass exactly: a mixed step.
+    let fitting = infer.generate_stream(request(62, 3)).unwrap();
+    tokio::time::sleep(Duration::from_millis(12)).await;
+    let full = infer.generate_stream(request(64, 3)).unwrap();
+    let fitting: Vec<_> = within_seconds(fitting.1.collect::<Vec<_>>()).await;
+    assert_complete(&fitting, 3);
+    let full: Vec<_> = within_seconds(full.1.collect::<Vec<_>>()).await;
+    assert_complete(&full, 3);
+    assert_complete(&within_seconds(running_a.collect::<Vec<_>>()).await, 20);
+    responses_b.extend(within_seconds(running_b.collect::<Vec<_>>()).await);
+    assert_complete(&responses_b, 20);
+
+    let calls = shard.calls();
+    assert_eq!(calls[0], prefill(0, vec![0, 1], 20, None));
+    assert!(
+        calls.contains(&prefill(1, vec![2], 62, Some((0, 2)))),
+        "{calls:?}"
+    );
+    let full_at = calls
+        .iter()
+        .position(
+            |c| matches!(c, ShardCall::Prefill { request_ids, .. } if *request_ids == vec![3]),
+        )
+        .unwrap();
+    assert!(
+        matches!(&calls[full_at], ShardCall::Prefill { cached: None, .. }),
+        "prefilled alone: {:?}",
+        calls[full_at]
+    );
+    assert!(
+        matches!(&calls[full_at + 1], ShardCall::Decode { batch_ids } if batch_ids.len() == 2),
+        "then decoded with the running batch: {:?}",
+        calls[full_at + 1]
+    );
 }
 
 #[tokio::test]
@@ -176,16 +338,14 @@ async fn few_waiting_requests_join_only_after_max_waiting_tokens_steps() {
         .await
         .unwrap();
     assert_eq!(short.generated_text.generated_tokens, 3);
-    let first_joint_decode = shard
-        .decode_batch_counts()
+    let joined_at = shard
+        .calls()
         .iter()
-        .position(|&batches| batches == 2)
+        .position(is_mixed)
         .expect("the short request joined the long one");
-    // Steps counted from the long request's prefill: it joins at the 5th.
-    assert!(
-        first_joint_decode >= 4,
-        "joined at decode {first_joint_decode}"
-    );
+    // Steps counted from the long request's prefill: it joins at the 5th,
+    // after four decodes alone.
+    assert!(joined_at >= 5, "joined at call {joined_at}");
 }
 
 #[tokio::test]
@@ -237,8 +397,40 @@ async fn a_failed_decode_fails_its_batch_and_serving_goes_on() {
 
 #[tokio::test]
 async fn a_failed_prefill_fails_only_its_requests() {
-    let (infer, _, _shard) = start(64, config()).await;
-    let (_permit, mut running) = infer.generate_stream(request(10, 30)).unwrap();
+    // One request per batch: the healthy request waits for the next batch.
+    let config = SchedulerConfig {
+        max_batch_size: Some(1),
+        ..config()
+    };
+    let (infer, _, shard) = start(64, config).await;
+    let (_poisoned_permit, poisoned) = infer
+        .generate_stream(with_input(vec![POISON_PREFILL], 10))
+        .unwrap();
+    let (_permit, healthy) = infer.generate_stream(request(10, 5)).unwrap();
+    let poisoned: Vec<_> = within_seconds(poisoned.collect::<Vec<_>>()).await;
+    assert!(
+        matches!(poisoned[..], [Err(InferError::GenerationError(_))]),
+        "{poisoned:?}"
+    );
+    let healthy: Vec<_> = within_seconds(healthy.collect::<Vec<_>>()).await;
+    assert_complete(&healthy, 5);
+    assert_eq!(
+        shard.calls()[..2],
+        [prefill(0, vec![0], 1, None), prefill(1, vec![1], 10, None)]
+    );
+    // The first clear is the one of connecting.
+    assert_eq!(
+        shard.clears()[1..],
+        [Some(0)],
+        "only the failed batch was dropped"
+    );
+    assert_eq!(shard.cached_request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_mixed_prefill_fails_both_batches_and_clears_the_cache() {
+    let (infer, _, shard) = start(64, config()).await;
+    let (_permit, mut running) = infer.generate_stream(request(10, 100)).unwrap();
     within_seconds(running.next()).await.unwrap().unwrap();
     let poisoned = within_seconds(infer.generate(with_input(vec![POISON_PREFILL], 10))).await;
     assert!(
@@ -246,11 +438,24 @@ async fn a_failed_prefill_fails_only_its_requests() {
         "{poisoned:?}"
     );
     let rest: Vec<_> = within_seconds(running.collect::<Vec<_>>()).await;
-    assert_eq!(rest.len(), 29);
-    assert!(matches!(
-        rest.last(),
-        Some(Ok(InferStreamResponse::End { .. }))
-    ));
+    assert!(
+        matches!(rest.last(), Some(Err(InferError::GenerationError(_)))),
+        "the running request shared the failed forward pass: {rest:?}"
+    );
+    let calls = shard.calls();
+    assert_eq!(calls.last(), Some(&prefill(1, vec![1], 1, Some((0, 1)))));
+    assert_eq!(calls.iter().filter(|c| is_mixed(c)).count(), 1);
+    // The first clear is the one of connecting.
+    assert_eq!(
+        shard.clears()[1..],
+        [None],
+        "every cached batch was dropped"
+    );
+    assert_eq!(shard.cached_request_count(), 0);
+
+    assert!(infer.health().await, "the shards still answer Health");
+    let response = within_seconds(infer.generate(request(4, 3))).await.unwrap();
+    assert_eq!(response.generated_text.generated_tokens, 3);
 }
 
 #[tokio::test]

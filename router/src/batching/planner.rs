@@ -1,7 +1,9 @@
 //! How large the next batch may be: the first batch fills the budgets; while a
 //! batch runs, new requests join only when enough are waiting
 //! (`waiting_served_ratio`) or they waited too long (`max_waiting_tokens`),
-//! so that prefills do not stall the running decodes at every step.
+//! so that prefills do not stall the running decodes at every step. Joining
+//! prompts share a forward pass with one decode step of the running batch (a
+//! mixed step) whenever both fit the prefill budget the warmup proved.
 
 use super::queue::BatchLimits;
 
@@ -45,6 +47,14 @@ impl BatchingConfig {
         }
     }
 
+    /// Whether a joining batch of `prompt_tokens` new tokens shares one forward pass
+    /// with the decode step of `running_size` running requests (a mixed step): the
+    /// warmup proved passes of up to `max_batch_prefill_tokens` tokens. A larger one
+    /// is prefilled alone, then decoded together with the running batch.
+    pub fn fits_mixed_step(&self, prompt_tokens: usize, running_size: usize) -> bool {
+        prompt_tokens.saturating_add(running_size) <= self.max_batch_prefill_tokens as usize
+    }
+
     /// Limits for requests joining a running batch of `running_size` requests
     /// holding up to `running_max_tokens` tokens, `waiting_steps` decode steps
     /// after the last join.
@@ -77,6 +87,15 @@ impl BatchingConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_join_shares_the_running_decode_pass_while_the_two_fit_the_prefill_budget() {
+        let config = config();
+        let budget = config.max_batch_prefill_tokens as usize;
+        assert!(config.fits_mixed_step(budget - 10, 10));
+        assert!(!config.fits_mixed_step(budget - 10, 11));
+        assert!(!config.fits_mixed_step(usize::MAX, 1), "saturates");
+    }
 
     fn config() -> BatchingConfig {
         BatchingConfig {

@@ -357,6 +357,16 @@ pub mod tests {
     }
 
     #[test]
+    fn no_prefill_budget_left_forms_no_batch() {
+        let mut state = state();
+        let (entry, _receiver) = entry(1, 10);
+        state.append(entry);
+        assert!(state.next_batch(limits(0, 1000)).is_none());
+        assert_eq!(state.entries.len(), 1, "still waiting");
+        assert_eq!(state.allocator.free_block_count(), 64);
+    }
+
+    #[test]
     fn below_min_size_nothing_is_taken_and_blocks_are_kept_free() {
         let mut state = state();
         let _receivers: Vec<_> = (0..3)

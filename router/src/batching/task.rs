@@ -1,8 +1,16 @@
 //! The batching loop (TGI's `batching_task`): form a batch, prefill it, then
-//! decode it step by step; between steps let waiting requests join (prefilled
-//! on their own, then decoded together with the running batch), stream every
-//! token to its client, and drop finished or abandoned requests from the
+//! decode it step by step; between steps let waiting requests join, stream
+//! every token to its client, and drop finished or abandoned requests from the
 //! shards' batch so that their KV blocks serve others.
+//!
+//! Joining requests are prefilled in a "mixed" step, as in TGI v3: one Prefill
+//! carries the new batch and the running one, so the shards run the new prompts
+//! and one decode step of the running requests in the same forward pass (the
+//! weights are read once for both). Its answer holds the first token of each new
+//! request and the next token of each running one, and the union goes on under
+//! the new batch's id; that iteration needs no Decode of its own. A join too large
+//! to share the pass (new prompts plus one token per running request beyond
+//! `max_batch_prefill_tokens`) is prefilled alone, then decoded with the rest.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,30 +37,39 @@ pub async fn batching_task(
         while let Some(NextBatch { mut entries, batch }) =
             queue.next_batch(config.first_batch_limits()).await
         {
-            let mut running = step(&client, Step::Prefill(batch), &mut entries, &health).await;
+            let mut running =
+                step(&client, Step::Prefill(batch, None), &mut entries, &health).await;
             let mut waiting_steps = 1;
             while let Some(batch) = running {
                 metrics::gauge!("tgi_batch_current_size").set(batch.size as f64);
                 metrics::gauge!("tgi_batch_current_max_tokens").set(batch.max_tokens as f64);
                 let (limits, reason) =
                     config.join_limits(batch.size as usize, batch.max_tokens, waiting_steps);
-                let mut batches = vec![batch];
-                if let Some(NextBatch {
-                    entries: mut new_entries,
-                    batch: new_batch,
-                }) = queue.next_batch(limits).await
-                {
-                    metrics::counter!("tgi_batch_concat", "reason" => reason.as_label())
-                        .increment(1);
-                    let prefilled =
-                        step(&client, Step::Prefill(new_batch), &mut new_entries, &health).await;
-                    waiting_steps = 1;
-                    if let Some(new_batch) = prefilled {
-                        entries.extend(new_entries);
-                        batches.push(new_batch);
+                let next_step = match queue.next_batch(limits).await {
+                    Some(NextBatch {
+                        entries: mut new_entries,
+                        batch: new_batch,
+                    }) => {
+                        metrics::counter!("tgi_batch_concat", "reason" => reason.as_label())
+                            .increment(1);
+                        waiting_steps = 1;
+                        let prompt_tokens = new_batch.requests.iter().map(|r| r.input_ids.len()).sum();
+                        if config.fits_mixed_step(prompt_tokens, batch.size as usize) {
+                            // The shards answer for the requests of both batches.
+                            entries.extend(new_entries);
+                            Step::Prefill(new_batch, Some(batch))
+                        } else {
+                            let prefilled =
+                                step(&client, Step::Prefill(new_batch, None), &mut new_entries, &health)
+                                    .await;
+                            entries.extend(new_entries);
+                            Step::Decode([batch].into_iter().chain(prefilled).collect())
+                        }
                     }
-                }
-                running = step(&client, Step::Decode(batches), &mut entries, &health).await;
+                    None => Step::Decode(vec![batch]),
+                };
+                running = step(&client, next_step, &mut entries, &health).await;
+                // A mixed step is also a decode step of the running requests.
                 waiting_steps += 1;
             }
             metrics::gauge!("tgi_batch_current_size").set(0.0);
@@ -63,31 +80,36 @@ pub async fn batching_task(
 }
 
 enum Step {
-    Prefill(Batch),
+    /// Prefills the new batch; with a cached batch, a mixed step that also runs
+    /// one decode step of it, the union then cached under the new batch's id.
+    Prefill(Batch, Option<CachedBatch>),
     /// One step over the union of these cached batches.
     Decode(Vec<CachedBatch>),
 }
 
 impl Step {
+    /// A mixed step counts as a prefill, as in TGI.
     fn method(&self) -> &'static str {
         match self {
-            Step::Prefill(_) => "prefill",
+            Step::Prefill(..) => "prefill",
             Step::Decode(_) => "decode",
         }
     }
 
-    /// What the shards must forget when the step fails: a failed prefill only
-    /// concerns its new batch; a decode involves every cached batch.
+    /// What the shards must forget when the step fails: a failed prefill alone
+    /// only concerns its new batch; a mixed step or a decode involves every
+    /// cached batch.
     fn cache_to_clear(&self) -> Option<u64> {
         match self {
-            Step::Prefill(batch) => Some(batch.id),
-            Step::Decode(_) => None,
+            Step::Prefill(batch, None) => Some(batch.id),
+            Step::Prefill(_, Some(_)) | Step::Decode(_) => None,
         }
     }
 }
 
 /// Runs one step and delivers its tokens; returns the batch still running.
-/// On a shard error every entry of the step gets the error and is dropped.
+/// `entries` are those of every request of the step (for a mixed step, of both
+/// batches). On a shard error every entry of the step gets the error and is dropped.
 async fn step(
     client: &ShardedClient,
     step: Step,
@@ -138,11 +160,12 @@ async fn run_step(
     start: Instant,
 ) -> client::Result<(Option<CachedBatch>, StepTimings)> {
     let (generations, running, timings) = match step {
-        Step::Prefill(batch) => {
+        Step::Prefill(batch, cached_batch) => {
+            // Only the new requests get their batch time: running ones keep theirs.
             for entry in entries.values_mut() {
                 entry.batch_time.get_or_insert(start);
             }
-            client.prefill(batch).await?
+            client.prefill(batch, cached_batch).await?
         }
         Step::Decode(batches) => client.decode(batches).await?,
     };

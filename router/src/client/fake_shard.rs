@@ -2,7 +2,13 @@
 //! unix socket and "generates" deterministic tokens (the k-th generated token
 //! of every request is `FIRST_TOKEN + k`, text " w{k}"), so that the router's
 //! scheduling can be tested end to end. It checks what a real shard relies on:
-//! every request comes with enough slots, and no KV block is used twice.
+//! every request comes with enough slots, no KV block is used twice, and no
+//! forward pass carries more tokens than the warmup's `max_prefill_tokens`.
+//!
+//! A Prefill with a `cached_batch` is a "mixed" step, as a real shard runs it:
+//! the cached batch's requests advance by one token in the same forward pass as
+//! the new prompts, and the union stays cached under the new batch's id (the
+//! cached batch's id is gone).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -45,14 +51,31 @@ struct FakeRequest {
     top_n_tokens: u32,
 }
 
+/// A Prefill or Decode as the shard received it (failed ones included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardCall {
+    Prefill {
+        batch_id: u64,
+        request_ids: Vec<u64>,
+        /// Prompt tokens of the new requests.
+        prompt_tokens: u32,
+        /// The batch decoded in the same forward pass (a mixed step), and its size.
+        cached: Option<(u64, usize)>,
+    },
+    Decode {
+        batch_ids: Vec<u64>,
+    },
+}
+
 #[derive(Debug, Default)]
 struct FakeState {
     batches: HashMap<u64, Vec<FakeRequest>>,
     warmups: Vec<WarmupRequest>,
-    /// How many cached batches each Decode received.
-    decode_batch_counts: Vec<usize>,
     filter_calls: usize,
-    clear_calls: usize,
+    /// What each ClearCache named (None: everything).
+    clears: Vec<Option<u64>>,
+    /// Every Prefill and Decode, in order.
+    calls: Vec<ShardCall>,
     /// The other shards of the model, as ServiceDiscovery lists them.
     peer_urls: Vec<String>,
     /// When each Prefill arrived and when its answer was ready.
@@ -121,10 +144,6 @@ impl FakeShard {
         self.lock().warmups.clone()
     }
 
-    pub fn decode_batch_counts(&self) -> Vec<usize> {
-        self.lock().decode_batch_counts.clone()
-    }
-
     /// When each Prefill arrived and when its answer was ready, in order.
     pub fn prefill_times(&self) -> Vec<(Instant, Instant)> {
         self.lock().prefill_times.clone()
@@ -135,7 +154,17 @@ impl FakeShard {
     }
 
     pub fn clear_calls(&self) -> usize {
-        self.lock().clear_calls
+        self.lock().clears.len()
+    }
+
+    /// What each ClearCache named, in order (None: every batch).
+    pub fn clears(&self) -> Vec<Option<u64>> {
+        self.lock().clears.clone()
+    }
+
+    /// Every Prefill and Decode received, in order.
+    pub fn calls(&self) -> Vec<ShardCall> {
+        self.lock().calls.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, FakeState> {
@@ -282,8 +311,9 @@ impl TextGenerationService for FakeShard {
         request: tonic::Request<ClearCacheRequest>,
     ) -> Result<Response<ClearCacheResponse>, Status> {
         let mut state = self.lock();
-        state.clear_calls += 1;
-        match request.into_inner().id {
+        let id = request.into_inner().id;
+        state.clears.push(id);
+        match id {
             Some(id) => {
                 state.batches.remove(&id);
             }
@@ -334,23 +364,61 @@ impl TextGenerationService for FakeShard {
         if !self.config.prefill_delay.is_zero() {
             tokio::time::sleep(self.config.prefill_delay).await;
         }
-        let batch = request
-            .into_inner()
-            .batch
-            .ok_or_else(|| Status::invalid_argument("no batch"))?;
+        let PrefillRequest {
+            batch,
+            cached_batch,
+        } = request.into_inner();
+        let batch = batch.ok_or_else(|| Status::invalid_argument("no batch"))?;
         let mut state = self.lock();
+        let cached_size = match &cached_batch {
+            Some(cached) => Some(
+                state
+                    .batches
+                    .get(&cached.id)
+                    .ok_or_else(|| Status::not_found(format!("no batch {}", cached.id)))?
+                    .len(),
+            ),
+            None => None,
+        };
+        let prompt_tokens: u32 = batch
+            .requests
+            .iter()
+            .map(|r| r.input_ids.len() as u32)
+            .sum();
+        state.calls.push(ShardCall::Prefill {
+            batch_id: batch.id,
+            request_ids: batch.requests.iter().map(|r| r.id).collect(),
+            prompt_tokens,
+            cached: cached_batch
+                .as_ref()
+                .zip(cached_size)
+                .map(|(c, n)| (c.id, n)),
+        });
+        if state.batches.contains_key(&batch.id) {
+            return Err(Status::invalid_argument(format!(
+                "batch {} already exists",
+                batch.id
+            )));
+        }
+        // One token per cached request rides along with the prompts.
+        let forward_tokens = prompt_tokens + cached_size.unwrap_or(0) as u32;
+        if let Some(warmup) = state.warmups.last() {
+            if forward_tokens > warmup.max_prefill_tokens {
+                return Err(Status::invalid_argument(format!(
+                    "a forward pass of {forward_tokens} tokens, more than the {} of the warmup",
+                    warmup.max_prefill_tokens
+                )));
+            }
+        }
         let mut used_blocks: HashSet<u32> = state
             .batches
             .values()
             .flatten()
             .flat_map(|r| r.blocks.iter().copied())
             .collect();
-        let mut requests = Vec::new();
+        let mut new_requests = Vec::new();
         let mut prefill_tokens = HashMap::new();
         for request in batch.requests {
-            if request.input_ids.contains(&POISON_PREFILL) {
-                return Err(Status::internal("poisoned prefill"));
-            }
             let max_new_tokens = request
                 .stopping_parameters
                 .as_ref()
@@ -375,7 +443,7 @@ impl TextGenerationService for FakeShard {
                     },
                 );
             }
-            requests.push(FakeRequest {
+            new_requests.push(FakeRequest {
                 id: request.id,
                 input_ids: request.input_ids,
                 generated: 0,
@@ -383,6 +451,30 @@ impl TextGenerationService for FakeShard {
                 blocks: request.blocks,
                 top_n_tokens: request.top_n_tokens,
             });
+        }
+        // As a real shard: the cached requests first, then the new ones.
+        let mut requests = cached_batch
+            .and_then(|cached| state.batches.remove(&cached.id))
+            .unwrap_or_default();
+        let poisoned = if new_requests
+            .iter()
+            .any(|r| r.input_ids.contains(&POISON_PREFILL))
+        {
+            Some("poisoned prefill")
+        } else if requests
+            .iter()
+            .any(|r| r.input_ids.contains(&POISON_DECODE))
+        {
+            Some("poisoned decode")
+        } else {
+            None
+        };
+        requests.extend(new_requests);
+        if let Some(poison) = poisoned {
+            // As a real shard, what the failed step concerned stays cached (under
+            // the new id): the router decides to clear it.
+            state.batches.insert(batch.id, requests);
+            return Err(Status::internal(poison));
         }
         let (mut generations, running) = Self::step(requests);
         for generation in &mut generations {
@@ -411,7 +503,9 @@ impl TextGenerationService for FakeShard {
             .map(|b| b.id)
             .ok_or_else(|| Status::invalid_argument("no batch to decode"))?;
         let mut state = self.lock();
-        state.decode_batch_counts.push(batches.len());
+        state.calls.push(ShardCall::Decode {
+            batch_ids: batches.iter().map(|b| b.id).collect(),
+        });
         let mut requests = Vec::new();
         for batch in &batches {
             let cached = state
@@ -424,6 +518,8 @@ impl TextGenerationService for FakeShard {
             .iter()
             .any(|r| r.input_ids.contains(&POISON_DECODE))
         {
+            // As a real shard, the batch stays cached: the router decides to clear it.
+            state.batches.insert(first_id, requests);
             return Err(Status::internal("poisoned decode"));
         }
         let (generations, running) = Self::step(requests);

@@ -111,10 +111,20 @@ impl ShardClient {
             .max_supported_total_tokens)
     }
 
-    pub async fn prefill(&mut self, batch: Batch) -> Result<StepResult> {
+    /// Prefills `batch`; with `cached_batch`, also runs one decode step of that
+    /// cached batch in the same forward pass (a "mixed" step): the returned batch
+    /// is then the union, under `batch.id`, and `cached_batch.id` is gone.
+    pub async fn prefill(
+        &mut self,
+        batch: Batch,
+        cached_batch: Option<CachedBatch>,
+    ) -> Result<StepResult> {
         let response = self
             .stub
-            .prefill(PrefillRequest { batch: Some(batch) })
+            .prefill(PrefillRequest {
+                batch: Some(batch),
+                cached_batch,
+            })
             .await?
             .into_inner();
         let timings = StepTimings {

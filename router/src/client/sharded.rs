@@ -92,10 +92,16 @@ impl ShardedClient {
         capacity.ok_or(ClientError::NoShard)
     }
 
-    pub async fn prefill(&self, batch: Batch) -> Result<StepResult> {
+    /// See [`ShardClient::prefill`]: with `cached_batch`, a mixed step.
+    pub async fn prefill(
+        &self,
+        batch: Batch,
+        cached_batch: Option<CachedBatch>,
+    ) -> Result<StepResult> {
         self.on_all_shards(|mut client| {
             let batch = batch.clone();
-            async move { client.prefill(batch).await }
+            let cached_batch = cached_batch.clone();
+            async move { client.prefill(batch, cached_batch).await }
         })
         .await
     }
@@ -172,9 +178,69 @@ mod tests {
             ..Default::default()
         };
         let mut master_only = ShardClient::connect(&master.path()).await.unwrap();
-        master_only.prefill(batch).await.unwrap();
+        master_only.prefill(batch, None).await.unwrap();
         let error = client.filter_batch(5, vec![1]).await.unwrap_err();
         assert!(error.to_string().contains("no batch 5"), "{error}");
+    }
+
+    fn one_request_batch(batch_id: u64, request_id: u64, max_new_tokens: u32) -> Batch {
+        let first_block = 1 + request_id as u32;
+        let request = Request {
+            id: request_id,
+            input_ids: vec![10, 11],
+            slots: (first_block * 16..(first_block + 1) * 16).collect(),
+            blocks: vec![first_block],
+            stopping_parameters: Some(StoppingCriteriaParameters {
+                max_new_tokens,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Batch {
+            id: batch_id,
+            requests: vec![request],
+            size: 1,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mixed_prefill_advances_the_cached_batch_and_merges_it_under_the_new_id() {
+        use crate::client::fake_shard::FIRST_TOKEN;
+
+        let shard = fake_shard(1024).await;
+        let client = ShardedClient::connect(&shard.url()).await.unwrap();
+        let (_, running, _) = client
+            .prefill(one_request_batch(5, 1, 4), None)
+            .await
+            .unwrap();
+        let running = running.unwrap();
+        let (generations, merged, _) = client
+            .prefill(one_request_batch(6, 2, 4), Some(running.clone()))
+            .await
+            .unwrap();
+        let tokens: Vec<(u64, u32)> = generations
+            .iter()
+            .map(|g| (g.request_id, g.tokens.as_ref().unwrap().ids[0]))
+            .collect();
+        assert_eq!(
+            tokens,
+            vec![(1, FIRST_TOKEN + 1), (2, FIRST_TOKEN)],
+            "the running request's second token, the new one's first"
+        );
+        let merged = merged.unwrap();
+        assert_eq!((merged.id, merged.request_ids.clone()), (6, vec![1, 2]));
+        assert_eq!(shard.cached_request_count(), 2);
+
+        let error = client
+            .prefill(one_request_batch(7, 3, 4), Some(running))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("no batch 5"), "{error}");
+        client
+            .decode(vec![merged])
+            .await
+            .expect("the union decodes under the new id");
     }
 
     #[tokio::test]

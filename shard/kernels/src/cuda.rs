@@ -22,8 +22,13 @@ const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.
 const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
 const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 
-/// Context tokens per decode CTA (`PARTITION` in decode.cu).
-const DECODE_PARTITION: usize = 512;
+/// The most context tokens per decode CTA (`PARTITION` in decode.cu), and the least
+/// the host splits a context into (one pass of a CTA's loads).
+const DECODE_MAX_PARTITION: usize = 512;
+const DECODE_MIN_PARTITION: usize = 32;
+/// Decode CTAs that keep an H100 busy (two per SM), with contexts of ~512 tokens.
+const DECODE_TARGET_CTAS: usize = 264;
+const DECODE_TYPICAL_CONTEXT: usize = 512;
 const DECODE_THREADS: u32 = 128;
 /// Query rows per prefill CTA, keys per K/V tile, and K/V tiles in flight
 /// (`BM`, `BN` and `STAGES` in prefill.cu).
@@ -685,7 +690,13 @@ impl Decode<'_> {
             .into_iter()
             .find(|h| group % h == 0)
             .unwrap_or(1);
-        let num_parts = (p.max_blocks * p.block_size).div_ceil(DECODE_PARTITION);
+        // Few sequences leave most SMs idle unless their contexts are split finely; the
+        // split depends on shapes only (not on the lengths), so CUDA graphs can hold it.
+        let ctas_per_part = (p.num_heads / heads_per_cta) * p.num_seqs;
+        let partition = (DECODE_TYPICAL_CONTEXT * ctas_per_part / DECODE_TARGET_CTAS)
+            .next_power_of_two()
+            .clamp(DECODE_MIN_PARTITION, DECODE_MAX_PARTITION);
+        let num_parts = (p.max_blocks * p.block_size).div_ceil(partition);
         let rows = p.num_seqs * p.num_heads;
         // SAFETY: every output row is written by the kernels (zeros for an empty context).
         let out = unsafe { dev.alloc::<T>(rows * p.head_dim)? };
@@ -735,7 +746,8 @@ impl Decode<'_> {
             .arg(&max_blocks)
             .arg(&block_shift)
             .arg(&num_blocks);
-        builder.arg(&p.scale).arg(&p.window).arg(&parts);
+        let partition = partition as i32;
+        builder.arg(&p.scale).arg(&p.window).arg(&parts).arg(&partition);
         // SAFETY: shapes validated in `PagedKv::new`; positions are bounded by the
         // block table width and block ids clamped to the cache in the kernel.
         unsafe { builder.launch(cfg) }.w()?;
@@ -758,7 +770,8 @@ impl Decode<'_> {
                 .arg(&max_blocks)
                 .arg(&block_shift)
                 .arg(&p.window)
-                .arg(&parts);
+                .arg(&parts)
+                .arg(&partition);
             // SAFETY: same buffers and bounds as the launch above.
             unsafe { builder.launch(cfg) }.w()?;
         }

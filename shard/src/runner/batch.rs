@@ -60,6 +60,11 @@ impl RequestState {
         &self.tokens[self.cached_len..]
     }
 
+    /// The prompt is not yet (wholly) in the KV cache: the next step prefills it.
+    pub fn in_prefill(&self) -> bool {
+        self.cached_len < self.prompt_len
+    }
+
     /// Input plus the most tokens it may still generate.
     fn max_tokens(&self) -> u32 {
         self.prompt_len as u32 + self.stopping.max_new_tokens()

@@ -142,7 +142,9 @@ impl Runner {
         self.cache.is_some()
     }
 
-    pub fn prefill(&mut self, batch: Batch) -> Result<PrefillResponse> {
+    /// Prefills `batch`; with `cached`, also runs one decode step of that cached batch
+    /// in the same forward pass, and the union continues as `batch.id`.
+    pub fn prefill(&mut self, batch: Batch, cached: Option<CachedBatch>) -> Result<PrefillResponse> {
         let start = Instant::now();
         ensure!(
             !self.batches.contains_key(&batch.id),
@@ -154,20 +156,35 @@ impl Runner {
             "batch {} has no requests",
             batch.id
         );
-        let requests = batch
+        if let Some(cached) = &cached {
+            ensure!(
+                self.batches.contains_key(&cached.id),
+                "batch {} not found",
+                cached.id
+            );
+        }
+        let new_requests = batch
             .requests
             .iter()
             .map(RequestState::from_proto)
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        let mut requests = cached
+            .and_then(|c| self.batches.remove(&c.id))
+            .map(|state| state.requests)
+            .unwrap_or_default();
+        requests.extend(new_requests);
         let mut state = BatchState {
             id: batch.id,
             requests,
         };
-        let step = self.step(&mut state.requests, true)?;
-        let cached = self.keep(state);
+        let step = self.step(&mut state.requests);
+        // As after a decode, what was cached stays cached when the step failed: the
+        // router decides to clear it.
+        let cached_state = self.keep(state);
+        let step = step?;
         Ok(PrefillResponse {
             generations: step.generations,
-            batch: cached,
+            batch: cached_state,
             forward_ns: step.forward_ns,
             decode_ns: step.decode_ns,
             total_ns: start.elapsed().as_nanos() as u64,
@@ -184,7 +201,7 @@ impl Runner {
         let mut state = states.next().context("decode needs at least one batch")?;
         state.concatenate(states.collect());
         let concat_ns = start.elapsed().as_nanos() as u64;
-        let step = self.step(&mut state.requests, false);
+        let step = self.step(&mut state.requests);
         // The batch stays cached even when the step failed: the router decides to clear it.
         let cached = self.keep(state);
         let step = step?;
@@ -251,7 +268,7 @@ impl Runner {
     }
 
     /// One forward pass and one new token for each request; finished requests are removed.
-    fn step(&mut self, requests: &mut Vec<RequestState>, is_prefill: bool) -> Result<StepOutput> {
+    fn step(&mut self, requests: &mut Vec<RequestState>) -> Result<StepOutput> {
         let start = Instant::now();
         for request in requests.iter() {
             request.check_slots()?;
@@ -261,7 +278,7 @@ impl Runner {
         let mut token_offset = 0u32;
         for request in requests.iter() {
             let fed = request.pending_tokens().len() as u32;
-            let wants_prompt = is_prefill && request.prefill_logprobs;
+            let wants_prompt = request.in_prefill() && request.prefill_logprobs;
             let prompt_start = wants_prompt.then_some(logits_rows.len() as u32);
             if wants_prompt {
                 logits_rows.extend(token_offset..token_offset + fed);
@@ -283,7 +300,7 @@ impl Runner {
                 block_table: &r.blocks,
             })
             .collect();
-        let graph_logits = if is_prefill {
+        let graph_logits = if requests.iter().any(RequestState::in_prefill) {
             None
         } else {
             self.replay_decode_graph(requests)?
@@ -304,7 +321,12 @@ impl Runner {
 
         let decode_start = Instant::now();
         let last_rows: Vec<u32> = rows.iter().map(|r| r.last).collect();
-        let last_logits = logits.index_select(&Tensor::new(last_rows, &self.device)?, 0)?;
+        // Decode steps want every row, in order: no gather then.
+        let last_logits = if last_rows.iter().copied().eq(0..logits.dim(0)? as u32) {
+            logits.clone()
+        } else {
+            logits.index_select(&Tensor::new(last_rows, &self.device)?, 0)?
+        };
         let mut choosers: Vec<_> = requests.iter_mut().map(|r| &mut r.chooser).collect();
         let choices = sampler::choose_tokens(&last_logits, &mut choosers)?;
         let prompt_logprobs = self.prompt_logprobs(&logits, requests, &rows)?;

@@ -446,7 +446,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         for vocab in [1, 7, 1_009, 4_096, 6_000] {
             let rows: Vec<Vec<f32>> = (0..3)
-                .map(|_| (0..vocab).map(|_| rng.gen_range(-20.0f32..20.0)).collect())
+                .map(|_| (0..vocab).map(|_| rng.random_range(-20.0f32..20.0)).collect())
                 .collect();
             let logits = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
             let (ids, logprobs) = greedy_rows(&logits).unwrap();

@@ -19,7 +19,7 @@ pub struct KvMemory {
 
 /// On CUDA a cache sized from free memory may leave too little room for the
 /// activations next to it: it is shrunk and the warmup batch re-run this many times at most.
-const CUDA_SHRINK_ATTEMPTS: usize = 5;
+const CUDA_SHRINK_ATTEMPTS: usize = 8;
 
 impl Runner {
     pub fn warmup(&mut self, request: WarmupRequest) -> Result<WarmupResponse> {
@@ -82,7 +82,7 @@ impl Runner {
         Ok(())
     }
 
-    /// Allocates the cache and runs the batch on it, shrinking the cache by a fifth
+    /// Allocates the cache and runs the batch on it, shrinking the cache by a twentieth
     /// after each failure; returns the number of blocks that worked.
     fn allocate_and_run(
         &mut self,
@@ -107,7 +107,7 @@ impl Runner {
             tracing::warn!(
                 "warmup with {num_blocks} KV blocks failed ({e:#}); retrying with fewer"
             );
-            num_blocks = num_blocks * 4 / 5;
+            num_blocks = num_blocks * 19 / 20;
         }
     }
 
@@ -121,7 +121,7 @@ impl Runner {
             .iter()
             .map(RequestState::from_proto)
             .collect::<Result<Vec<_>>>()?;
-        self.step(&mut requests, true)?;
+        self.step(&mut requests)?;
         Ok(())
     }
 
@@ -151,9 +151,26 @@ fn blocks_used(batch: &Batch, block_size: usize) -> usize {
 
 #[cfg(feature = "cuda")]
 fn free_device_memory(device: &Device) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
     match device {
         Device::Cuda(cuda) => {
-            let (free, _total) = cuda.cuda_stream().context().mem_get_info()?;
+            device.synchronize()?;
+            let context = cuda.cuda_stream().context().clone();
+            context.bind_to_thread()?;
+            // What the warm-up pass freed stays in the stream-ordered allocator's pool
+            // (and would not count as free) until the pool is trimmed.
+            // SAFETY: plain driver calls on the current context's device.
+            unsafe {
+                let mut pool = std::mem::MaybeUninit::uninit();
+                sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), context.cu_device()).result()?;
+                sys::cuMemPoolTrimTo(pool.assume_init(), 0).result()?;
+            }
+            let (free, total) = context.mem_get_info()?;
+            tracing::info!(
+                free_mib = free >> 20,
+                total_mib = total >> 20,
+                "device memory after the warm-up pass"
+            );
             Ok(free)
         }
         other => anyhow::bail!("no memory information for device {other:?}"),

@@ -7,7 +7,8 @@
 
 constexpr int DECODE_THREADS = 128;
 constexpr int DECODE_WARPS = DECODE_THREADS / 32;
-// Context tokens per CTA. Must match PARTITION in src/cuda.rs.
+// The most context tokens per CTA (the shared-memory logits); the host picks the
+// partition size at or below it (src/cuda.rs, DECODE_MAX_PARTITION).
 constexpr int PARTITION = 512;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -53,7 +54,7 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
                                        const T* __restrict__ v_cache, const uint32_t* __restrict__ block_tables,
                                        const uint32_t* __restrict__ context_lens, int num_heads, int num_kv_heads,
                                        int max_blocks, int block_shift, uint32_t num_blocks, float scale,
-                                       int window, int num_parts) {
+                                       int window, int num_parts, int partition) {
     constexpr int TPT = D / VEC;               // threads sharing one token row (16 B each)
     constexpr int TPI = DECODE_THREADS / TPT;  // tokens the block covers per step
     constexpr int UNROLL = 4;                  // independent row loads in flight per thread
@@ -66,8 +67,8 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
     const int seq = blockIdx.y, part = blockIdx.z;
     const int kvh = head0 / (num_heads / num_kv_heads);
     const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks << block_shift);
-    const int begin = max(part * PARTITION, first_visible(ctx, window));
-    const int end = min((part + 1) * PARTITION, ctx);
+    const int begin = max(part * partition, first_visible(ctx, window));
+    const int end = min((part + 1) * partition, ctx);
     const int tid = threadIdx.x, lt = tid % TPT, tg = tid / TPT;
     const int64_t row0 = static_cast<int64_t>(seq) * num_heads + head0;  // (seq, head0) in [seqs, heads]
 
@@ -202,13 +203,14 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
                                               const float* __restrict__ part_sum,
                                               const float* __restrict__ part_out,
                                               const uint32_t* __restrict__ context_lens, int num_heads,
-                                              int max_blocks, int block_shift, int window, int num_parts) {
+                                              int max_blocks, int block_shift, int window, int num_parts,
+                                              int partition) {
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
     const int64_t row = static_cast<int64_t>(seq) * num_heads + head;
     const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks << block_shift);
     // Partitions that hold visible keys (the others were never written).
-    const int p_begin = first_visible(ctx, window) / PARTITION;
-    const int p_end = ctx == 0 ? p_begin : (ctx - 1) / PARTITION + 1;
+    const int p_begin = first_visible(ctx, window) / partition;
+    const int p_end = ctx == 0 ? p_begin : (ctx - 1) / partition + 1;
     float m = -INFINITY;
     for (int p = p_begin; p < p_end; ++p) m = fmaxf(m, part_max[row * num_parts + p]);
     float l = 0.f, o = 0.f;
@@ -226,19 +228,20 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
             T* out, float* part_max, float* part_sum, float* part_out, const T* q, const T* k_cache,    \
             const T* v_cache, const uint32_t* block_tables, const uint32_t* context_lens, int num_heads, \
             int num_kv_heads, int max_blocks, int block_shift, uint32_t num_blocks, float scale,         \
-            int window, int num_parts) {                                                                \
+            int window, int num_parts, int partition) {                                                 \
         paged_attention_decode<T, D, HPC>(out, part_max, part_sum, part_out, q, k_cache, v_cache,       \
                                           block_tables, context_lens, num_heads, num_kv_heads,          \
-                                          max_blocks, block_shift, num_blocks, scale, window, num_parts); \
+                                          max_blocks, block_shift, num_blocks, scale, window, num_parts, \
+                                          partition);                                                   \
     }
 
 #define DECODE_REDUCE_KERNEL(T, TN, D)                                                                  \
     extern "C" __global__ void paged_attention_decode_reduce_##TN##_d##D(                              \
         T* out, const float* part_max, const float* part_sum, const float* part_out,                    \
         const uint32_t* context_lens, int num_heads, int max_blocks, int block_shift, int window,       \
-        int num_parts) {                                                                                \
+        int num_parts, int partition) {                                                                 \
         paged_attention_decode_reduce<T, D>(out, part_max, part_sum, part_out, context_lens, num_heads, \
-                                            max_blocks, block_shift, window, num_parts);                 \
+                                            max_blocks, block_shift, window, num_parts, partition);      \
     }
 
 // Heads per CTA: the largest of these dividing the GQA ratio (src/cuda.rs picks).
