@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark, run ON THE GPU MACHINE from the repository root, with the
-# binaries that benchmark/build_for_gpu.sh put into .bin/ and the tokenizer it put into
-# .bench-assets/ (carry both):
+# binaries that benchmark/build_for_gpu.sh packed into .gpu-carry/ and the tokenizer it put
+# into .bench-assets/ (carry both):
 #   1. writes a random Llama-3.1-8B-shaped bf16 model to $MODEL_DIR (once),
 #   2. starts the launcher on it and waits for /health,
 #   3. runs benchmark/load.py: the scenarios, then the concurrency sweep,
@@ -36,6 +36,10 @@ export PATH="$PWD/.bin:$PATH"
 # Where the GPU machine's image keeps the CUDA runtime libraries the binaries link to
 # (what shared/cuda/device-env.sh sets, for runs that do not carry shared/).
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The binaries travel packed (benchmark/build_for_gpu.sh); a newer pack replaces them.
+if [ -f .gpu-carry/bins.tar.xz ] && [ .gpu-carry/bins.tar.xz -nt .bin/text-generation-shard ]; then
+    mkdir -p .bin && tar xJf .gpu-carry/bins.tar.xz -C .bin && touch .bin/text-generation-*
+fi
 for binary in text-generation-launcher text-generation-shard text-generation-router text-generation-benchmark; do
     [ -x ".bin/$binary" ] || { echo "run_gpu.sh: .bin/$binary is missing: run benchmark/build_for_gpu.sh first" >&2; exit 1; }
 done

@@ -29,6 +29,7 @@ const DECODE_MIN_PARTITION: usize = 32;
 /// Decode CTAs that keep an H100 busy (two per SM), with contexts of ~512 tokens.
 const DECODE_TARGET_CTAS: usize = 264;
 const DECODE_TYPICAL_CONTEXT: usize = 512;
+const DECODE_MAX_PARTS: usize = 64;
 const DECODE_THREADS: u32 = 128;
 /// Query rows per prefill CTA, keys per K/V tile, and K/V tiles in flight
 /// (`BM`, `BN` and `STAGES` in prefill.cu).
@@ -693,10 +694,14 @@ impl Decode<'_> {
         // Few sequences leave most SMs idle unless their contexts are split finely; the
         // split depends on shapes only (not on the lengths), so CUDA graphs can hold it.
         let ctas_per_part = (p.num_heads / heads_per_cta) * p.num_seqs;
+        // At most DECODE_MAX_PARTS partitions where the shared memory allows: the
+        // reduction walks them one by one.
+        let ctx_cap = p.max_blocks * p.block_size;
         let partition = (DECODE_TYPICAL_CONTEXT * ctas_per_part / DECODE_TARGET_CTAS)
+            .max(ctx_cap.div_ceil(DECODE_MAX_PARTS))
             .next_power_of_two()
             .clamp(DECODE_MIN_PARTITION, DECODE_MAX_PARTITION);
-        let num_parts = (p.max_blocks * p.block_size).div_ceil(partition);
+        let num_parts = ctx_cap.div_ceil(partition);
         let rows = p.num_seqs * p.num_heads;
         // SAFETY: every output row is written by the kernels (zeros for an empty context).
         let out = unsafe { dev.alloc::<T>(rows * p.head_dim)? };
