@@ -20,32 +20,7 @@ use crate::validation::{Validation, ValidationLimits};
 const MAX_ROUTER_OVERHEAD: Duration = Duration::from_millis(20);
 
 fn info() -> Info {
-    Info {
-        model_id: "test-model".into(),
-        model_sha: None,
-        model_dtype: "float32".into(),
-        model_device_type: "cpu".into(),
-        model_pipeline_tag: None,
-        max_concurrent_requests: 8,
-        max_best_of: 1,
-        max_stop_sequences: 4,
-        max_top_n_tokens: 5,
-        max_input_tokens: 1024,
-        max_total_tokens: 2048,
-        max_batch_prefill_tokens: 4096,
-        max_batch_total_tokens: 16384,
-        max_batch_size: None,
-        max_waiting_tokens: 20,
-        waiting_served_ratio: 0.3,
-        validation_workers: 2,
-        world_size: 1,
-        block_size: 16,
-        quantization: "none".into(),
-        router: "text-generation-router",
-        version: "0",
-        sha: None,
-        docker_label: None,
-    }
+    crate::http::tests::test_info(1024, 2048, 4096, 16384)
 }
 
 /// Sends a streamed completion on `socket` (kept alive) and reads its whole

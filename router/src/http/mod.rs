@@ -11,4 +11,4 @@ pub mod stream;
 pub mod tokenize;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

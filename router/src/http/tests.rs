@@ -110,9 +110,14 @@ impl Backend for ScriptedBackend {
     }
 }
 
-fn test_app(backend: Arc<ScriptedBackend>, config: ServerConfig) -> Router {
-    let template = "{% for m in messages %}{{ m.content }} {% endfor %}{% if add_generation_prompt %}is{% endif %}";
-    let info = Info {
+/// The `/info` of a test server with these limits.
+pub(crate) fn test_info(
+    max_input_tokens: u32,
+    max_total_tokens: u32,
+    max_batch_prefill_tokens: u32,
+    max_batch_total_tokens: u32,
+) -> Info {
+    Info {
         model_id: "test-model".into(),
         model_sha: None,
         model_dtype: "float32".into(),
@@ -122,14 +127,14 @@ fn test_app(backend: Arc<ScriptedBackend>, config: ServerConfig) -> Router {
         max_best_of: 1,
         max_stop_sequences: 4,
         max_top_n_tokens: 5,
-        max_input_tokens: 5,
-        max_total_tokens: 10,
-        max_batch_prefill_tokens: 10,
-        max_batch_total_tokens: 100,
+        max_input_tokens,
+        max_total_tokens,
+        max_batch_prefill_tokens,
+        max_batch_total_tokens,
         max_batch_size: None,
         max_waiting_tokens: 20,
         waiting_served_ratio: 0.3,
-        validation_workers: 1,
+        validation_workers: 2,
         world_size: 1,
         block_size: 16,
         quantization: "none".into(),
@@ -137,6 +142,14 @@ fn test_app(backend: Arc<ScriptedBackend>, config: ServerConfig) -> Router {
         version: "0",
         sha: None,
         docker_label: None,
+    }
+}
+
+fn test_app(backend: Arc<ScriptedBackend>, config: ServerConfig) -> Router {
+    let template = "{% for m in messages %}{{ m.content }} {% endfor %}{% if add_generation_prompt %}is{% endif %}";
+    let info = Info {
+        validation_workers: 1,
+        ..test_info(5, 10, 10, 100)
     };
     let state = AppState {
         backend,
