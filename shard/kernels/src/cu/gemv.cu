@@ -7,7 +7,10 @@
 #include "common.cuh"
 
 constexpr int GEMV_WARPS = 8;   // weight rows per CTA, one per warp
-constexpr int GEMV_UNROLL = 4;  // 16-byte weight loads in flight per thread
+// 16-byte weight loads in flight per thread (-DGEMV_UNROLL=... for tuning runs).
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 4
+#endif
 
 template <typename T, int M>
 __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n_out,
