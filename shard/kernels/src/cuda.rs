@@ -38,8 +38,8 @@ const PREFILL_BLOCK_N: usize = 64;
 const PREFILL_STAGES: usize = 2;
 const PREFILL_THREADS: u32 = 128;
 const HEAD_DIMS: [usize; 2] = [64, 128];
-/// Weight rows per GEMV CTA (`GEMV_WARPS` in gemv.cu).
-const GEMV_WARPS: usize = 8;
+/// Threads of a GEMV CTA, which computes one output feature (`GEMV_WARPS` in gemv.cu).
+const GEMV_THREADS: u32 = 8 * 32;
 /// The most activation rows [`gemv`] takes (gemv.cu instantiates 1 to 8).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Query heads per decode CTA that have kernels (decode.cu instantiates these).
@@ -413,8 +413,8 @@ impl candle_core::CustomOp2 for Gemv {
                 GEMV_PTX,
             )?;
             let cfg = LaunchConfig {
-                grid_dim: (as_i32(n.div_ceil(GEMV_WARPS), "n / 8")? as u32, 1, 1),
-                block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
+                grid_dim: (as_i32(n, "n")? as u32, 1, 1),
+                block_dim: (GEMV_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (n_out, k_vecs) = (as_i32(n, "n")?, as_i32(k / 8, "k / 8")?);

@@ -494,7 +494,7 @@ fn gemv_matches_an_f32_matmul() -> Result<()> {
     let dev = device();
     for dtype in [DType::BF16, DType::F16] {
         // Odd widths: rows not a multiple of the CTA's 8, k not of the unrolled stride.
-        for (m, n, k) in [(1, 4096, 4096), (3, 77, 264), (8, 1030, 14336), (5, 9, 8)] {
+        for (m, n, k) in [(1, 4096, 4096), (3, 77, 264), (8, 1030, 14336), (5, 9, 8), (1, 9001, 64)] {
             let x = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(dtype)?;
             let w = (Tensor::randn(0f32, 1., (n + 16, k), &dev)? * 0.05)?.to_dtype(dtype)?;
             // A row view of a larger weight, as a fused q/k/v projection's parts are.
