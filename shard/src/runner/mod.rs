@@ -291,15 +291,6 @@ impl Runner {
             });
             token_offset += fed;
         }
-        let inputs: Vec<SequenceInput> = requests
-            .iter()
-            .map(|r| SequenceInput {
-                new_token_ids: r.pending_tokens(),
-                start_position: r.cached_len,
-                slots: &r.slots,
-                block_table: &r.blocks,
-            })
-            .collect();
         let graph_logits = if requests.iter().any(RequestState::in_prefill) {
             None
         } else {
@@ -312,6 +303,15 @@ impl Runner {
                     .cache
                     .as_mut()
                     .context("the KV cache does not exist yet: call Warmup first")?;
+                let inputs: Vec<SequenceInput> = requests
+                    .iter()
+                    .map(|r| SequenceInput {
+                        new_token_ids: r.pending_tokens(),
+                        start_position: r.cached_len,
+                        slots: &r.slots,
+                        block_table: &r.blocks,
+                    })
+                    .collect();
                 let forward_batch = ForwardBatch::new(&inputs, &logits_rows, &self.device)?;
                 self.model.forward(&forward_batch, cache)?
             }
