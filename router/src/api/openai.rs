@@ -1,5 +1,6 @@
 //! OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
+use crate::http::openai::OpenAiSampling;
 use crate::infer_types::Token;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -69,107 +70,112 @@ pub struct Message {
     pub name: Option<String>,
 }
 
-/// `model` and `user` are accepted and ignored: the served model answers.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct ChatCompletionRequest {
-    #[serde(deserialize_with = "super::objects")]
-    #[schema(min_items = 1)]
-    pub messages: Vec<Message>,
-    #[serde(default)]
-    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
-    pub presence_penalty: Option<f32>,
-    /// Return the log-probability of each generated token.
-    #[serde(default)]
-    #[schema(nullable)]
-    pub logprobs: Option<bool>,
-    /// Alternatives per token, with `logprobs` (at most --max-top-n-tokens).
-    #[serde(default)]
-    #[schema(nullable, minimum = 0)]
-    pub top_logprobs: Option<u32>,
-    /// Deprecated by OpenAI in favour of `max_completion_tokens`; unset: the rest of the context.
-    #[serde(default)]
-    #[schema(nullable, minimum = 1)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    #[schema(nullable, minimum = 1)]
-    pub max_completion_tokens: Option<u32>,
-    /// Only 1 is supported.
-    #[serde(default)]
-    #[schema(nullable, minimum = 1, maximum = 1)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    #[schema(nullable, minimum = 0)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    #[schema(nullable)]
-    pub stop: Option<OneOrMany>,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default, deserialize_with = "super::optional_object")]
-    #[schema(nullable)]
-    pub stream_options: Option<StreamOptions>,
-    /// 0 means greedy decoding; unset means 1 (sampling).
-    #[serde(default)]
-    #[schema(nullable, minimum = 0.0)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    #[schema(nullable, exclusive_minimum = 0.0, maximum = 1.0)]
-    pub top_p: Option<f32>,
-    /// Keep generating past the end-of-sequence token (vLLM's extension).
-    #[serde(default)]
-    pub ignore_eos: bool,
+/// Declares an OpenAI request body: its own fields, then those that chat and
+/// completion requests share, and `sampling` to read the shared ones. A macro
+/// rather than a `#[serde(flatten)]` struct: flatten would drop the field's name
+/// and position from deserialization errors and make the OpenAPI schema an `allOf`.
+macro_rules! openai_request {
+    ($(#[$attr:meta])* pub struct $name:ident { $($own_fields:tt)* }) => {
+        $(#[$attr])*
+        pub struct $name {
+            $($own_fields)*
+            /// 0 means greedy decoding; unset means 1 (sampling).
+            #[serde(default)]
+            #[schema(nullable, minimum = 0.0)]
+            pub temperature: Option<f32>,
+            #[serde(default)]
+            #[schema(nullable, exclusive_minimum = 0.0, maximum = 1.0)]
+            pub top_p: Option<f32>,
+            #[serde(default)]
+            #[schema(nullable, minimum = -2.0, maximum = 2.0)]
+            pub frequency_penalty: Option<f32>,
+            #[serde(default)]
+            #[schema(nullable, minimum = -2.0, maximum = 2.0)]
+            pub presence_penalty: Option<f32>,
+            /// Only 1 is supported.
+            #[serde(default)]
+            #[schema(nullable, minimum = 1, maximum = 1)]
+            pub n: Option<u32>,
+            #[serde(default)]
+            #[schema(nullable, minimum = 0)]
+            pub seed: Option<u64>,
+            #[serde(default)]
+            #[schema(nullable)]
+            pub stop: Option<OneOrMany>,
+            /// Keep generating past the end-of-sequence token (vLLM's extension).
+            #[serde(default)]
+            pub ignore_eos: bool,
+            #[serde(default)]
+            pub stream: bool,
+            #[serde(default, deserialize_with = "super::optional_object")]
+            #[schema(nullable)]
+            pub stream_options: Option<StreamOptions>,
+        }
+
+        impl $name {
+            /// The shared sampling fields, with the two that each request reads its own way.
+            pub fn sampling(&self, max_tokens: Option<u32>, top_n_tokens: Option<u32>) -> OpenAiSampling {
+                OpenAiSampling {
+                    n: self.n,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    frequency_penalty: self.frequency_penalty,
+                    presence_penalty: self.presence_penalty,
+                    seed: self.seed,
+                    stop: self.stop.clone(),
+                    max_tokens,
+                    top_n_tokens,
+                    ignore_eos: self.ignore_eos,
+                }
+            }
+        }
+    };
 }
 
-/// `model` and `user` are accepted and ignored: the served model answers.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct CompletionRequest {
-    /// One choice is generated per prompt.
-    #[schema(schema_with = prompt_schema)]
-    pub prompt: OneOrMany,
-    /// Unset: the rest of the context.
-    #[serde(default)]
-    #[schema(nullable, minimum = 1)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    #[schema(nullable, minimum = 0.0)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    #[schema(nullable, exclusive_minimum = 0.0, maximum = 1.0)]
-    pub top_p: Option<f32>,
-    /// Only 1 is supported.
-    #[serde(default)]
-    #[schema(nullable, minimum = 1, maximum = 1)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default, deserialize_with = "super::optional_object")]
-    #[schema(nullable)]
-    pub stream_options: Option<StreamOptions>,
-    /// Number of alternatives per token to return with the log-probabilities.
-    #[serde(default)]
-    #[schema(nullable, minimum = 0)]
-    pub logprobs: Option<u32>,
-    /// Prepend the prompt to the completion.
-    #[serde(default)]
-    pub echo: bool,
-    #[serde(default)]
-    #[schema(nullable)]
-    pub stop: Option<OneOrMany>,
-    #[serde(default)]
-    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    #[schema(nullable, minimum = -2.0, maximum = 2.0)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    #[schema(nullable, minimum = 0)]
-    pub seed: Option<u64>,
-    /// Keep generating past the end-of-sequence token (vLLM's extension).
-    #[serde(default)]
-    pub ignore_eos: bool,
+openai_request! {
+    /// `model` and `user` are accepted and ignored: the served model answers.
+    #[derive(Debug, Clone, Deserialize, ToSchema)]
+    pub struct ChatCompletionRequest {
+        #[serde(deserialize_with = "super::objects")]
+        #[schema(min_items = 1)]
+        pub messages: Vec<Message>,
+        /// Return the log-probability of each generated token.
+        #[serde(default)]
+        #[schema(nullable)]
+        pub logprobs: Option<bool>,
+        /// Alternatives per token, with `logprobs` (at most --max-top-n-tokens).
+        #[serde(default)]
+        #[schema(nullable, minimum = 0)]
+        pub top_logprobs: Option<u32>,
+        /// Deprecated by OpenAI in favour of `max_completion_tokens`; unset: the rest of the context.
+        #[serde(default)]
+        #[schema(nullable, minimum = 1)]
+        pub max_tokens: Option<u32>,
+        #[serde(default)]
+        #[schema(nullable, minimum = 1)]
+        pub max_completion_tokens: Option<u32>,
+    }
+}
+
+openai_request! {
+    /// `model` and `user` are accepted and ignored: the served model answers.
+    #[derive(Debug, Clone, Deserialize, ToSchema)]
+    pub struct CompletionRequest {
+        /// One choice is generated per prompt.
+        #[schema(schema_with = prompt_schema)]
+        pub prompt: OneOrMany,
+        /// Unset: the rest of the context.
+        #[serde(default)]
+        #[schema(nullable, minimum = 1)]
+        pub max_tokens: Option<u32>,
+        /// Number of alternatives per token to return with the log-probabilities.
+        #[serde(default)]
+        #[schema(nullable, minimum = 0)]
+        pub logprobs: Option<u32>,
+        /// Prepend the prompt to the completion.
+        #[serde(default)]
+        pub echo: bool,
+    }
 }
 
 /// A non-empty string or a non-empty list of them.

@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tower::ServiceExt;
 
+/// The sending half of an [`InferStream`].
+type StreamSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
+
 /// Answers every request with the tokens "paris" then "." (the end), or with `failure` after the first token.
 struct ScriptedBackend {
     permits: Arc<Semaphore>,
@@ -26,7 +29,7 @@ struct ScriptedBackend {
     /// Every request that reached inference.
     requests: Mutex<Vec<ValidGenerateRequest>>,
     /// When set, streams stay open after the script, and their senders are kept here.
-    open_streams: Option<Mutex<Vec<mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>>>>,
+    open_streams: Option<Mutex<Vec<StreamSender>>>,
 }
 
 impl ScriptedBackend {

@@ -1,6 +1,6 @@
 //! `POST /v1/chat/completions`.
 
-use super::{stream_end, OpenAiSampling, ResponseContext};
+use super::{stream_end, ResponseContext};
 use crate::api::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatLogprobs, OpenAiResponse, Usage,
@@ -40,19 +40,8 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let Json(Object(request)) = payload?;
     let logprobs = request.logprobs.unwrap_or(false);
-    let parameters = OpenAiSampling {
-        n: request.n,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        frequency_penalty: request.frequency_penalty,
-        presence_penalty: request.presence_penalty,
-        seed: request.seed,
-        stop: request.stop,
-        max_tokens: request.max_completion_tokens.or(request.max_tokens),
-        top_n_tokens: request.top_logprobs.filter(|_| logprobs),
-        ignore_eos: request.ignore_eos,
-    }
-    .into_parameters()?;
+    let max_tokens = request.max_completion_tokens.or(request.max_tokens);
+    let parameters = request.sampling(max_tokens, request.top_logprobs.filter(|_| logprobs)).into_parameters()?;
     let template = state.chat_template.as_ref().ok_or(ApiError::NoChatTemplate)?;
     let prompt = template.apply(request.messages)?;
     // The template already wrote the special tokens the model expects.

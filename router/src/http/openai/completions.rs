@@ -1,6 +1,6 @@
 //! `POST /v1/completions`: one choice per prompt.
 
-use super::{stream_end, OpenAiSampling, ResponseContext};
+use super::{stream_end, ResponseContext};
 use crate::api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, OpenAiResponse, Usage};
 use crate::api::Object;
 use crate::error::{ApiError, OpenAiError};
@@ -38,19 +38,7 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let Json(Object(request)) = payload?;
     let logprobs = request.logprobs.is_some();
-    let parameters = OpenAiSampling {
-        n: request.n,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        frequency_penalty: request.frequency_penalty,
-        presence_penalty: request.presence_penalty,
-        seed: request.seed,
-        stop: request.stop,
-        max_tokens: request.max_tokens,
-        top_n_tokens: request.logprobs,
-        ignore_eos: request.ignore_eos,
-    }
-    .into_parameters()?;
+    let parameters = request.sampling(request.max_tokens, request.logprobs).into_parameters()?;
     let prompts = request.prompt.into_vec();
     if prompts.is_empty() {
         return Err(ValidationError::OutOfRange { name: "prompt", expected: "a string or a non-empty list" }.into());

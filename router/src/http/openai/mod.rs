@@ -112,6 +112,8 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::openai::{ChatCompletionRequest, CompletionRequest};
+    use crate::api::Object;
 
     fn sampling(temperature: Option<f32>, n: Option<u32>) -> OpenAiSampling {
         OpenAiSampling {
@@ -151,6 +153,36 @@ mod tests {
         let mut request = sampling(Some(0.0), None);
         request.top_p = Some(0.0);
         assert!(matches!(request.into_parameters(), Err(ValidationError::OutOfRange { name: "top_p", .. })));
+    }
+
+    /// The shared fields stay plain fields of both requests (no `#[serde(flatten)]`):
+    /// errors name them, and the schemas list them as the requests' own properties.
+    #[test]
+    fn shared_fields_are_plain_fields_of_both_requests() {
+        let chat = r#"{"messages": [{"role": "user", "content": "hi"}], "seed": -1}"#;
+        let error = Json::<Object<ChatCompletionRequest>>::from_bytes(chat.as_bytes()).unwrap_err().body_text();
+        assert!(error.ends_with("seed: invalid value: integer `-1`, expected u64 at line 1 column 60"), "{error}");
+        let completion = r#"{"prompt": "hi", "seed": -1}"#;
+        let error = Json::<Object<CompletionRequest>>::from_bytes(completion.as_bytes()).unwrap_err().body_text();
+        assert!(error.ends_with("seed: invalid value: integer `-1`, expected u64 at line 1 column 27"), "{error}");
+        let doc = crate::http::openapi::document();
+        for request in ["ChatCompletionRequest", "CompletionRequest"] {
+            let properties = &doc["components"]["schemas"][request]["properties"];
+            for field in [
+                "temperature",
+                "top_p",
+                "frequency_penalty",
+                "presence_penalty",
+                "n",
+                "seed",
+                "stop",
+                "ignore_eos",
+                "stream",
+                "stream_options",
+            ] {
+                assert!(properties[field].is_object(), "{request}.{field}");
+            }
+        }
     }
 
     #[test]
