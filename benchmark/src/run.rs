@@ -41,7 +41,7 @@ pub struct BatchResult {
 #[derive(Debug, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
-    Measured(Measurement),
+    Measured(Box<Measurement>),
     Skipped { reason: String },
 }
 
@@ -55,6 +55,12 @@ pub struct Measurement {
     pub prefill_tokens_per_s: f64,
     /// Wall time of one decode step over the whole batch; `None` without decode steps.
     pub decode_step_ms: Option<Summary>,
+    /// The shard's own account of a decode step (`DecodeResponse.forward_ns`,
+    /// `decode_ns` and `total_ns`): the forward pass up to its logits, choosing the
+    /// tokens, and the whole call; the rest of the wall time is gRPC.
+    pub decode_forward_ms: Option<Summary>,
+    pub decode_sampling_ms: Option<Summary>,
+    pub decode_shard_ms: Option<Summary>,
     /// Generated tokens per second over the batch, from the mean step time.
     pub decode_tokens_per_s: Option<f64>,
 }
@@ -120,7 +126,9 @@ pub async fn run(client: &mut ShardClient, args: &Args) -> anyhow::Result<Result
                 reason: format!("needs {needed} KV blocks, the cache holds {available_blocks}"),
             }
         } else {
-            Outcome::Measured(measure(client, args, block_size, batch_size, &mut rng).await?)
+            Outcome::Measured(Box::new(
+                measure(client, args, block_size, batch_size, &mut rng).await?,
+            ))
         };
         match &outcome {
             Outcome::Measured(m) => eprintln!(
@@ -161,7 +169,8 @@ async fn measure(
 ) -> anyhow::Result<Measurement> {
     let max_new_tokens = args.decode_steps + 1;
     let mut prefill_ms = Vec::new();
-    let mut step_ms = Vec::new();
+    let (mut step_ms, mut forward_ms, mut sampling_ms, mut shard_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut prefill_calls = 0;
     for run in 0..args.warmup_runs + args.runs {
         let measured = run >= args.warmup_runs;
@@ -223,6 +232,9 @@ async fn measure(
             );
             if measured {
                 step_ms.push(elapsed_ms);
+                forward_ms.push(response.forward_ns as f64 / 1e6);
+                sampling_ms.push(response.decode_ns as f64 / 1e6);
+                shard_ms.push(response.total_ns as f64 / 1e6);
             }
             cached.extend(response.batch);
         }
@@ -239,6 +251,9 @@ async fn measure(
             .map(|s| batch_size as f64 / s.mean * 1e3),
         prefill_ms,
         decode_step_ms,
+        decode_forward_ms: Summary::of(&forward_ms),
+        decode_sampling_ms: Summary::of(&sampling_ms),
+        decode_shard_ms: Summary::of(&shard_ms),
     })
 }
 
@@ -316,7 +331,7 @@ mod tests {
         let measured: Vec<&Measurement> = results.batches[..2]
             .iter()
             .map(|b| match &b.outcome {
-                Outcome::Measured(m) => m,
+                Outcome::Measured(m) => &**m,
                 Outcome::Skipped { reason } => panic!("batch {} skipped: {reason}", b.batch_size),
             })
             .collect();

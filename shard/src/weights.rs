@@ -332,7 +332,7 @@ impl Part {
             let bytes = data[self.range.start * row_bytes..self.range.end * row_bytes].to_vec();
             return Ok((bytes, out_dims));
         }
-        if self.range.start % block != 0 || self.range.end % block != 0 {
+        if !self.range.start.is_multiple_of(block) || !self.range.end.is_multiple_of(block) {
             bail!(
                 "{name}: columns {:?} do not fall on the quantization blocks of {block}",
                 self.range

@@ -13,8 +13,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::seq::SliceRandom;
 use text_generation_kernels::{
-    gemv,
-    paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
+    gemv, gemv_silu_mul, paged_attention_decode, paged_attention_prefill, rope_and_cache, silu_mul,
 };
 
 const HEADS: usize = 32;
@@ -200,7 +199,13 @@ fn main() -> Result<()> {
 
     // Llama-3.1-8B's decode projections (q/k/v fused, o, gate/up fused, down, lm_head)
     // for 1 and 8 rows; weights cycle through copies worth more than L2 (50 MB).
-    for (n, k) in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)] {
+    for (n, k) in [
+        (6144, 4096),
+        (4096, 4096),
+        (28672, 4096),
+        (4096, 14336),
+        (128256, 4096),
+    ] {
         for m in [1, 8] {
             let label = format!("gemv m={m} {n}x{k}");
             if !wanted(&label) {
@@ -222,22 +227,50 @@ fn main() -> Result<()> {
                 i += 1;
                 x.matmul(&weights[i % copies].t()?).map(drop)
             })?;
-            println!("{:<52} {us:>10.1} {:>9.0} GB/s", "  cuBLAS x.matmul(w.t())", bytes / us / 1e3);
+            println!(
+                "{:<52} {us:>10.1} {:>9.0} GB/s",
+                "  cuBLAS x.matmul(w.t())",
+                bytes / us / 1e3
+            );
+            if n == 2 * INTERMEDIATE {
+                let us = time_us(&dev, || {
+                    i += 1;
+                    gemv_silu_mul(&x, &weights[i % copies]).map(drop)
+                })?;
+                println!(
+                    "{:<52} {us:>10.1} {:>9.0} GB/s",
+                    "  gemv_silu_mul (SwiGLU inside)",
+                    bytes / us / 1e3
+                );
+            }
         }
     }
 
-    let label = format!("reshape_and_cache {tokens} tokens");
-    if !wanted(&label) {
-        return Ok(());
+    // q/k/v rows of one fused projection, rotated and cached.
+    for tokens in [1, 64, 2048] {
+        let label = format!("rope_and_cache {tokens} tokens");
+        if !wanted(&label) {
+            continue;
+        }
+        let (kc, vc, _, _) = paged(&[tokens], &dev)?;
+        let (q_width, kv_width) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
+        let qkv = Tensor::randn(0f32, 1., (tokens, q_width + 2 * kv_width), &dev)?
+            .to_dtype(DType::BF16)?;
+        let (q, k, v) = (
+            qkv.narrow(1, 0, q_width)?,
+            qkv.narrow(1, q_width, kv_width)?,
+            qkv.narrow(1, q_width + kv_width, kv_width)?,
+        );
+        let cos = Tensor::randn(0f32, 1., (tokens, HEAD_DIM / 2), &dev)?.to_dtype(DType::BF16)?;
+        let mut slots: Vec<i64> = (0..tokens as i64).collect();
+        slots.shuffle(&mut rand::rng());
+        let slots = Tensor::from_vec(slots, tokens, &dev)?;
+        let us = time_us(&dev, || {
+            rope_and_cache(&q, &k, &v, &cos, &cos, false, &kc, &vc, &slots).map(drop)
+        })?;
+        // Reads q, k, v and writes q, k, v.
+        let bytes = (tokens * (q_width + 2 * kv_width) * 2 * 2) as f64;
+        println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
     }
-    let (kc, vc, _, _) = paged(&[tokens], &dev)?;
-    let key = Tensor::randn(0f32, 1., (tokens, KV_HEADS, HEAD_DIM), &dev)?.to_dtype(DType::BF16)?;
-    let value = key.copy()?;
-    let mut slots: Vec<i64> = (0..tokens as i64).collect();
-    slots.shuffle(&mut rand::rng());
-    let slots = Tensor::from_vec(slots, tokens, &dev)?;
-    let us = time_us(&dev, || reshape_and_cache(&key, &value, &kc, &vc, &slots))?;
-    let bytes = (tokens * KV_HEADS * HEAD_DIM * 2 * 2 * 2) as f64;
-    println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
     Ok(())
 }

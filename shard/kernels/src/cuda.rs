@@ -3,24 +3,25 @@
 //! the in-place cache writes get candle's mutable storage access.
 
 use std::ops::Deref;
+use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{self, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    bail, CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp3, Layout, Result, Shape, Storage,
-    Tensor,
+    bail, CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
-const CACHE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache.ptx"));
+const ROTARY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rotary.ptx"));
 const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prefill.ptx"));
 const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
 const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
 const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
 /// The most context tokens per decode CTA (`PARTITION` in decode.cu), and the least
 /// the host splits a context into (one pass of a CTA's loads).
@@ -40,140 +41,190 @@ const PREFILL_THREADS: u32 = 128;
 const HEAD_DIMS: [usize; 2] = [64, 128];
 /// Threads of a GEMV CTA, which computes one output feature (`GEMV_WARPS` in gemv.cu).
 const GEMV_THREADS: u32 = 8 * 32;
+/// Threads of a rotary CTA (`ROTARY_THREADS` in rotary.cu).
+const ROTARY_THREADS: usize = 128;
 /// The most activation rows [`gemv`] takes (gemv.cu instantiates 1 to 8).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Query heads per decode CTA that have kernels (decode.cu instantiates these).
 const DECODE_HEADS_PER_CTA: [usize; 5] = [8, 4, 3, 2, 1];
 
-/// Writes `key`/`value` (`[tokens, kv_heads, head_dim]`) into `key_cache`/`value_cache`
-/// (`[num_slots, kv_heads, head_dim]`) at `slots` (`[tokens]`, i64). A negative slot
-/// marks a padding token and is skipped, as is a slot past the cache.
-pub fn reshape_and_cache(
-    key: &Tensor,
-    value: &Tensor,
+/// The rotary embedding of a step's queries and keys, and its keys and values written
+/// into the paged cache, in one kernel: `q` `[tokens, heads * head_dim]`, `k` and `v`
+/// `[tokens, kv_heads * head_dim]` (rows may be strided views, e.g. of one fused q/k/v
+/// product), `cos`/`sin` `[tokens, head_dim / 2]` (each token's position), rotating the
+/// pairs `(i, i + head_dim / 2)` or, `interleaved`, `(2i, 2i + 1)`. The rotated keys and
+/// the values go to `key_cache`/`value_cache` (`[num_slots, kv_heads, head_dim]`) at
+/// `slots` (`[tokens]`, i64; a negative slot marks a padding token and is skipped, as
+/// is a slot past the cache); returns the rotated queries, `[tokens, heads, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_and_cache(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
     key_cache: &Tensor,
     value_cache: &Tensor,
     slots: &Tensor,
-) -> Result<()> {
-    let (tokens, kv_heads, head_dim) = key.dims3()?;
-    expect_shape("value", value, key.dims())?;
-    let (_, cache_kv_heads, cache_head_dim) = key_cache.dims3()?;
-    if (cache_kv_heads, cache_head_dim) != (kv_heads, head_dim) {
-        bail!(
-            "key_cache rows are [{cache_kv_heads}, {cache_head_dim}] but key rows are [{kv_heads}, {head_dim}]"
-        );
-    }
+) -> Result<Tensor> {
+    let (_, kv_heads, head_dim) = key_cache.dims3()?;
     expect_shape("value_cache", value_cache, key_cache.dims())?;
+    let (tokens, q_width) = q.dims2()?;
+    let kv_width = kv_heads * head_dim;
+    expect_shape("k", k, &[tokens, kv_width])?;
+    expect_shape("v", v, &[tokens, kv_width])?;
+    // The kernel moves 16-byte vectors of 8 pairs.
+    if head_dim % 16 != 0 || q_width % head_dim != 0 || kv_heads == 0 {
+        bail!("rope_and_cache: q width {q_width} is not whole heads of the cache's head_dim {head_dim} (a multiple of 16)");
+    }
+    expect_shape("cos", cos, &[tokens, head_dim / 2])?;
+    expect_shape("sin", sin, &[tokens, head_dim / 2])?;
     expect_shape("slots", slots, &[tokens])?;
     expect_dtype("slots", slots, DType::I64)?;
-    let dtype = half_dtype("key", key)?;
+    let dtype = half_dtype("q", q)?;
     for (name, t) in [
-        ("value", value),
+        ("k", k),
+        ("v", v),
+        ("cos", cos),
+        ("sin", sin),
         ("key_cache", key_cache),
         ("value_cache", value_cache),
     ] {
         expect_dtype(name, t, dtype)?;
     }
     for (name, t) in [
-        ("key", key),
-        ("value", value),
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("cos", cos),
+        ("sin", sin),
         ("key_cache", key_cache),
         ("value_cache", value_cache),
         ("slots", slots),
     ] {
         expect_cuda(name, t)?;
     }
-    if (kv_heads * head_dim) % 8 != 0 {
-        bail!("reshape_and_cache copies 16-byte vectors: kv_heads * head_dim ({}) must be a multiple of 8", kv_heads * head_dim);
-    }
+    let heads = q_width / head_dim;
     if tokens == 0 {
-        return Ok(());
+        return Tensor::zeros((0, heads, head_dim), dtype, q.device());
     }
-    let op = CacheWrite {
-        row_vecs: as_i32(kv_heads * head_dim / 8, "kv_heads * head_dim / 8")?,
-    };
-    key_cache.inplace_op3(key, slots, &op)?;
-    value_cache.inplace_op3(value, slots, &op)
+    q.apply_op1_no_bwd(&RopeAndCache {
+        k,
+        v,
+        cos,
+        sin,
+        interleaved,
+        key_cache,
+        value_cache,
+        slots,
+        heads,
+        kv_heads,
+        head_dim,
+    })
 }
 
-/// Copies token rows into the cache tensor it is applied to (the op's destination).
-struct CacheWrite {
-    row_vecs: i32,
+struct RopeAndCache<'a> {
+    k: &'a Tensor,
+    v: &'a Tensor,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    interleaved: bool,
+    key_cache: &'a Tensor,
+    value_cache: &'a Tensor,
+    slots: &'a Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
 }
 
-impl InplaceOp3 for CacheWrite {
+impl candle_core::CustomOp1 for RopeAndCache<'_> {
     fn name(&self) -> &'static str {
-        "reshape-and-cache"
+        "rope-and-cache"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        bail!("reshape_and_cache runs on CUDA devices only")
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("rope_and_cache runs on CUDA devices only")
     }
 
-    fn cuda_fwd(
+    fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
+        match q.dtype() {
+            DType::BF16 => self.launch::<half::bf16>(q, q_l, "bf16"),
+            _ => self.launch::<half::f16>(q, q_l, "f16"),
+        }
+    }
+}
+
+impl RopeAndCache<'_> {
+    fn launch<T: CudaDType + DeviceRepr>(
         &self,
-        cache: &mut CudaStorage,
-        cache_l: &Layout,
-        src: &CudaStorage,
-        src_l: &Layout,
-        slots: &CudaStorage,
-        slots_l: &Layout,
-    ) -> Result<()> {
-        fn launch<T: CudaDType + DeviceRepr>(
-            op: &CacheWrite,
-            cache: &mut CudaStorage,
-            cache_l: &Layout,
-            src: &CudaStorage,
-            src_l: &Layout,
-            slots: &CudaStorage,
-            slots_l: &Layout,
-        ) -> Result<()> {
-            let dev = cache.device().clone();
-            let src = view::<T>(src, src_l, "key/value")?;
-            let slots = view::<i64>(slots, slots_l, "slots")?;
-            let (start, end) = contiguous("cache", cache_l)?;
-            if start % 8 != 0 {
-                bail!(
-                    "the cache starts at element {start} of its buffer; it must be 16-byte aligned"
-                );
-            }
-            let num_slots = cache_l.dims()[0] as i64;
-            let mut cache = cache.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
-            let func = dev.get_or_load_custom_func(
-                "reshape_and_cache",
-                "text_generation_cache",
-                CACHE_PTX,
-            )?;
-            let cfg = LaunchConfig {
-                grid_dim: (slots.len() as u32, 1, 1),
-                block_dim: (op.row_vecs.clamp(32, 256) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut builder = func.builder();
-            builder
-                .arg(&src)
-                .arg(&mut cache)
-                .arg(&slots)
-                .arg(&op.row_vecs)
-                .arg(&num_slots);
-            // SAFETY: shapes were validated by `reshape_and_cache`; the kernel writes
-            // only rows 0..num_slots of the cache.
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(())
-        }
-        match cache.dtype() {
-            DType::BF16 => launch::<half::bf16>(self, cache, cache_l, src, src_l, slots, slots_l),
-            DType::F16 => launch::<half::f16>(self, cache, cache_l, src, src_l, slots, slots_l),
-            other => bail!("reshape_and_cache: unsupported dtype {other:?}"),
-        }
+        q: &CudaStorage,
+        q_l: &Layout,
+        name: &str,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device();
+        let tokens = q_l.dims()[0];
+        let (q, q_stride) = rows_view::<T>(q, q_l, "q")?;
+        let (k, v) = (bound(self.k, "k"), bound(self.v, "v"));
+        let ((k, k_stride), (v, v_stride)) = (k.rows_view::<T>()?, v.rows_view::<T>()?);
+        let (cos, sin) = (bound(self.cos, "cos"), bound(self.sin, "sin"));
+        let (kc, vc) = (
+            bound(self.key_cache, "key_cache"),
+            bound(self.value_cache, "value_cache"),
+        );
+        let slots = bound(self.slots, "slots");
+        let (cos, sin, kc, vc, slots) = (
+            cos.view::<T>()?,
+            sin.view::<T>()?,
+            kc.view::<T>()?,
+            vc.view::<T>()?,
+            slots.view::<i64>()?,
+        );
+        let num_slots = self.key_cache.dim(0)? as i64;
+        // SAFETY: the kernel writes every element of the rotated queries.
+        let out = unsafe { dev.alloc::<T>(tokens * self.heads * self.head_dim)? };
+        let layout = if self.interleaved {
+            "interleaved"
+        } else {
+            "half_split"
+        };
+        let func = dev.get_or_load_custom_func(
+            &format!("rope_and_cache_{layout}_{name}"),
+            "text_generation_rotary",
+            ROTARY_PTX,
+        )?;
+        // Units of 16-byte vectors (rotary.cu): 8 pairs of a query or key head, or 8
+        // value elements.
+        let units_per_token =
+            (self.heads + self.kv_heads) * self.head_dim / 16 + self.kv_heads * self.head_dim / 8;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (tokens * units_per_token)
+                    .div_ceil(ROTARY_THREADS)
+                    .min(1 << 20) as u32,
+                1,
+                1,
+            ),
+            block_dim: (ROTARY_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch.buf(&out).buf(&kc).buf(&vc).buf(&q).buf(&k).buf(&v);
+        launch.long(q_stride).long(k_stride).long(v_stride);
+        launch.buf(&cos).buf(&sin).buf(&slots).long(tokens as i64);
+        launch
+            .int(self.heads as i32)
+            .int(self.kv_heads as i32)
+            .int(self.head_dim as i32)
+            .long(num_slots);
+        // SAFETY: shapes validated in `rope_and_cache`, strides by `rows_view`; slots
+        // outside the cache are skipped by the kernel.
+        unsafe { launch.run(&func, cfg) }?;
+        Ok((
+            T::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((tokens, self.heads, self.head_dim)),
+        ))
     }
 }
 
@@ -234,11 +285,15 @@ impl candle_core::CustomOp1 for SiluMul {
                 block_dim: (THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (rows, vecs_per_row) = (rows as i64, as_i32(half / 8, "I / 8")?);
-            let mut builder = func.builder();
-            builder.arg(&out).arg(&view).arg(&rows).arg(&vecs_per_row);
+            let stream = dev.cuda_stream();
+            let mut launch = Launch::new(&stream);
+            launch
+                .buf(&out)
+                .buf(&view)
+                .long(rows as i64)
+                .int(as_i32(half / 8, "I / 8")?);
             // SAFETY: `out` holds rows * I elements, `view` rows * 2I (checked shapes).
-            unsafe { builder.launch(cfg) }.w()?;
+            unsafe { launch.run(&func, cfg) }?;
             Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(dims)))
         }
         match input.dtype() {
@@ -336,11 +391,15 @@ impl AddRmsNorm {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows_arg, vecs) = (rows as i64, as_i32(width / 8, "H / 8")?);
-        let mut builder = func.builder();
-        builder.arg(&out).arg(&x).arg(&h).arg(&w).arg(&rows_arg).arg(&vecs).arg(&self.eps);
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch.buf(&out).buf(&x).buf(&h).buf(&w);
+        launch
+            .long(rows as i64)
+            .int(as_i32(width / 8, "H / 8")?)
+            .float(self.eps);
         // SAFETY: shapes checked in `add_rms_norm`, contiguity and alignment by `view`.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { launch.run(&func, cfg) }?;
         Ok((
             T::wrap_cuda_slice(out, dev.clone()),
             Shape::from((2, rows, width)),
@@ -352,6 +411,25 @@ impl AddRmsNorm {
 /// `[n, k]` (a linear layer's weight; row views of a larger one are fine), both
 /// contiguous bf16 or f16 with k a multiple of 8; returns `[m, n]`, accumulated in f32.
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_gemv(x, w)?;
+    x.apply_op2_no_bwd(w, &Gemv { gated: false })
+}
+
+/// SwiGLU of a fused gate/up projection, computed with it: for `w` `[2 * n, k]` whose
+/// rows are `[gate | up]`, returns `silu(x @ gate.t()) * (x @ up.t())`, `[m, n]`.
+/// Shapes and types as in [`gemv`].
+pub fn gemv_silu_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_gemv(x, w)?;
+    if w.dim(0)? % 2 != 0 {
+        bail!(
+            "gemv_silu_mul: w has {} rows, not gate and up rows in equal numbers",
+            w.dim(0)?
+        );
+    }
+    x.apply_op2_no_bwd(w, &Gemv { gated: true })
+}
+
+fn check_gemv(x: &Tensor, w: &Tensor) -> Result<()> {
     let (m, k) = x.dims2()?;
     let (_, w_k) = w.dims2()?;
     if w_k != k {
@@ -366,11 +444,13 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dtype = half_dtype("x", x)?;
     expect_dtype("w", w, dtype)?;
     expect_cuda("x", x)?;
-    expect_cuda("w", w)?;
-    x.apply_op2_no_bwd(w, &Gemv)
+    expect_cuda("w", w)
 }
 
-struct Gemv;
+struct Gemv {
+    /// Pairs of rows (gate, up) give one output each (see [`gemv_silu_mul`]).
+    gated: bool,
+}
 
 impl candle_core::CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
@@ -394,41 +474,101 @@ impl candle_core::CustomOp2 for Gemv {
         w: &CudaStorage,
         w_l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fn launch<T: CudaDType + DeviceRepr>(
-            x: &CudaStorage,
-            x_l: &Layout,
-            w: &CudaStorage,
-            w_l: &Layout,
-            name: &str,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dev = x.device();
-            let (m, k) = x_l.shape().dims2()?;
-            let n = w_l.shape().dims()[0];
-            let (x, w) = (view::<T>(x, x_l, "x")?, view::<T>(w, w_l, "w")?);
-            // SAFETY: the kernel writes every output element.
-            let y = unsafe { dev.alloc::<T>(m * n)? };
-            let func = dev.get_or_load_custom_func(
-                &format!("gemv_{name}_m{m}"),
-                "text_generation_gemv",
-                GEMV_PTX,
-            )?;
-            let cfg = LaunchConfig {
-                grid_dim: (as_i32(n, "n")? as u32, 1, 1),
-                block_dim: (GEMV_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (n_out, k_vecs) = (as_i32(n, "n")?, as_i32(k / 8, "k / 8")?);
-            let mut builder = func.builder();
-            builder.arg(&y).arg(&x).arg(&w).arg(&n_out).arg(&k_vecs);
-            // SAFETY: shapes checked in `gemv`; `view` checked contiguity and alignment.
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok((T::wrap_cuda_slice(y, dev.clone()), Shape::from((m, n))))
-        }
         match x.dtype() {
-            DType::BF16 => launch::<half::bf16>(x, x_l, w, w_l, "bf16"),
-            DType::F16 => launch::<half::f16>(x, x_l, w, w_l, "f16"),
+            DType::BF16 => self.launch::<half::bf16>(x, x_l, w, w_l, "bf16"),
+            DType::F16 => self.launch::<half::f16>(x, x_l, w, w_l, "f16"),
             other => bail!("gemv: unsupported dtype {other:?}"),
         }
+    }
+}
+
+impl Gemv {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+        name: &str,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let (m, k) = x_l.shape().dims2()?;
+        let n = w_l.shape().dims()[0] / if self.gated { 2 } else { 1 };
+        let (x, w) = (view::<T>(x, x_l, "x")?, view::<T>(w, w_l, "w")?);
+        // SAFETY: the kernel writes every output element.
+        let y = unsafe { dev.alloc::<T>(m * n)? };
+        let variant = if self.gated { "gemv_silu_mul" } else { "gemv" };
+        let func = dev.get_or_load_custom_func(
+            &format!("{variant}_{name}_m{m}"),
+            "text_generation_gemv",
+            GEMV_PTX,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (as_i32(n, "n")? as u32, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch.buf(&y).buf(&x).buf(&w);
+        launch.int(as_i32(n, "n")?).int(as_i32(k / 8, "k / 8")?);
+        // SAFETY: shapes checked in `check_gemv`; `view` checked contiguity and alignment.
+        unsafe { launch.run(&func, cfg) }?;
+        Ok((T::wrap_cuda_slice(y, dev.clone()), Shape::from((m, n))))
+    }
+}
+
+/// Greedy decoding of every row of `logits` (`[rows, vocab]`, contiguous f32): its
+/// argmax (the lowest index among equal maxima) and that token's log-probability, as
+/// `[rows, 2]` f32 (ids below 2^24 are exact). Non-finite entries other than +inf are
+/// skipped; a row without any other gets token 0 and a NaN log-probability.
+pub fn greedy(logits: &Tensor) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    expect_dtype("logits", logits, DType::F32)?;
+    expect_cuda("logits", logits)?;
+    if vocab >= 1 << 24 {
+        bail!("greedy: a vocabulary of {vocab} does not fit the f32 ids");
+    }
+    if rows == 0 || vocab == 0 {
+        bail!("greedy needs logits, got [{rows}, {vocab}]");
+    }
+    logits.apply_op1_no_bwd(&Greedy)
+}
+
+struct Greedy;
+
+impl candle_core::CustomOp1 for Greedy {
+    fn name(&self) -> &'static str {
+        "greedy"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("greedy runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        const THREADS: u32 = 1024; // GREEDY_THREADS in sampling.cu
+        let dev = logits.device();
+        let (rows, vocab) = layout.shape().dims2()?;
+        let logits = view::<f32>(logits, layout, "logits")?;
+        // SAFETY: the kernel writes both entries of every row.
+        let out = unsafe { dev.alloc::<f32>(rows * 2)? };
+        let func =
+            dev.get_or_load_custom_func("greedy_f32", "text_generation_sampling", SAMPLING_PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (as_i32(rows, "rows")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch.buf(&out).buf(&logits).int(as_i32(vocab, "vocab")?);
+        // SAFETY: one CTA per row of `vocab` contiguous entries (checked by `view`).
+        unsafe { launch.run(&func, cfg) }?;
+        Ok((
+            f32::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((rows, 2)),
+        ))
     }
 }
 
@@ -635,11 +775,19 @@ fn bound<'t>(
 }
 
 impl<G: Deref<Target = Storage>> Bound<'_, G> {
-    fn view<T: CudaDType>(&self) -> Result<CudaView<'_, T>> {
+    fn cuda(&self) -> Result<&CudaStorage> {
         match &*self.storage {
-            Storage::Cuda(s) => view::<T>(s, self.layout, self.name),
+            Storage::Cuda(s) => Ok(s),
             _ => bail!("{} must be on a CUDA device", self.name),
         }
+    }
+
+    fn view<T: CudaDType>(&self) -> Result<CudaView<'_, T>> {
+        view::<T>(self.cuda()?, self.layout, self.name)
+    }
+
+    fn rows_view<T: CudaDType>(&self) -> Result<(CudaView<'_, T>, i64)> {
+        rows_view::<T>(self.cuda()?, self.layout, self.name)
     }
 }
 
@@ -736,26 +884,30 @@ impl Decode<'_> {
         let (num_heads, num_kv_heads) = (p.num_heads as i32, p.num_kv_heads as i32);
         let (max_blocks, block_shift) = (p.max_blocks as i32, p.block_size.trailing_zeros() as i32);
         let num_blocks = u32::try_from(p.num_blocks).unwrap_or(u32::MAX);
-        let parts = num_parts as i32;
-        let null = 0u64; // unused partial-result buffers in single-partition mode
-        let mut builder = func.builder();
-        builder.arg(&out);
+        let (parts, partition) = (num_parts as i32, partition as i32);
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch.buf(&out);
         match &split {
-            Some((max, sum, part_out)) => builder.arg(max).arg(sum).arg(part_out),
-            None => builder.arg(&null).arg(&null).arg(&null),
+            Some((max, sum, part_out)) => launch.buf(max).buf(sum).buf(part_out),
+            // unused partial-result buffers in single-partition mode
+            None => launch.null().null().null(),
         };
-        builder.arg(&q_view).arg(&kc).arg(&vc).arg(&bt).arg(&cl);
-        builder
-            .arg(&num_heads)
-            .arg(&num_kv_heads)
-            .arg(&max_blocks)
-            .arg(&block_shift)
-            .arg(&num_blocks);
-        let partition = partition as i32;
-        builder.arg(&p.scale).arg(&p.window).arg(&parts).arg(&partition);
+        launch.buf(&q_view).buf(&kc).buf(&vc).buf(&bt).buf(&cl);
+        launch
+            .int(num_heads)
+            .int(num_kv_heads)
+            .int(max_blocks)
+            .int(block_shift)
+            .uint(num_blocks);
+        launch
+            .float(p.scale)
+            .int(p.window)
+            .int(parts)
+            .int(partition);
         // SAFETY: shapes validated in `PagedKv::new`; positions are bounded by the
         // block table width and block ids clamped to the cache in the kernel.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { launch.run(&func, cfg) }?;
 
         if let Some((max, sum, part_out)) = &split {
             let func = dev.get_or_load_custom_func(
@@ -768,17 +920,17 @@ impl Decode<'_> {
                 block_dim: (p.head_dim as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut builder = func.builder();
-            builder.arg(&out).arg(max).arg(sum).arg(part_out).arg(&cl);
-            builder
-                .arg(&num_heads)
-                .arg(&max_blocks)
-                .arg(&block_shift)
-                .arg(&p.window)
-                .arg(&parts)
-                .arg(&partition);
+            let mut launch = Launch::new(&stream);
+            launch.buf(&out).buf(max).buf(sum).buf(part_out).buf(&cl);
+            launch
+                .int(num_heads)
+                .int(max_blocks)
+                .int(block_shift)
+                .int(p.window)
+                .int(parts)
+                .int(partition);
             // SAFETY: same buffers and bounds as the launch above.
-            unsafe { builder.launch(cfg) }.w()?;
+            unsafe { launch.run(&func, cfg) }?;
         }
         Ok((
             T::wrap_cuda_slice(out, dev.clone()),
@@ -868,24 +1020,25 @@ impl Prefill<'_> {
             (p.num_seqs as i32, p.num_heads as i32, p.num_kv_heads as i32);
         let (max_blocks, block_shift) = (p.max_blocks as i32, p.block_size.trailing_zeros() as i32);
         let num_blocks = u32::try_from(p.num_blocks).unwrap_or(u32::MAX);
-        let mut builder = func.builder();
-        builder
-            .arg(&out)
-            .arg(&q_view)
-            .arg(&kc)
-            .arg(&vc)
-            .arg(&cu)
-            .arg(&cl)
-            .arg(&bt);
-        builder
-            .arg(&num_seqs)
-            .arg(&num_heads)
-            .arg(&num_kv_heads)
-            .arg(&max_blocks)
-            .arg(&block_shift);
-        builder.arg(&num_blocks).arg(&p.scale).arg(&p.window);
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch
+            .buf(&out)
+            .buf(&q_view)
+            .buf(&kc)
+            .buf(&vc)
+            .buf(&cu)
+            .buf(&cl)
+            .buf(&bt);
+        launch
+            .int(num_seqs)
+            .int(num_heads)
+            .int(num_kv_heads)
+            .int(max_blocks)
+            .int(block_shift);
+        launch.uint(num_blocks).float(p.scale).int(p.window);
         // SAFETY: shapes validated in `PagedKv::new`; see `Decode::launch`.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { launch.run(&func, cfg) }?;
         Ok((
             T::wrap_cuda_slice(out, dev.clone()),
             Shape::from((p.q_rows, p.num_heads, p.head_dim)),
@@ -905,6 +1058,32 @@ fn view<'s, T: CudaDType>(
         bail!("{name} starts at element {start} of its buffer; the kernels need a multiple of 8 (call .copy())");
     }
     Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// The memory of a matrix whose rows are contiguous but may lie apart (a column range
+/// of a wider matrix), and its row stride in elements.
+fn rows_view<'s, T: CudaDType>(
+    storage: &'s CudaStorage,
+    layout: &Layout,
+    name: &str,
+) -> Result<(CudaView<'s, T>, i64)> {
+    let (rows, cols) = layout.shape().dims2()?;
+    let [row_stride, col_stride] = layout.stride() else {
+        bail!("{name} must be a matrix")
+    };
+    if (cols > 1 && *col_stride != 1) || (rows > 1 && *row_stride < cols) {
+        bail!("{name} must have contiguous, non-overlapping rows (call .contiguous() first)");
+    }
+    let row_stride = if rows > 1 { *row_stride } else { cols };
+    let start = layout.start_offset();
+    if std::mem::size_of::<T>() == 2 && (start % 8 != 0 || row_stride % 8 != 0 || cols % 8 != 0) {
+        bail!("{name}'s rows must start on 16-byte boundaries (offset {start}, stride {row_stride}, width {cols} elements)");
+    }
+    let end = start + (rows.max(1) - 1) * row_stride + cols;
+    Ok((
+        storage.as_cuda_slice::<T>()?.slice(start..end),
+        row_stride as i64,
+    ))
 }
 
 fn contiguous(name: &str, layout: &Layout) -> Result<(usize, usize)> {
@@ -956,4 +1135,119 @@ fn grid_yz(v: usize, what: &str) -> Result<u32> {
         Ok(v) => Ok(u32::from(v)),
         Err(_) => bail!("{what} = {v} exceeds the CUDA grid limit of 65535"),
     }
+}
+
+/// One kernel launch, with programmatic dependent launch on GPUs that have it (compute
+/// capability 9.0 and newer): the kernel may then start while its predecessor in the
+/// stream drains, which hides launch latency and lets GEMV CTAs fetch weights early;
+/// every kernel of this crate waits for its predecessor before touching data
+/// (`await_previous_kernel` in common.cuh). `KERNELS_PDL=0` launches plainly, for
+/// comparisons.
+struct Launch<'a> {
+    stream: &'a CudaStream,
+    /// Each argument widened to 8 bytes (little-endian): the driver reads as many bytes
+    /// as the kernel's parameter has.
+    args: Vec<u64>,
+    /// Record the buffers' uses on the stream once the launch is queued (cudarc's
+    /// cross-stream bookkeeping).
+    uses: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Launch<'a> {
+    fn new(stream: &'a CudaStream) -> Self {
+        Self {
+            stream,
+            args: Vec::with_capacity(20),
+            uses: Vec::with_capacity(10),
+        }
+    }
+
+    /// A device buffer the kernel reads or writes. Buffers written through a shared
+    /// borrow (the KV cache) are safe because all work runs on the device's one
+    /// stream, in order.
+    fn buf<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> &mut Self {
+        let (ptr, used) = buffer.device_ptr(self.stream);
+        self.args.push(ptr);
+        self.uses.push(used);
+        self
+    }
+
+    /// A device pointer the kernel ignores (an unused optional buffer).
+    fn null(&mut self) -> &mut Self {
+        self.args.push(0);
+        self
+    }
+
+    fn int(&mut self, v: i32) -> &mut Self {
+        self.args.push(u64::from(v as u32));
+        self
+    }
+
+    fn uint(&mut self, v: u32) -> &mut Self {
+        self.args.push(u64::from(v));
+        self
+    }
+
+    fn long(&mut self, v: i64) -> &mut Self {
+        self.args.push(v as u64);
+        self
+    }
+
+    fn float(&mut self, v: f32) -> &mut Self {
+        self.args.push(u64::from(v.to_bits()));
+        self
+    }
+
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number, order and type, and
+    /// the buffers must hold everything the kernel reads or writes for `cfg`.
+    unsafe fn run(mut self, func: &CudaFunction, cfg: LaunchConfig) -> Result<()> {
+        self.stream.context().bind_to_thread().w()?;
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .args
+            .iter_mut()
+            .map(|arg| (arg as *mut u64).cast())
+            .collect();
+        let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+        attribute.id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: u32::from(programmatic_launch(self.stream)?),
+        };
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+        .w()?;
+        drop(self.uses);
+        Ok(())
+    }
+}
+
+/// Whether kernels are launched with programmatic dependent launch (see [`Launch`]);
+/// decided once per process.
+fn programmatic_launch(stream: &CudaStream) -> Result<bool> {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    if let Some(&enabled) = ENABLED.get() {
+        return Ok(enabled);
+    }
+    let major = stream
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    let wanted = std::env::var("KERNELS_PDL").map_or(true, |v| v != "0");
+    Ok(*ENABLED.get_or_init(|| wanted && major >= 9))
 }

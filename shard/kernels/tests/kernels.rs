@@ -9,7 +9,8 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use text_generation_kernels::{
-    gemv, paged_attention_decode, paged_attention_prefill, reshape_and_cache, silu_mul,
+    gemv, gemv_silu_mul, greedy, paged_attention_decode, paged_attention_prefill, rope_and_cache,
+    silu_mul,
 };
 
 const BLOCK_SIZE: usize = 16;
@@ -191,46 +192,143 @@ fn configs() -> Vec<Config> {
     all
 }
 
+/// Writes `[tokens, kv_heads, head_dim]` K/V rows into the caches as the model does
+/// (`rope_and_cache`), with an identity rotation so that they arrive unchanged.
+fn write_cache(
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    slots: &Tensor,
+) -> Result<()> {
+    let (tokens, kv_heads, head_dim) = k.dims3()?;
+    let cos = Tensor::ones((tokens, head_dim / 2), k.dtype(), k.device())?;
+    let sin = cos.zeros_like()?;
+    let (k, v) = (
+        k.reshape((tokens, kv_heads * head_dim))?,
+        v.reshape((tokens, kv_heads * head_dim))?,
+    );
+    rope_and_cache(&k, &k, &v, &cos, &sin, false, key_cache, value_cache, slots).map(drop)
+}
+
+/// Rotates `x` `[tokens, heads, head_dim]` in f32 by per-token angles `[tokens, head_dim / 2]`.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (tokens, heads, head_dim) = x.dims3()?;
+    let half = head_dim / 2;
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    let pairs = if interleaved {
+        x.reshape((tokens, heads, half, 2))?
+    } else {
+        x.reshape((tokens, heads, 2, half))?.transpose(2, 3)?
+    };
+    let (a, b) = (pairs.i((.., .., .., 0))?, pairs.i((.., .., .., 1))?);
+    let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+    let rb = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
+    let rotated = Tensor::stack(&[ra, rb], 3)?; // [tokens, heads, half, 2]
+    if interleaved {
+        rotated.reshape((tokens, heads, head_dim))
+    } else {
+        rotated
+            .transpose(2, 3)?
+            .contiguous()?
+            .reshape((tokens, heads, head_dim))
+    }
+}
+
 #[test]
-fn reshape_and_cache_writes_rows_by_slot() -> Result<()> {
+fn rope_and_cache_rotates_and_writes_rows_by_slot() -> Result<()> {
     let dev = device();
     let mut rng = rand::rng();
     for dtype in [DType::BF16, DType::F16] {
-        let (tokens, kv_heads, head_dim, num_slots) = (37, 3, 64, 128);
-        let key = Tensor::randn(0f32, 1., (tokens, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
-        let value = Tensor::randn(0f32, 1., (tokens, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
-        let key_cache =
-            Tensor::randn(0f32, 1., (num_slots, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
-        let value_cache =
-            Tensor::randn(0f32, 1., (num_slots, kv_heads, head_dim), &dev)?.to_dtype(dtype)?;
-        let mut free: Vec<i64> = (0..num_slots as i64).collect();
-        free.shuffle(&mut rng);
-        // Every fifth token is padding (slot -1).
-        let slots: Vec<i64> = (0..tokens)
-            .map(|t| if t % 5 == 4 { -1 } else { free[t] })
-            .collect();
-        let before = (
-            key_cache.to_dtype(DType::F32)?.to_vec3::<f32>()?,
-            value_cache.to_dtype(DType::F32)?.to_vec3::<f32>()?,
-        );
-        let slots_t = Tensor::from_vec(slots.clone(), tokens, &dev)?;
-        reshape_and_cache(&key, &value, &key_cache, &value_cache, &slots_t)?;
+        for interleaved in [false, true] {
+            let (tokens, heads, kv_heads, head_dim, num_slots) = (37, 6, 3, 64, 128);
+            let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+            // q, k and v as column ranges of one fused projection output.
+            let qkv =
+                Tensor::randn(0f32, 1., (tokens, q_width + 2 * kv_width), &dev)?.to_dtype(dtype)?;
+            let (q, k, v) = (
+                qkv.narrow(1, 0, q_width)?,
+                qkv.narrow(1, q_width, kv_width)?,
+                qkv.narrow(1, q_width + kv_width, kv_width)?,
+            );
+            let angles = Tensor::rand(0f32, 100., (tokens, head_dim / 2), &dev)?;
+            let (cos, sin) = (
+                angles.cos()?.to_dtype(dtype)?,
+                angles.sin()?.to_dtype(dtype)?,
+            );
+            let cache =
+                || Tensor::randn(0f32, 1., (num_slots, kv_heads, head_dim), &dev)?.to_dtype(dtype);
+            let (key_cache, value_cache) = (cache()?, cache()?);
+            let mut free: Vec<i64> = (0..num_slots as i64).collect();
+            free.shuffle(&mut rng);
+            // Every fifth token is padding (slot -1).
+            let slots: Vec<i64> = (0..tokens)
+                .map(|t| if t % 5 == 4 { -1 } else { free[t] })
+                .collect();
+            let before = (
+                key_cache.to_dtype(DType::F32)?,
+                value_cache.to_dtype(DType::F32)?,
+            );
+            let slots_t = Tensor::from_vec(slots.clone(), tokens, &dev)?;
+            let q_rot = rope_and_cache(
+                &q,
+                &k,
+                &v,
+                &cos,
+                &sin,
+                interleaved,
+                &key_cache,
+                &value_cache,
+                &slots_t,
+            )?;
 
-        for (src, cache, mut expected) in [
-            (&key, &key_cache, before.0),
-            (&value, &value_cache, before.1),
-        ] {
-            let src = src.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+            let f32_tables = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+            let as_heads =
+                |t: &Tensor, n: usize| t.to_dtype(DType::F32)?.reshape((tokens, n, head_dim));
+            let expected_q = rotate(
+                &as_heads(&q, heads)?,
+                &f32_tables.0,
+                &f32_tables.1,
+                interleaved,
+            )?;
+            let err = rel_error(&q_rot, &expected_q)?;
+            assert!(
+                err < tolerance(dtype),
+                "queries {dtype:?} interleaved={interleaved}: {err}"
+            );
+            let expected_k = rotate(
+                &as_heads(&k, kv_heads)?,
+                &f32_tables.0,
+                &f32_tables.1,
+                interleaved,
+            )?;
+            let (mut keys, mut values) = (before.0.to_vec3::<f32>()?, before.1.to_vec3::<f32>()?);
+            let (new_k, new_v) = (
+                expected_k.to_vec3::<f32>()?,
+                as_heads(&v, kv_heads)?.to_vec3::<f32>()?,
+            );
             for (t, &slot) in slots.iter().enumerate() {
                 if slot >= 0 {
-                    expected[slot as usize] = src[t].clone();
+                    keys[slot as usize] = new_k[t].clone();
+                    values[slot as usize] = new_v[t].clone();
                 }
             }
             assert_eq!(
-                cache.to_dtype(DType::F32)?.to_vec3::<f32>()?,
-                expected,
-                "{dtype:?}"
+                value_cache.to_dtype(DType::F32)?.to_vec3::<f32>()?,
+                values,
+                "values {dtype:?}"
             );
+            let got_keys = key_cache.to_dtype(DType::F32)?;
+            let err = rel_error(&got_keys, &Tensor::new(keys.clone(), &dev)?)?;
+            assert!(
+                err < tolerance(dtype),
+                "keys {dtype:?} interleaved={interleaved}: {err}"
+            );
+            // Slots no token owns keep their rows exactly.
+            let got_keys = got_keys.to_vec3::<f32>()?;
+            for slot in (0..num_slots).filter(|&s| !slots.contains(&(s as i64))) {
+                assert_eq!(got_keys[slot], keys[slot], "untouched slot {slot}");
+            }
         }
     }
     Ok(())
@@ -314,7 +412,7 @@ fn prefill_matches_reference() -> Result<()> {
             &dev,
         )?;
         let total: usize = seqs.iter().map(|s| s.0).sum();
-        // The new tokens' K/V go through reshape_and_cache, as in the model.
+        // The new tokens' K/V go through the model's cache write.
         let new_k =
             Tensor::randn(0f32, 1., (total, c.kv_heads, c.head_dim), &dev)?.to_dtype(c.dtype)?;
         let new_v =
@@ -325,11 +423,11 @@ fn prefill_matches_reference() -> Result<()> {
             .flat_map(|(s, &(new, ctx))| (ctx - new..ctx).map(move |p| (s, p)))
             .map(|(s, p)| paged.slot(s, p))
             .collect();
-        reshape_and_cache(
-            &new_k,
-            &new_v,
+        write_cache(
             &paged.key_cache,
             &paged.value_cache,
+            &new_k,
+            &new_v,
             &Tensor::from_vec(slots, total, &dev)?,
         )?;
 
@@ -458,7 +556,8 @@ fn bad_inputs_are_errors() -> Result<()> {
     let wrong_slots = Tensor::from_vec(vec![0i64; 3], 3, &dev)?;
     let kv = Tensor::zeros((2, 2, 64), DType::BF16, &dev)?;
     assert!(
-        reshape_and_cache(&kv, &kv, &paged.key_cache, &paged.value_cache, &wrong_slots).is_err()
+        write_cache(&paged.key_cache, &paged.value_cache, &kv, &kv, &wrong_slots).is_err(),
+        "3 slots for 2 tokens"
     );
     Ok(())
 }
@@ -494,7 +593,13 @@ fn gemv_matches_an_f32_matmul() -> Result<()> {
     let dev = device();
     for dtype in [DType::BF16, DType::F16] {
         // Odd widths: rows not a multiple of the CTA's 8, k not of the unrolled stride.
-        for (m, n, k) in [(1, 4096, 4096), (3, 77, 264), (8, 1030, 14336), (5, 9, 8), (1, 9001, 64)] {
+        for (m, n, k) in [
+            (1, 4096, 4096),
+            (3, 77, 264),
+            (8, 1030, 14336),
+            (5, 9, 8),
+            (1, 9001, 64),
+        ] {
             let x = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(dtype)?;
             let w = (Tensor::randn(0f32, 1., (n + 16, k), &dev)? * 0.05)?.to_dtype(dtype)?;
             // A row view of a larger weight, as a fused q/k/v projection's parts are.
@@ -505,13 +610,46 @@ fn gemv_matches_an_f32_matmul() -> Result<()> {
                 .to_dtype(DType::F32)?
                 .matmul(&w.to_dtype(DType::F32)?.t()?)?;
             let err = rel_error(&out, &expected)?;
-            assert!(err < tolerance(dtype), "gemv {dtype:?} m={m} n={n} k={k}: rel error {err}");
+            assert!(
+                err < tolerance(dtype),
+                "gemv {dtype:?} m={m} n={n} k={k}: rel error {err}"
+            );
+
+            // The same rows as gate and up of a fused projection [gate; up].
+            let up = (Tensor::randn(0f32, 1., (n, k), &dev)? * 0.05)?.to_dtype(dtype)?;
+            let gate_up = Tensor::cat(&[&w, &up], 0)?;
+            let out = gemv_silu_mul(&x, &gate_up)?;
+            assert_eq!(out.dims(), &[m, n]);
+            let product = |w: &Tensor| {
+                x.to_dtype(DType::F32)?
+                    .matmul(&w.to_dtype(DType::F32)?.t()?)?
+                    .to_dtype(dtype)?
+                    .to_dtype(DType::F32)
+            };
+            let (gate, up) = (product(&w)?, product(&up)?);
+            let expected = ((&gate / (gate.neg()?.exp()? + 1.)?)? * up)?;
+            let err = rel_error(&out, &expected)?;
+            assert!(
+                err < tolerance(dtype),
+                "gemv_silu_mul {dtype:?} m={m} n={n} k={k}: rel error {err}"
+            );
         }
     }
+    let odd = Tensor::zeros((3, 64), DType::BF16, &dev)?;
+    assert!(
+        gemv_silu_mul(&Tensor::zeros((1, 64), DType::BF16, &dev)?, &odd).is_err(),
+        "3 rows of w"
+    );
     let x = Tensor::zeros((9, 64), DType::BF16, &dev)?;
-    assert!(gemv(&x, &Tensor::zeros((4, 64), DType::BF16, &dev)?).is_err(), "9 rows");
+    assert!(
+        gemv(&x, &Tensor::zeros((4, 64), DType::BF16, &dev)?).is_err(),
+        "9 rows"
+    );
     let x = Tensor::zeros((1, 12), DType::BF16, &dev)?;
-    assert!(gemv(&x, &Tensor::zeros((4, 12), DType::BF16, &dev)?).is_err(), "k = 12");
+    assert!(
+        gemv(&x, &Tensor::zeros((4, 12), DType::BF16, &dev)?).is_err(),
+        "k = 12"
+    );
     Ok(())
 }
 
@@ -525,15 +663,64 @@ fn add_rms_norm_matches_an_f32_reference() -> Result<()> {
             let weight = Tensor::randn(1f32, 0.1, width, &dev)?.to_dtype(dtype)?;
             let (sum, normed) = text_generation_kernels::add_rms_norm(&x, &h, &weight, 1e-5)?;
             let expected_sum = (&x + &h)?;
-            assert_eq!(rel_error(&sum, &expected_sum)?, 0.0, "the sum is exact in {dtype:?}");
+            assert_eq!(
+                rel_error(&sum, &expected_sum)?,
+                0.0,
+                "the sum is exact in {dtype:?}"
+            );
             let s = expected_sum.to_dtype(DType::F32)?;
             let inv_rms = (s.sqr()?.mean_keepdim(1)? + 1e-5)?.sqrt()?.recip()?;
             let expected = s
                 .broadcast_mul(&inv_rms)?
                 .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
             let err = rel_error(&normed, &expected)?;
-            assert!(err < tolerance(dtype), "add_rms_norm {dtype:?} {rows}x{width}: rel error {err}");
+            assert!(
+                err < tolerance(dtype),
+                "add_rms_norm {dtype:?} {rows}x{width}: rel error {err}"
+            );
         }
     }
+    Ok(())
+}
+
+#[test]
+fn greedy_matches_argmax_and_log_softmax() -> Result<()> {
+    let dev = device();
+    for (rows, vocab) in [(1usize, 128_256usize), (5, 1000), (3, 7)] {
+        let mut logits = (Tensor::randn(0f32, 1., (rows, vocab), &dev)? * 4.)?.to_vec2::<f32>()?;
+        // Row 0: a tie between two maxima (the lower index wins) and masked entries.
+        let top = logits[0].iter().copied().fold(f32::MIN, f32::max) + 1.;
+        logits[0][vocab / 2] = top;
+        logits[0][vocab - 1] = top;
+        logits[0][0] = f32::NEG_INFINITY;
+        let logits = Tensor::new(logits, &dev)?;
+        let out = greedy(&logits)?.to_vec2::<f32>()?;
+        let cpu = logits.to_device(&Device::Cpu)?;
+        let ids = cpu.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let shifted = cpu.broadcast_sub(&cpu.max_keepdim(D::Minus1)?)?;
+        let log_softmax = shifted
+            .broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?
+            .to_vec2::<f32>()?;
+        assert_eq!(out[0][0] as usize, vocab / 2, "ties go to the lower index");
+        for row in 0..rows {
+            assert_eq!(
+                out[row][0] as u32, ids[row],
+                "row {row} of [{rows}, {vocab}]"
+            );
+            let expected = log_softmax[row][ids[row] as usize];
+            assert!(
+                (out[row][1] - expected).abs() < 1e-4 * expected.abs().max(1.),
+                "row {row}: logprob {} against {expected}",
+                out[row][1]
+            );
+        }
+    }
+    let masked = Tensor::full(f32::NEG_INFINITY, (1, 10), &dev)?;
+    let out = greedy(&masked)?.to_vec2::<f32>()?;
+    assert!(out[0][0] == 0. && out[0][1].is_nan(), "{out:?}");
+    assert!(
+        greedy(&Tensor::zeros((2, 8), DType::BF16, &dev)?).is_err(),
+        "bf16 logits"
+    );
     Ok(())
 }

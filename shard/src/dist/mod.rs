@@ -77,7 +77,7 @@ pub fn even_split(
     if world == 1 {
         return Ok(None);
     }
-    if size % world != 0 {
+    if !size.is_multiple_of(world) {
         candle_core::bail!("{what} ({size}) is not divisible by the number of shards ({world})")
     }
     let part = size / world;

@@ -1,10 +1,10 @@
 //! Self-attention over the paged KV cache.
 //!
-//! Two seams are meant for device kernels: `write_kv_cache` (store the new tokens' keys
-//! and values at their slots) and `paged_attention` (every new token attends over its
-//! sequence's cached context through the block table). On a CUDA device (a build with
-//! the `cuda` feature) they run the kernels of `text-generation-kernels`; elsewhere the
-//! device-agnostic candle ops here.
+//! Two seams are meant for device kernels: `rotate_and_cache` (rotate the new tokens'
+//! queries and keys, store keys and values at their slots) and `paged_attention` (every
+//! new token attends over its sequence's cached context through the block table). On a
+//! CUDA device (a build with the `cuda` feature) they run the kernels of
+//! `text-generation-kernels`; elsewhere the device-agnostic candle ops here.
 
 use super::linear::{Linear, RowParallelLinear};
 use super::norm::RmsNorm;
@@ -279,25 +279,53 @@ impl DecodeKeys {
     }
 }
 
+/// Rotates the new tokens' queries (`[tokens, heads * head_dim]`) and keys
+/// (`[tokens, kv_heads * head_dim]`) by their positions and stores the keys and values
+/// in the layer's cache (`[slots, kv_heads, head_dim]`) at `input`'s slots, in place;
+/// returns the rotated queries, `[tokens, heads, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rotate_and_cache(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rotary: &RotaryAt,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    input: &PagedAttentionInput,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if input.kernels {
+        let (cos, sin, layout) = rotary.tables()?;
+        return text_generation_kernels::rope_and_cache(
+            q,
+            k,
+            v,
+            &cos,
+            &sin,
+            layout == super::rotary::RotaryLayout::Interleaved,
+            key_cache,
+            value_cache,
+            &input.slots,
+        );
+    }
+    let (_, kv_heads, head_dim) = key_cache.dims3()?;
+    let tokens = q.dim(0)?;
+    let q = rotary.apply(&q.reshape((tokens, (), head_dim))?)?;
+    let kv_shape = (tokens, kv_heads, head_dim);
+    let k = rotary.apply(&k.reshape(kv_shape)?)?;
+    write_kv_cache(key_cache, value_cache, &k, &v.reshape(kv_shape)?, input)?;
+    Ok(q)
+}
+
 /// Stores the new tokens' keys and values (`[tokens, kv_heads, head_dim]`) into the
-/// layer's cache (`[slots, kv_heads, head_dim]`) at `input`'s slots, in place.
-pub fn write_kv_cache(
+/// layer's cache at `input`'s slots, in place (the candle path).
+fn write_kv_cache(
     key_cache: &Tensor,
     value_cache: &Tensor,
     k: &Tensor,
     v: &Tensor,
     input: &PagedAttentionInput,
 ) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if input.kernels {
-        return text_generation_kernels::reshape_and_cache(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            key_cache,
-            value_cache,
-            &input.slots,
-        );
-    }
     let (tokens, kv_heads, head_dim) = k.dims3()?;
     let row = kv_heads * head_dim;
     // scatter_set writes whole rows of the flattened cache: every element of a token's
@@ -418,14 +446,11 @@ enum QkvProj {
         k: Linear,
         v: Linear,
     },
-    /// Rows `[q | k | v]` of one projection (a CUDA device, dense weights). One token
-    /// (decode at batch 1, bound by kernel launches) runs one GEMM whose narrowed output
-    /// rows stay contiguous views; more tokens run the three GEMMs on row views of the
-    /// fused weight, since their narrowed outputs would need a copy each (an H100
-    /// prefilled 64 prompts of 512 tokens in 852 ms with the copies, 808 ms without).
+    /// Rows `[q | k | v]` of one projection (a CUDA device, dense weights): one GEMM,
+    /// whose output's column ranges are q, k and v (views: the kernels read strided rows).
     Fused {
         qkv: Linear,
-        parts: [Linear; 3],
+        dims: [usize; 3],
     },
 }
 
@@ -434,13 +459,8 @@ impl QkvProj {
         let parts = [q, k, v];
         if fuse {
             if let Some(qkv) = Linear::concat_outputs(&parts)? {
-                let [q_dim, k_dim, v_dim] = parts.each_ref().map(Linear::out_dim);
-                let parts = [
-                    qkv.narrow_outputs(0, q_dim)?,
-                    qkv.narrow_outputs(q_dim, k_dim)?,
-                    qkv.narrow_outputs(q_dim + k_dim, v_dim)?,
-                ];
-                return Ok(Self::Fused { qkv, parts });
+                let dims = parts.each_ref().map(Linear::out_dim);
+                return Ok(Self::Fused { qkv, dims });
             }
         }
         let [q, k, v] = parts;
@@ -451,18 +471,17 @@ impl QkvProj {
     fn forward(&self, x: &Tensor) -> Result<[Tensor; 3]> {
         match self {
             Self::Split { q, k, v } => Ok([q.forward(x)?, k.forward(x)?, v.forward(x)?]),
-            Self::Fused { qkv, parts } if x.dim(0)? == 1 => {
+            Self::Fused {
+                qkv,
+                dims: [q_dim, k_dim, v_dim],
+            } => {
                 let y = qkv.forward(x)?;
-                let [q_dim, k_dim, v_dim] = parts.each_ref().map(Linear::out_dim);
                 Ok([
-                    y.narrow(1, 0, q_dim)?,
-                    y.narrow(1, q_dim, k_dim)?,
-                    y.narrow(1, q_dim + k_dim, v_dim)?,
+                    y.narrow(1, 0, *q_dim)?,
+                    y.narrow(1, *q_dim, *k_dim)?,
+                    y.narrow(1, q_dim + k_dim, *v_dim)?,
                 ])
             }
-            Self::Fused {
-                parts: [q, k, v], ..
-            } => Ok([q.forward(x)?, k.forward(x)?, v.forward(x)?]),
         }
     }
 }
@@ -472,9 +491,6 @@ pub struct Attention {
     o_proj: RowParallelLinear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
-    /// This rank's query and KV heads.
-    num_heads: usize,
-    num_kv_heads: usize,
     head_dim: usize,
 }
 
@@ -494,7 +510,7 @@ impl AttentionConfig {
             even_split(comm, self.num_heads, "the attention heads")?.unwrap_or(0..self.num_heads);
         let kv_heads = if self.num_kv_heads >= world {
             even_split(comm, self.num_kv_heads, "the KV heads")?.unwrap_or(0..self.num_kv_heads)
-        } else if world % self.num_kv_heads == 0 {
+        } else if world.is_multiple_of(self.num_kv_heads) {
             let kv_head = comm.rank() / (world / self.num_kv_heads);
             kv_head..kv_head + 1
         } else {
@@ -544,8 +560,6 @@ impl Attention {
             o_proj: RowParallelLinear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, comm)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
-            num_heads: shares.heads.len(),
-            num_kv_heads: shares.kv_heads.len(),
             head_dim: cfg.head_dim,
         })
     }
@@ -560,18 +574,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
         let [q, k, v] = self.qkv_proj.forward(x)?;
-        let heads = |proj: Tensor, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let h = proj.reshape((tokens, heads, self.head_dim))?;
+        // Qwen3 normalises every head before the rotation.
+        let head_norm = |proj: Tensor, norm: &Option<RmsNorm>| -> Result<Tensor> {
             match norm {
-                Some(norm) => norm.forward(&h),
-                None => Ok(h),
+                Some(norm) => norm
+                    .forward(&proj.reshape((tokens, (), self.head_dim))?)?
+                    .reshape((tokens, ())),
+                None => Ok(proj),
             }
         };
-        let q = rotary.apply(&heads(q, self.num_heads, &self.q_norm)?)?;
-        let k = rotary.apply(&heads(k, self.num_kv_heads, &self.k_norm)?)?;
-        let v = heads(v, self.num_kv_heads, &None)?;
+        let (q, k) = (head_norm(q, &self.q_norm)?, head_norm(k, &self.k_norm)?);
         let (key_cache, value_cache) = kv_cache;
-        write_kv_cache(key_cache, value_cache, &k, &v, input)?;
+        let q = rotate_and_cache(&q, &k, &v, rotary, key_cache, value_cache, input)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = paged_attention(&q, key_cache, value_cache, input, scale)?;
         self.o_proj.forward(&out)
@@ -701,7 +715,8 @@ mod tests {
             &[0],
             &dev,
         )?;
-        let prefix_input = PagedAttentionInput::new(&prefix, block_size, num_blocks, window, DType::F32)?;
+        let prefix_input =
+            PagedAttentionInput::new(&prefix, block_size, num_blocks, window, DType::F32)?;
         let kv = |data: &[f32], from: usize, len: usize| {
             Tensor::from_slice(
                 &data[from * hkv * d..(from + len) * hkv * d],

@@ -2,13 +2,14 @@
 //!
 //! On a CUDA device with dense bf16/f16 weights, gate and up are one `[2 * intermediate, hidden]`
 //! projection whose output the fused `silu_mul` kernel reads in one pass (one GEMM and
-//! one kernel instead of two GEMMs and three elementwise ops).
+//! one kernel instead of two GEMMs and three elementwise ops); a single row (decode at
+//! batch 1) gets the activation inside the GEMV.
 
 use super::linear::{Linear, RowParallelLinear};
-use crate::dist::{even_split, Comm};
-use crate::weights::{Part, Weights};
 #[cfg(feature = "cuda")]
 use super::uses_cuda_kernels;
+use crate::dist::{even_split, Comm};
+use crate::weights::{Part, Weights};
 #[cfg(feature = "cuda")]
 use candle_core::quantized::QMatMul;
 use candle_core::{Result, Tensor};
@@ -40,8 +41,12 @@ impl Mlp {
         let shape = (intermediate_size, hidden_size);
         let part = even_split(&**comm, intermediate_size, "the MLP's intermediate size")?
             .map(|range| Part { dim: 0, range });
-        let gate = w.pp("gate_proj").matmul_weight_part("weight", shape, part.as_ref())?;
-        let up = w.pp("up_proj").matmul_weight_part("weight", shape, part.as_ref())?;
+        let gate = w
+            .pp("gate_proj")
+            .matmul_weight_part("weight", shape, part.as_ref())?;
+        let up = w
+            .pp("up_proj")
+            .matmul_weight_part("weight", shape, part.as_ref())?;
         let gate_up = match (gate, up) {
             // The kernel reads rows in 16-byte vectors: 8 half-precision elements.
             #[cfg(feature = "cuda")]
@@ -71,7 +76,11 @@ impl Mlp {
         let activated = match &self.gate_up {
             GateUp::Split { gate, up } => (gate.forward(x)?.silu()? * up.forward(x)?)?,
             #[cfg(feature = "cuda")]
-            GateUp::Fused(gate_up) => text_generation_kernels::silu_mul(&gate_up.forward(x)?)?,
+            GateUp::Fused(gate_up) => match gate_up.gemv_weight(x)? {
+                // A single row: SwiGLU inside the projection's kernel.
+                Some(w) => text_generation_kernels::gemv_silu_mul(&x.contiguous()?, w)?,
+                None => text_generation_kernels::silu_mul(&gate_up.forward(x)?)?,
+            },
         };
         self.down_proj.forward(&activated)
     }

@@ -91,6 +91,18 @@ impl RotaryEmbedding {
 }
 
 impl RotaryAt {
+    /// The cos and sin rows, `[tokens, head_dim / 2]`, and the layout of the pairs, for
+    /// kernels that rotate on their own.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn tables(&self) -> Result<(Tensor, Tensor, RotaryLayout)> {
+        let (tokens, _, half) = self.cos.dims3()?;
+        Ok((
+            self.cos.reshape((tokens, half))?,
+            self.sin.reshape((tokens, half))?,
+            self.layout,
+        ))
+    }
+
     /// `x`: `[tokens, heads, head_dim]`, each token rotated by its own position.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (tokens, heads, head_dim) = x.dims3()?;

@@ -54,15 +54,19 @@ impl DecodeGraphs {
         max_blocks: usize,
         device: &Device,
     ) -> Result<Self> {
-        ensure!(max_blocks > 0, "decode graphs need block tables of at least one block");
+        ensure!(
+            max_blocks > 0,
+            "decode graphs need block tables of at least one block"
+        );
         let mut sizes = batch_sizes.to_vec();
         sizes.sort_unstable();
         sizes.dedup();
         let graphs = sizes
             .into_iter()
             .map(|batch_size| {
-                DecodeGraph::capture(model, cache, batch_size, max_blocks, device)
-                    .with_context(|| format!("capturing the decode graph of batch size {batch_size}"))
+                DecodeGraph::capture(model, cache, batch_size, max_blocks, device).with_context(
+                    || format!("capturing the decode graph of batch size {batch_size}"),
+                )
             })
             .collect::<Result<_>>()?;
         Ok(Self {

@@ -48,6 +48,10 @@ pub struct Runner {
     /// Captured by Warmup, after the cache.
     #[cfg(feature = "cuda")]
     decode_graphs: Option<decode_graphs::DecodeGraphs>,
+    /// `SHARD_PROFILE_DECODE_BATCH`: decode steps of this many requests run inside
+    /// `cuProfilerStart`/`Stop`, so that `ncu --profile-from-start off` sees only them.
+    #[cfg(feature = "cuda")]
+    profiled_decode_batch: Option<usize>,
     batches: HashMap<u64, BatchState>,
 }
 
@@ -114,6 +118,10 @@ impl Runner {
             cuda_graph_batch_sizes: config.cuda_graph_batch_sizes,
             #[cfg(feature = "cuda")]
             decode_graphs: None,
+            #[cfg(feature = "cuda")]
+            profiled_decode_batch: std::env::var("SHARD_PROFILE_DECODE_BATCH")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             batches: HashMap::new(),
         })
     }
@@ -144,7 +152,11 @@ impl Runner {
 
     /// Prefills `batch`; with `cached`, also runs one decode step of that cached batch
     /// in the same forward pass, and the union continues as `batch.id`.
-    pub fn prefill(&mut self, batch: Batch, cached: Option<CachedBatch>) -> Result<PrefillResponse> {
+    pub fn prefill(
+        &mut self,
+        batch: Batch,
+        cached: Option<CachedBatch>,
+    ) -> Result<PrefillResponse> {
         let start = Instant::now();
         ensure!(
             !self.batches.contains_key(&batch.id),
@@ -201,6 +213,10 @@ impl Runner {
         let mut state = states.next().context("decode needs at least one batch")?;
         state.concatenate(states.collect());
         let concat_ns = start.elapsed().as_nanos() as u64;
+        #[cfg(feature = "cuda")]
+        let _profiled = (self.profiled_decode_batch == Some(state.requests.len()))
+            .then(candle_core::cuda_backend::cudarc::driver::Profiler::new)
+            .transpose()?;
         let step = self.step(&mut state.requests);
         // The batch stays cached even when the step failed: the router decides to clear it.
         let cached = self.keep(state);

@@ -330,11 +330,20 @@ pub fn choose_tokens(
 }
 
 /// The argmax of every row of `logits` (`[rows, vocab]` f32) and its log-probability,
-/// computed on the logits' device; one read back. Each row is reduced in two passes
-/// over chunks of about sqrt(vocab) entries: candle reduces a row within one block, which
-/// took ~130 µs per reduction of a 128k vocabulary on an H100; chunks spread it over
-/// many blocks.
+/// computed on the logits' device; one read back. On CUDA one kernel reduces each row
+/// in one pass (the candle ops below were ~15 kernels, 0.3 ms a step at batch 1 and
+/// 1.1 ms at batch 64 on an H100); elsewhere candle reduces each row in two passes over
+/// chunks of about sqrt(vocab) entries, which spreads it over many blocks.
 fn greedy_rows(logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
+    // On a GPU, one kernel does the whole reduction.
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return Ok(text_generation_kernels::greedy(&logits.contiguous()?)?
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|row| (row[0] as u32, row[1]))
+            .unzip());
+    }
     let (rows, vocab) = logits.dims2()?;
     let chunk = reduction_chunk(vocab);
     let chunks = logits.reshape((rows, vocab / chunk, chunk))?;
@@ -374,7 +383,10 @@ fn greedy_rows(logits: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
 /// vocab not above sqrt(vocab) (the whole row when vocab is prime).
 fn reduction_chunk(vocab: usize) -> usize {
     let root = (vocab as f64).sqrt() as usize;
-    let divisor = (1..=root.max(1)).rev().find(|d| vocab % d == 0).unwrap_or(1);
+    let divisor = (1..=root.max(1))
+        .rev()
+        .find(|d| vocab.is_multiple_of(*d))
+        .unwrap_or(1);
     vocab / divisor
 }
 
@@ -446,14 +458,21 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         for vocab in [1, 7, 1_009, 4_096, 6_000] {
             let rows: Vec<Vec<f32>> = (0..3)
-                .map(|_| (0..vocab).map(|_| rng.random_range(-20.0f32..20.0)).collect())
+                .map(|_| {
+                    (0..vocab)
+                        .map(|_| rng.random_range(-20.0f32..20.0))
+                        .collect()
+                })
                 .collect();
             let logits = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
             let (ids, logprobs) = greedy_rows(&logits).unwrap();
             for (row, (id, logprob)) in rows.iter().zip(ids.iter().zip(logprobs)) {
                 let best = (0..vocab).fold(0, |b, i| if row[i] > row[b] { i } else { b });
                 assert_eq!(*id as usize, best, "vocab {vocab}");
-                assert!((logprob - log_softmax(row)[best]).abs() < 1e-4, "vocab {vocab}");
+                assert!(
+                    (logprob - log_softmax(row)[best]).abs() < 1e-4,
+                    "vocab {vocab}"
+                );
             }
         }
     }

@@ -6,6 +6,7 @@
 // Grid-stride over 16-byte output vectors; `vecs_per_row` = I / 8.
 template <typename T>
 __device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gate_up, int64_t rows, int vecs_per_row) {
+    await_previous_kernel();
     const int64_t total = rows * vecs_per_row;
     for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
          v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -16,7 +17,7 @@ __device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gate_up, int
         unpack8<T>(in[0], g);
         unpack8<T>(in[vecs_per_row], u);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+        for (int i = 0; i < VEC; ++i) o[i] = silu_times(g[i], u[i]);
         reinterpret_cast<uint4*>(out)[v] = pack8<T>(o);
     }
 }

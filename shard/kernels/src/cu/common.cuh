@@ -26,6 +26,22 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// Programmatic dependent launch (Hopper and newer; the host launches every kernel of
+// this crate with it): a kernel may start while its predecessor in the stream still
+// runs, so it calls this before reading anything an earlier kernel wrote and before
+// writing anything (its output may reuse memory the predecessor still reads). It waits
+// for the predecessor to finish, then lets the successor start early in turn, whose
+// CTAs can so fetch their weights while this kernel runs. Elsewhere a no-op.
+__device__ __forceinline__ void await_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// SwiGLU's activation: silu(gate) * up.
+__device__ __forceinline__ float silu_times(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
+
 // Unpacks 8 elements held in a 16-byte register vector.
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float out[VEC]) {

@@ -63,6 +63,7 @@ __device__ void paged_attention_decode(T* __restrict__ out, float* __restrict__ 
     __shared__ __align__(16) float smem[SMEM];
     __shared__ float scratch[DECODE_WARPS][HPC];
 
+    await_previous_kernel();
     const int head0 = blockIdx.x * HPC;
     const int seq = blockIdx.y, part = blockIdx.z;
     const int kvh = head0 / (num_heads / num_kv_heads);
@@ -205,6 +206,7 @@ __device__ void paged_attention_decode_reduce(T* __restrict__ out, const float* 
                                               const uint32_t* __restrict__ context_lens, int num_heads,
                                               int max_blocks, int block_shift, int window, int num_parts,
                                               int partition) {
+    await_previous_kernel();
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
     const int64_t row = static_cast<int64_t>(seq) * num_heads + head;
     const int ctx = min(static_cast<int>(context_lens[seq]), max_blocks << block_shift);

@@ -10,6 +10,7 @@ template <typename T>
 __device__ void add_rms_norm(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ h,
                              const T* __restrict__ weight, int64_t rows, int vecs_per_row, float eps) {
     __shared__ float warp_sums[NORM_THREADS / 32];
+    await_previous_kernel();
     const int64_t row = blockIdx.x;
     const int64_t base = row * vecs_per_row;
     const uint4* x_v = reinterpret_cast<const uint4*>(x) + base;

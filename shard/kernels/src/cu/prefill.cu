@@ -79,6 +79,7 @@ __device__ void paged_attention_prefill(T* __restrict__ out, const T* __restrict
     T* const sK = reinterpret_cast<T*>(smem_raw);
     T* const sV = sK + STAGES * BN * STRIDE;
 
+    await_previous_kernel();
     int seq, tile;
     if (!find_tile(cu_seqlens_q, num_seqs, &seq, &tile)) return;
     const int q_begin = cu_seqlens_q[seq];
