@@ -146,6 +146,11 @@ impl Runner {
         }
     }
 
+    /// The model runs on a GPU (host threads waiting on it may spin).
+    pub fn uses_gpu(&self) -> bool {
+        self.device.is_cuda()
+    }
+
     pub fn has_cache(&self) -> bool {
         self.cache.is_some()
     }
