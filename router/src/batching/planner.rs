@@ -16,6 +16,9 @@ pub struct BatchingConfig {
     pub waiting_served_ratio: f32,
     /// Decode steps after which waiting requests join whatever their number.
     pub max_waiting_tokens: usize,
+    /// The shards compute on GPUs: the loop polls for each step's answer instead of
+    /// sleeping on it (on CPUs the spinning thread would slow the model down).
+    pub poll_steps: bool,
 }
 
 /// Why new requests joined the running batch (`tgi_batch_concat{reason}`).
@@ -104,6 +107,7 @@ mod tests {
             max_batch_size: Some(8),
             waiting_served_ratio: 0.3,
             max_waiting_tokens: 20,
+            poll_steps: false,
         }
     }
 

@@ -13,8 +13,10 @@
 //! `max_batch_prefill_tokens`) is prefilled alone, then decoded with the rest.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use proto::v3::{Batch, CachedBatch, Generation, Tokens};
 use tokio::sync::Notify;
@@ -37,8 +39,15 @@ pub async fn batching_task(
         while let Some(NextBatch { mut entries, batch }) =
             queue.next_batch(config.first_batch_limits()).await
         {
-            let mut running =
-                step(&client, Step::Prefill(batch, None), &mut entries, &health).await;
+            let poll = config.poll_steps;
+            let mut running = step(
+                &client,
+                Step::Prefill(batch, None),
+                &mut entries,
+                &health,
+                poll,
+            )
+            .await;
             let mut waiting_steps = 1;
             while let Some(batch) = running {
                 metrics::gauge!("tgi_batch_current_size").set(batch.size as f64);
@@ -53,22 +62,28 @@ pub async fn batching_task(
                         metrics::counter!("tgi_batch_concat", "reason" => reason.as_label())
                             .increment(1);
                         waiting_steps = 1;
-                        let prompt_tokens = new_batch.requests.iter().map(|r| r.input_ids.len()).sum();
+                        let prompt_tokens =
+                            new_batch.requests.iter().map(|r| r.input_ids.len()).sum();
                         if config.fits_mixed_step(prompt_tokens, batch.size as usize) {
                             // The shards answer for the requests of both batches.
                             entries.extend(new_entries);
                             Step::Prefill(new_batch, Some(batch))
                         } else {
-                            let prefilled =
-                                step(&client, Step::Prefill(new_batch, None), &mut new_entries, &health)
-                                    .await;
+                            let prefilled = step(
+                                &client,
+                                Step::Prefill(new_batch, None),
+                                &mut new_entries,
+                                &health,
+                                poll,
+                            )
+                            .await;
                             entries.extend(new_entries);
                             Step::Decode([batch].into_iter().chain(prefilled).collect())
                         }
                     }
                     None => Step::Decode(vec![batch]),
                 };
-                running = step(&client, next_step, &mut entries, &health).await;
+                running = step(&client, next_step, &mut entries, &health, poll).await;
                 // A mixed step is also a decode step of the running requests.
                 waiting_steps += 1;
             }
@@ -115,12 +130,13 @@ async fn step(
     step: Step,
     entries: &mut HashMap<u64, Entry>,
     health: &GenerationHealth,
+    poll: bool,
 ) -> Option<CachedBatch> {
     let method = step.method();
     let cache_to_clear = step.cache_to_clear();
     let start = Instant::now();
     metrics::counter!("tgi_batch_inference_count", "method" => method).increment(1);
-    match run_step(client, step, entries, start).await {
+    match run_step(client, step, entries, start, poll).await {
         Ok((running, timings)) => {
             health.record(true);
             metrics::histogram!("tgi_batch_forward_duration", "method" => method)
@@ -158,6 +174,7 @@ async fn run_step(
     step: Step,
     entries: &mut HashMap<u64, Entry>,
     start: Instant,
+    poll: bool,
 ) -> client::Result<(Option<CachedBatch>, StepTimings)> {
     let (generations, running, timings) = match step {
         Step::Prefill(batch, cached_batch) => {
@@ -165,13 +182,32 @@ async fn run_step(
             for entry in entries.values_mut() {
                 entry.batch_time.get_or_insert(start);
             }
-            client.prefill(batch, cached_batch).await?
+            answer(client.prefill(batch, cached_batch), poll).await?
         }
-        Step::Decode(batches) => client.decode(batches).await?,
+        Step::Decode(batches) => answer(client.decode(batches), poll).await?,
     };
     deliver(generations, entries);
     let running = filter_batch(client, running, entries).await?;
     Ok((running, timings))
+}
+
+/// How long a step's answer is polled for before it is awaited: longer than a decode
+/// step, shorter than a long prefill.
+const POLL_FOR_ANSWER: Duration = Duration::from_millis(50);
+
+/// The answer of a shard call; with `poll`, the task yields in a loop at first instead
+/// of parking its runtime thread, so that the answer is read as soon as it arrives (a
+/// parked thread takes tens of microseconds to wake, on every step).
+async fn answer<F: Future>(call: F, poll: bool) -> F::Output {
+    let mut call = std::pin::pin!(call);
+    let asked = Instant::now();
+    while poll && asked.elapsed() < POLL_FOR_ANSWER {
+        if let Poll::Ready(output) = futures::poll!(call.as_mut()) {
+            return output;
+        }
+        tokio::task::yield_now().await;
+    }
+    call.await
 }
 
 /// Sends each generation to its client; drops the entries that finished or
@@ -290,6 +326,26 @@ mod tests {
 
     use super::*;
     use crate::batching::queue::tests::request;
+
+    /// Polling or awaiting, an answer arrives whenever it comes: before the polling
+    /// window ends, and after it (a long prefill).
+    #[tokio::test]
+    async fn answers_arrive_polled_or_awaited() {
+        for poll in [true, false] {
+            for delay in [
+                Duration::from_millis(2),
+                POLL_FOR_ANSWER + Duration::from_millis(20),
+            ] {
+                let call = async move {
+                    tokio::time::sleep(delay).await;
+                    7
+                };
+                let asked = Instant::now();
+                assert_eq!(answer(call, poll).await, 7);
+                assert!(asked.elapsed() >= delay);
+            }
+        }
+    }
 
     fn generation(request_id: u64, token: u32, finished: bool) -> Generation {
         Generation {
