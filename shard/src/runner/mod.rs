@@ -5,6 +5,7 @@
 pub mod batch;
 #[cfg(feature = "cuda")]
 pub mod decode_graphs;
+mod output;
 pub mod sampler;
 pub mod stopping;
 pub mod warmup;
@@ -12,27 +13,22 @@ pub mod worker;
 
 use crate::cache::KvCache;
 use crate::models::{ForwardBatch, Model, SequenceInput};
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use batch::{BatchState, RequestState};
 use candle_core::{DType, Device, Tensor};
 use model_store::ModelFiles;
 use proto::v3::{
-    Batch, CachedBatch, DecodeResponse, GeneratedText, Generation, InfoResponse, PrefillResponse,
-    Tokens,
+    Batch, CachedBatch, DecodeResponse, Generation, InfoResponse, PrefillResponse,
 };
-use sampler::Choice;
-use std::collections::{HashMap, HashSet};
+use output::TokenOutput;
+use std::collections::HashMap;
 use std::time::Instant;
-use stopping::{decode_generated, IncrementalDecoder};
-use tokenizers::Tokenizer;
 use warmup::KvMemory;
 
 pub struct Runner {
     model: Box<dyn Model>,
     device: Device,
-    tokenizer: Tokenizer,
-    eos_token_ids: Vec<u32>,
-    special_token_ids: HashSet<u32>,
+    output: TokenOutput,
     /// Fed to the health check's one-token forward pass.
     health_token_id: u32,
     block_size: usize,
@@ -106,9 +102,11 @@ impl Runner {
         Ok(Self {
             model,
             device,
-            tokenizer,
-            eos_token_ids: special.eos_token_ids,
-            special_token_ids,
+            output: TokenOutput {
+                tokenizer,
+                eos_token_ids: special.eos_token_ids,
+                special_token_ids,
+            },
             health_token_id: special.bos_token_id.unwrap_or(0),
             block_size: config.block_size,
             kv_memory: config.kv_memory,
@@ -352,23 +350,7 @@ impl Runner {
         let choices = sampler::choose_tokens(&last_logits, &mut choosers)?;
         let prompt_logprobs = self.prompt_logprobs(&logits, requests, &rows)?;
 
-        let mut generations = Vec::with_capacity(requests.len());
-        let mut finished = Vec::new();
-        for ((request, choice), prompt_logprobs) in
-            requests.iter_mut().zip(choices).zip(prompt_logprobs)
-        {
-            let prefill_tokens = prompt_logprobs
-                .map(|lp| self.prompt_tokens(request, lp))
-                .transpose()?;
-            let (generation, done) = self.advance(request, choice)?;
-            if done {
-                finished.push(request.id);
-            }
-            generations.push(Generation {
-                prefill_tokens,
-                ..generation
-            });
-        }
+        let (generations, finished) = self.output.deliver(requests, choices, prompt_logprobs)?;
         requests.retain(|r| !finished.contains(&r.id));
         Ok(StepOutput {
             generations,
@@ -480,80 +462,6 @@ impl Runner {
                 })
             })
             .collect())
-    }
-
-    fn prompt_tokens(&self, request: &RequestState, logprobs: Vec<f32>) -> Result<Tokens> {
-        let prompt = &request.tokens[..request.prompt_len];
-        let mut decoder = IncrementalDecoder::new(0);
-        let texts = (1..=prompt.len())
-            .map(|n| decoder.next(&self.tokenizer, &prompt[..n]))
-            .collect::<Result<_>>()?;
-        Ok(Tokens {
-            ids: prompt.to_vec(),
-            logprobs,
-            texts,
-            is_special: prompt
-                .iter()
-                .map(|id| self.special_token_ids.contains(id))
-                .collect(),
-        })
-    }
-
-    /// Appends the chosen token to the request; returns its Generation and whether it finished.
-    fn advance(&self, request: &mut RequestState, choice: Choice) -> Result<(Generation, bool)> {
-        request.tokens.push(choice.id);
-        request.cached_len = request.tokens.len() - 1;
-        request.chooser.record(choice.id);
-        let text = request.decoder.next(&self.tokenizer, &request.tokens)?;
-        let finish_reason = request
-            .stopping
-            .check(choice.id, &text, &self.eos_token_ids);
-        let generated_text = finish_reason
-            .map(|reason| -> Result<GeneratedText> {
-                let params = request.chooser.params();
-                Ok(GeneratedText {
-                    text: decode_generated(&self.tokenizer, &request.tokens, request.prompt_len)?,
-                    generated_tokens: request.stopping.generated_tokens(),
-                    finish_reason: reason as i32,
-                    seed: params.do_sample.then_some(params.seed),
-                })
-            })
-            .transpose()?;
-        let top_tokens = if choice.top.is_empty() {
-            vec![]
-        } else {
-            let (ids, logprobs): (Vec<u32>, Vec<f32>) = choice.top.into_iter().unzip();
-            let texts = ids
-                .iter()
-                .map(|&id| {
-                    self.tokenizer
-                        .decode(&[id], false)
-                        .map_err(|e| anyhow!("detokenizing: {e}"))
-                })
-                .collect::<Result<_>>()?;
-            vec![self.tokens(ids, logprobs, texts)]
-        };
-        let generation = Generation {
-            request_id: request.id,
-            prefill_tokens: None,
-            tokens: Some(self.tokens(vec![choice.id], vec![choice.logprob], vec![text])),
-            top_tokens,
-            generated_text,
-        };
-        Ok((generation, finish_reason.is_some()))
-    }
-
-    fn tokens(&self, ids: Vec<u32>, logprobs: Vec<f32>, texts: Vec<String>) -> Tokens {
-        let is_special = ids
-            .iter()
-            .map(|id| self.special_token_ids.contains(id))
-            .collect();
-        Tokens {
-            ids,
-            logprobs,
-            texts,
-            is_special,
-        }
     }
 }
 
