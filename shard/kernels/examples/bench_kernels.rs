@@ -99,7 +99,15 @@ fn main() -> Result<()> {
         );
     }
 
-    for (seqs, ctx) in [(64, 1024), (64, 2048), (8, 8192), (1, 32768), (256, 512)] {
+    for (seqs, ctx) in [
+        (1, 600),
+        (64, 600),
+        (64, 1024),
+        (64, 2048),
+        (8, 8192),
+        (1, 32768),
+        (256, 512),
+    ] {
         let label = format!("decode {seqs} seqs x {ctx} ctx");
         if !wanted(&label) {
             continue;
