@@ -2,7 +2,7 @@
 //
 // Sequence s has new_len = cu_seqlens_q[s+1] - cu_seqlens_q[s] new tokens, which are
 // the LAST new_len of its context_lens[s] positions (a cached prefix comes first).
-// K/V are read from the cache (reshape_and_cache has already written the new rows).
+// K/V are read from the cache (rope_and_cache has already written the new rows).
 //
 // One CTA = 4 warps = a tile of BM query rows of one head; each warp owns 16 rows.
 // K/V tiles of BN keys stream through a two-stage shared-memory ring (cp.async: the
