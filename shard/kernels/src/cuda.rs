@@ -109,7 +109,7 @@ pub fn rope_and_cache(
     if tokens == 0 {
         return Tensor::zeros((0, heads, head_dim), dtype, q.device());
     }
-    q.apply_op1_no_bwd(&RopeAndCache {
+    q.apply_op1_no_bwd(&OnCuda(RopeAndCache {
         k,
         v,
         cos,
@@ -121,7 +121,7 @@ pub fn rope_and_cache(
         heads,
         kv_heads,
         head_dim,
-    })
+    }))
 }
 
 struct RopeAndCache<'a> {
@@ -138,16 +138,10 @@ struct RopeAndCache<'a> {
     head_dim: usize,
 }
 
-impl candle_core::CustomOp1 for RopeAndCache<'_> {
-    fn name(&self) -> &'static str {
-        "rope-and-cache"
-    }
+impl CudaOp1 for RopeAndCache<'_> {
+    const NAME: &'static str = "rope_and_cache";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("rope_and_cache runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
         match q.dtype() {
             DType::BF16 => self.launch::<half::bf16>(q, q_l, "bf16"),
             _ => self.launch::<half::f16>(q, q_l, "f16"),
@@ -245,21 +239,15 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     if rows == 0 {
         return gate_up.narrow(dims.len() - 1, 0, width / 2)?.zeros_like();
     }
-    gate_up.apply_op1_no_bwd(&SiluMul)
+    gate_up.apply_op1_no_bwd(&OnCuda(SiluMul))
 }
 
 struct SiluMul;
 
-impl candle_core::CustomOp1 for SiluMul {
-    fn name(&self) -> &'static str {
-        "silu-mul"
-    }
+impl CudaOp1 for SiluMul {
+    const NAME: &'static str = "silu_mul";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("silu_mul runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(&self, input: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, input: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         fn launch<T: CudaDType + DeviceRepr>(
             input: &CudaStorage,
             layout: &Layout,
@@ -532,21 +520,15 @@ pub fn greedy(logits: &Tensor) -> Result<Tensor> {
     if rows == 0 || vocab == 0 {
         bail!("greedy needs logits, got [{rows}, {vocab}]");
     }
-    logits.apply_op1_no_bwd(&Greedy)
+    logits.apply_op1_no_bwd(&OnCuda(Greedy))
 }
 
 struct Greedy;
 
-impl candle_core::CustomOp1 for Greedy {
-    fn name(&self) -> &'static str {
-        "greedy"
-    }
+impl CudaOp1 for Greedy {
+    const NAME: &'static str = "greedy";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("greedy runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         const THREADS: u32 = 1024; // GREEDY_THREADS in sampling.cu
         let dev = logits.device();
         let (rows, vocab) = layout.shape().dims2()?;
@@ -601,7 +583,7 @@ pub fn paged_attention_decode(
     if paged.q_rows == 0 {
         return q.zeros_like();
     }
-    q.apply_op1_no_bwd(&Decode(paged))
+    q.apply_op1_no_bwd(&OnCuda(Decode(paged)))
 }
 
 /// Causal attention for a ragged prefill batch. `q` is `[total_new_tokens, heads,
@@ -638,10 +620,10 @@ pub fn paged_attention_prefill(
     if paged.q_rows == 0 {
         return q.zeros_like();
     }
-    q.apply_op1_no_bwd(&Prefill {
+    q.apply_op1_no_bwd(&OnCuda(Prefill {
         paged,
         cu_seqlens_q,
-    })
+    }))
 }
 
 /// The arguments both attention kernels share, validated.
@@ -755,6 +737,31 @@ impl<'a> PagedKv<'a> {
     }
 }
 
+/// A kernel op on one main operand that runs on CUDA devices only; [`OnCuda`] makes it
+/// a candle custom op.
+trait CudaOp1 {
+    /// The public function's name, for candle and for errors.
+    const NAME: &'static str;
+
+    fn cuda(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)>;
+}
+
+struct OnCuda<O>(O);
+
+impl<O: CudaOp1> candle_core::CustomOp1 for OnCuda<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("{} runs on CUDA devices only", O::NAME)
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.0.cuda(storage, layout)
+    }
+}
+
 /// Storage of a tensor passed next to the op's main operand, read-locked.
 struct Bound<'t, G> {
     storage: G,
@@ -793,16 +800,10 @@ impl<G: Deref<Target = Storage>> Bound<'_, G> {
 
 struct Decode<'a>(PagedKv<'a>);
 
-impl candle_core::CustomOp1 for Decode<'_> {
-    fn name(&self) -> &'static str {
-        "paged-attention-decode"
-    }
+impl CudaOp1 for Decode<'_> {
+    const NAME: &'static str = "paged_attention_decode";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("paged_attention_decode runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
         match self.0.dtype {
             DType::BF16 => self.launch::<half::bf16>(q, q_l),
             _ => self.launch::<half::f16>(q, q_l),
@@ -944,16 +945,10 @@ struct Prefill<'a> {
     cu_seqlens_q: &'a Tensor,
 }
 
-impl candle_core::CustomOp1 for Prefill<'_> {
-    fn name(&self) -> &'static str {
-        "paged-attention-prefill"
-    }
+impl CudaOp1 for Prefill<'_> {
+    const NAME: &'static str = "paged_attention_prefill";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("paged_attention_prefill runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
         match self.paged.dtype {
             DType::BF16 => self.launch::<half::bf16>(q, q_l),
             _ => self.launch::<half::f16>(q, q_l),
