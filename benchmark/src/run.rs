@@ -220,6 +220,7 @@ async fn measure(
             let response = client
                 .decode(DecodeRequest {
                     batches: std::mem::take(&mut cached),
+                    run_ahead: false,
                 })
                 .await
                 .context("Decode")?

@@ -105,7 +105,7 @@ impl Infer {
             max_batch_size: config.max_batch_size,
             waiting_served_ratio: config.waiting_served_ratio,
             max_waiting_tokens: config.max_waiting_tokens,
-            poll_steps: info.device_type == "cuda",
+            shards_on_gpu: info.device_type == "cuda",
         };
         let infer = Infer::spawn(client, allocator, batching_config, &config);
         let summary = ShardSummary {

@@ -322,10 +322,10 @@ impl TextGenerationService for ShardService {
         &self,
         request: GrpcRequest<DecodeRequest>,
     ) -> Result<Response<DecodeResponse>, Status> {
-        let batches = request.into_inner().batches;
+        let DecodeRequest { batches, run_ahead } = request.into_inner();
         let response = self
             .runner
-            .run(move |runner| runner.decode(batches))
+            .run(move |runner| runner.decode(batches, run_ahead))
             .await
             .map_err(status)?;
         Ok(Response::new(response))

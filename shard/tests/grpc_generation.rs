@@ -261,13 +261,33 @@ async fn decode(
     batches: Vec<CachedBatch>,
     outputs: &mut Outputs,
 ) -> Option<CachedBatch> {
+    decode_with(client, batches, outputs, false).await
+}
+
+/// A decode step; with `run_ahead`, the shard starts the next one before answering.
+async fn decode_with(
+    client: &mut TextGenerationServiceClient<Channel>,
+    batches: Vec<CachedBatch>,
+    outputs: &mut Outputs,
+    run_ahead: bool,
+) -> Option<CachedBatch> {
+    decode_timed(client, batches, outputs, run_ahead).await.0
+}
+
+/// [`decode_with`], also returning the shard's `forward_ns` for the step.
+async fn decode_timed(
+    client: &mut TextGenerationServiceClient<Channel>,
+    batches: Vec<CachedBatch>,
+    outputs: &mut Outputs,
+    run_ahead: bool,
+) -> (Option<CachedBatch>, u64) {
     let response = client
-        .decode(DecodeRequest { batches })
+        .decode(DecodeRequest { batches, run_ahead })
         .await
         .unwrap()
         .into_inner();
     outputs.record(response.generations);
-    response.batch
+    (response.batch, response.forward_ns)
 }
 
 /// Prefills then decodes the batch until every request finished.
@@ -441,6 +461,65 @@ async fn continuous_batching_does_not_change_greedy_tokens() {
     );
 }
 
+/// Decode steps started ahead (`run_ahead`) give the tokens of steps run on request,
+/// also when a filter or a joining prefill comes in between and discards them.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_ahead_does_not_change_greedy_tokens() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let alone = generate(&mut client, batch(1, vec![blocks.request(1, PROMPT, 12)])).await;
+    let joiner_alone = generate(&mut client, batch(2, vec![blocks.request(2, "Hello", 4)])).await;
+
+    let mut outputs = Outputs::default();
+    let first = batch(
+        3,
+        vec![
+            blocks.request(10, PROMPT, 12),
+            blocks.request(11, "Hello", 8),
+        ],
+    );
+    let mut cached = prefill(&mut client, first, &mut outputs).await.unwrap();
+    let mut forward_ns = Vec::new();
+    for _ in 0..2 {
+        let (batch, ns) = decode_timed(&mut client, vec![cached], &mut outputs, true).await;
+        cached = batch.unwrap();
+        forward_ns.push(ns);
+    }
+    // The second step found its forward pass done (on a CPU the step run ahead is
+    // computed before the first answers): it only waited for the device.
+    assert!(
+        forward_ns[1] * 10 < forward_ns[0],
+        "forward of a step run ahead: {forward_ns:?} ns"
+    );
+    // The router drops request 11 (its client left): the step run ahead is discarded.
+    let request = FilterBatchRequest {
+        batch_id: cached.id,
+        request_ids: vec![10],
+    };
+    cached = client
+        .filter_batch(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap();
+    for _ in 0..2 {
+        cached = decode_with(&mut client, vec![cached], &mut outputs, true)
+            .await
+            .unwrap();
+    }
+    // So does a joining prefill that carries the running batch.
+    let joining = batch(4, vec![blocks.request(12, "Hello", 4)]);
+    let mut cached = mixed_prefill(&mut client, joining, Some(cached), &mut outputs).await;
+    while let Some(batch) = cached {
+        cached = decode_with(&mut client, vec![batch], &mut outputs, true).await;
+    }
+    assert_eq!(outputs.tokens[&10], alone.tokens[&1]);
+    assert_eq!(outputs.finished[&10].text, alone.finished[&1].text);
+    assert_eq!(outputs.tokens[&12], joiner_alone.tokens[&2]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mixed_prefill_decodes_the_cached_batch_in_the_same_pass() {
     let shard = Shard::spawn();
@@ -451,20 +530,39 @@ async fn a_mixed_prefill_decodes_the_cached_batch_in_the_same_pass() {
     let alone_b = generate(&mut client, batch(2, vec![blocks.request(2, JOINING, 8)])).await;
 
     let mut outputs = Outputs::default();
-    let mut running = prefill(&mut client, batch(5, vec![blocks.request(20, PROMPT, 10)]), &mut outputs)
-        .await
-        .unwrap();
+    let mut running = prefill(
+        &mut client,
+        batch(5, vec![blocks.request(20, PROMPT, 10)]),
+        &mut outputs,
+    )
+    .await
+    .unwrap();
     for _ in 0..2 {
-        running = decode(&mut client, vec![running], &mut outputs).await.unwrap();
+        running = decode(&mut client, vec![running], &mut outputs)
+            .await
+            .unwrap();
     }
     assert_eq!(outputs.tokens[&20].len(), 3);
     let joining = batch(6, vec![blocks.request(21, JOINING, 8)]);
     let mut cached = mixed_prefill(&mut client, joining, Some(running.clone()), &mut outputs).await;
     let merged = cached.clone().unwrap();
     assert_eq!((merged.id, merged.request_ids.clone()), (6, vec![20, 21]));
-    assert_eq!(outputs.tokens[&20].len(), 4, "the running request advanced one token");
-    assert_eq!(outputs.tokens[&21].len(), 1, "the new request got its first token");
-    let stale = client.decode(DecodeRequest { batches: vec![running] }).await;
+    assert_eq!(
+        outputs.tokens[&20].len(),
+        4,
+        "the running request advanced one token"
+    );
+    assert_eq!(
+        outputs.tokens[&21].len(),
+        1,
+        "the new request got its first token"
+    );
+    let stale = client
+        .decode(DecodeRequest {
+            batches: vec![running],
+            run_ahead: false,
+        })
+        .await;
     assert!(stale.is_err(), "the cached batch's id is consumed");
     while let Some(batch) = cached {
         cached = decode(&mut client, vec![batch], &mut outputs).await;
@@ -636,6 +734,7 @@ async fn clear_cache_drops_batches() {
     let error = client
         .decode(DecodeRequest {
             batches: vec![first],
+            run_ahead: false,
         })
         .await
         .unwrap_err();
@@ -653,7 +752,8 @@ async fn clear_cache_drops_batches() {
         .unwrap();
     assert!(client
         .decode(DecodeRequest {
-            batches: vec![second]
+            batches: vec![second],
+            run_ahead: false,
         })
         .await
         .is_err());
@@ -683,7 +783,12 @@ fn startup_errors_exit_with_code_1() {
 #[test]
 fn tensor_parallel_quantized_gguf_is_refused_clearly() {
     const WORLD_SIZE: u32 = 2;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let dir = tempfile::tempdir().unwrap();
     let ranks: Vec<_> = (0..WORLD_SIZE)
         .map(|rank| {
@@ -692,7 +797,14 @@ fn tensor_parallel_quantized_gguf_is_refused_clearly() {
                 .arg(model_path())
                 .arg("--uds-path")
                 .arg(dir.path().join("shard"))
-                .args(["--device", "cpu", "--rank", &rank.to_string(), "--world-size", &WORLD_SIZE.to_string()])
+                .args([
+                    "--device",
+                    "cpu",
+                    "--rank",
+                    &rank.to_string(),
+                    "--world-size",
+                    &WORLD_SIZE.to_string(),
+                ])
                 .args(["--master-addr", "127.0.0.1", "--master-port", &port])
                 .stdout(Stdio::piped())
                 .spawn()
@@ -703,6 +815,9 @@ fn tensor_parallel_quantized_gguf_is_refused_clearly() {
         let output = child.wait_with_output().unwrap();
         assert_eq!(output.status.code(), Some(1), "rank {rank}");
         let logs = String::from_utf8_lossy(&output.stdout);
-        assert!(logs.contains("tensor parallelism over quantized GGUF weights is not supported"), "rank {rank}: {logs}");
+        assert!(
+            logs.contains("tensor parallelism over quantized GGUF weights is not supported"),
+            "rank {rank}: {logs}"
+        );
     }
 }

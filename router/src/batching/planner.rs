@@ -17,8 +17,9 @@ pub struct BatchingConfig {
     /// Decode steps after which waiting requests join whatever their number.
     pub max_waiting_tokens: usize,
     /// The shards compute on GPUs: the loop polls for each step's answer instead of
-    /// sleeping on it (on CPUs the spinning thread would slow the model down).
-    pub poll_steps: bool,
+    /// sleeping on it (on CPUs the spinning thread would slow the model down), and a
+    /// lone request's decode steps run ahead.
+    pub shards_on_gpu: bool,
 }
 
 /// Why new requests joined the running batch (`tgi_batch_concat{reason}`).
@@ -107,7 +108,7 @@ mod tests {
             max_batch_size: Some(8),
             waiting_served_ratio: 0.3,
             max_waiting_tokens: 20,
-            poll_steps: false,
+            shards_on_gpu: false,
         }
     }
 

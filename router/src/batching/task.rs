@@ -39,7 +39,7 @@ pub async fn batching_task(
         while let Some(NextBatch { mut entries, batch }) =
             queue.next_batch(config.first_batch_limits()).await
         {
-            let poll = config.poll_steps;
+            let poll = config.shards_on_gpu;
             let mut running = step(
                 &client,
                 Step::Prefill(batch, None),
@@ -78,10 +78,20 @@ pub async fn batching_task(
                             )
                             .await;
                             entries.extend(new_entries);
-                            Step::Decode([batch].into_iter().chain(prefilled).collect())
+                            Step::Decode {
+                                batches: [batch].into_iter().chain(prefilled).collect(),
+                                run_ahead: false,
+                            }
                         }
                     }
-                    None => Step::Decode(vec![batch]),
+                    // A lone request's next step is started before this one answers:
+                    // it hides the round trip between steps (~0.35 ms of ~6 on an
+                    // H100), and with one request running a join that discards it
+                    // wastes little.
+                    None => Step::Decode {
+                        run_ahead: config.shards_on_gpu && batch.size == 1,
+                        batches: vec![batch],
+                    },
                 };
                 running = step(&client, next_step, &mut entries, &health, poll).await;
                 // A mixed step is also a decode step of the running requests.
@@ -99,7 +109,11 @@ enum Step {
     /// one decode step of it, the union then cached under the new batch's id.
     Prefill(Batch, Option<CachedBatch>),
     /// One step over the union of these cached batches.
-    Decode(Vec<CachedBatch>),
+    /// With `run_ahead`, the shards start the following step before answering.
+    Decode {
+        batches: Vec<CachedBatch>,
+        run_ahead: bool,
+    },
 }
 
 impl Step {
@@ -107,7 +121,7 @@ impl Step {
     fn method(&self) -> &'static str {
         match self {
             Step::Prefill(..) => "prefill",
-            Step::Decode(_) => "decode",
+            Step::Decode { .. } => "decode",
         }
     }
 
@@ -117,7 +131,7 @@ impl Step {
     fn cache_to_clear(&self) -> Option<u64> {
         match self {
             Step::Prefill(batch, None) => Some(batch.id),
-            Step::Prefill(_, Some(_)) | Step::Decode(_) => None,
+            Step::Prefill(_, Some(_)) | Step::Decode { .. } => None,
         }
     }
 }
@@ -184,7 +198,9 @@ async fn run_step(
             }
             answer(client.prefill(batch, cached_batch), poll).await?
         }
-        Step::Decode(batches) => answer(client.decode(batches), poll).await?,
+        Step::Decode { batches, run_ahead } => {
+            answer(client.decode(batches, run_ahead), poll).await?
+        }
     };
     deliver(generations, entries);
     let running = filter_batch(client, running, entries).await?;

@@ -136,10 +136,16 @@ impl ShardClient {
     }
 
     /// One decoding step over the union of `batches`.
-    pub async fn decode(&mut self, batches: Vec<CachedBatch>) -> Result<StepResult> {
+    /// One decode step; with `run_ahead` the shard starts the next one before answering
+    /// (`DecodeRequest.run_ahead`).
+    pub async fn decode(
+        &mut self,
+        batches: Vec<CachedBatch>,
+        run_ahead: bool,
+    ) -> Result<StepResult> {
         let response = self
             .stub
-            .decode(DecodeRequest { batches })
+            .decode(DecodeRequest { batches, run_ahead })
             .await?
             .into_inner();
         let timings = StepTimings {

@@ -106,10 +106,10 @@ impl ShardedClient {
         .await
     }
 
-    pub async fn decode(&self, batches: Vec<CachedBatch>) -> Result<StepResult> {
+    pub async fn decode(&self, batches: Vec<CachedBatch>, run_ahead: bool) -> Result<StepResult> {
         self.on_all_shards(|mut client| {
             let batches = batches.clone();
-            async move { client.decode(batches).await }
+            async move { client.decode(batches, run_ahead).await }
         })
         .await
     }
@@ -238,7 +238,7 @@ mod tests {
             .unwrap_err();
         assert!(error.to_string().contains("no batch 5"), "{error}");
         client
-            .decode(vec![merged])
+            .decode(vec![merged], false)
             .await
             .expect("the union decodes under the new id");
     }

@@ -17,10 +17,8 @@ use anyhow::{bail, ensure, Context, Result};
 use batch::{BatchState, RequestState};
 use candle_core::{DType, Device, Tensor};
 use model_store::ModelFiles;
-use proto::v3::{
-    Batch, CachedBatch, DecodeResponse, Generation, InfoResponse, PrefillResponse,
-};
 use output::TokenOutput;
+use proto::v3::{Batch, CachedBatch, DecodeResponse, Generation, InfoResponse, PrefillResponse};
 use std::collections::HashMap;
 use std::time::Instant;
 use warmup::KvMemory;
@@ -49,6 +47,17 @@ pub struct Runner {
     #[cfg(feature = "cuda")]
     profiled_decode_batch: Option<usize>,
     batches: HashMap<u64, BatchState>,
+    /// The next decode step's forward pass, started before the last step answered.
+    ahead: Option<RunAhead>,
+}
+
+/// Logits of a decode step computed ahead (`DecodeRequest.run_ahead`), for the batch as
+/// it stood when they were started.
+struct RunAhead {
+    batch_id: u64,
+    request_ids: Vec<u64>,
+    /// `[requests, vocab]`, possibly still being computed on the device.
+    logits: Tensor,
 }
 
 /// Generations of one step and how long its parts took.
@@ -121,6 +130,7 @@ impl Runner {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             batches: HashMap::new(),
+            ahead: None,
         })
     }
 
@@ -161,6 +171,7 @@ impl Runner {
         cached: Option<CachedBatch>,
     ) -> Result<PrefillResponse> {
         let start = Instant::now();
+        self.ahead = None;
         ensure!(
             !self.batches.contains_key(&batch.id),
             "batch {} already exists",
@@ -192,7 +203,7 @@ impl Runner {
             id: batch.id,
             requests,
         };
-        let step = self.step(&mut state.requests);
+        let step = self.step(&mut state.requests, None);
         // As after a decode, what was cached stays cached when the step failed: the
         // router decides to clear it.
         let cached_state = self.keep(state);
@@ -206,7 +217,9 @@ impl Runner {
         })
     }
 
-    pub fn decode(&mut self, batches: Vec<CachedBatch>) -> Result<DecodeResponse> {
+    /// One decode step; with `run_ahead`, the next one's forward pass is started before
+    /// this one answers (see [`RunAhead`]).
+    pub fn decode(&mut self, batches: Vec<CachedBatch>, run_ahead: bool) -> Result<DecodeResponse> {
         let start = Instant::now();
         ensure!(!batches.is_empty(), "decode needs at least one batch");
         if let Some(missing) = batches.iter().find(|b| !self.batches.contains_key(&b.id)) {
@@ -220,10 +233,27 @@ impl Runner {
         let _profiled = (self.profiled_decode_batch == Some(state.requests.len()))
             .then(candle_core::cuda_backend::cudarc::driver::Profiler::new)
             .transpose()?;
-        let step = self.step(&mut state.requests);
+        let ahead = self
+            .ahead
+            .take()
+            .filter(|a| {
+                batches.len() == 1
+                    && a.batch_id == state.id
+                    && a.request_ids
+                        .iter()
+                        .copied()
+                        .eq(state.requests.iter().map(|r| r.id))
+            })
+            .map(|a| a.logits);
+        let step = self.step(&mut state.requests, ahead);
         // The batch stays cached even when the step failed: the router decides to clear it.
         let cached = self.keep(state);
         let step = step?;
+        if run_ahead {
+            if let Some(cached) = &cached {
+                self.start_ahead(cached.id);
+            }
+        }
         Ok(DecodeResponse {
             generations: step.generations,
             batch: cached,
@@ -235,6 +265,7 @@ impl Runner {
     }
 
     pub fn filter(&mut self, batch_id: u64, request_ids: &[u64]) -> Result<CachedBatch> {
+        self.ahead = None;
         let state = self
             .batches
             .get_mut(&batch_id)
@@ -249,6 +280,7 @@ impl Runner {
 
     /// Drops one cached batch (unknown ids are ignored), or all of them.
     pub fn clear(&mut self, batch_id: Option<u64>) {
+        self.ahead = None;
         match batch_id {
             Some(id) => {
                 self.batches.remove(&id);
@@ -286,8 +318,66 @@ impl Runner {
         Some(cached)
     }
 
-    /// One forward pass and one new token for each request; finished requests are removed.
-    fn step(&mut self, requests: &mut Vec<RequestState>) -> Result<StepOutput> {
+    /// The forward pass of the requests' pending tokens (a decode graph's replay when one
+    /// fits), returning the logits of `logits_rows`; asynchronous on a GPU.
+    fn forward(&mut self, requests: &[RequestState], logits_rows: &[u32]) -> Result<Tensor> {
+        if !requests.iter().any(RequestState::in_prefill) {
+            if let Some(logits) = self.replay_decode_graph(requests)? {
+                return Ok(logits);
+            }
+        }
+        let cache = self
+            .cache
+            .as_mut()
+            .context("the KV cache does not exist yet: call Warmup first")?;
+        let inputs: Vec<SequenceInput> = requests
+            .iter()
+            .map(|r| SequenceInput {
+                new_token_ids: r.pending_tokens(),
+                start_position: r.cached_len,
+                slots: &r.slots,
+                block_table: &r.blocks,
+            })
+            .collect();
+        let forward_batch = ForwardBatch::new(&inputs, logits_rows, &self.device)?;
+        Ok(self.model.forward(&forward_batch, cache)?)
+    }
+
+    /// Starts the next decode step's forward pass of batch `batch_id` (see [`RunAhead`]);
+    /// a batch that cannot step right now (a request without its next KV slot) is left
+    /// to the next call.
+    fn start_ahead(&mut self, batch_id: u64) {
+        let Some(state) = self.batches.remove(&batch_id) else {
+            return;
+        };
+        let ready = state
+            .requests
+            .iter()
+            .all(|r| !r.in_prefill() && r.check_slots().is_ok());
+        if ready {
+            let rows: Vec<u32> = (0..state.requests.len() as u32).collect();
+            match self.forward(&state.requests, &rows) {
+                Ok(logits) => {
+                    self.ahead = Some(RunAhead {
+                        batch_id,
+                        request_ids: state.requests.iter().map(|r| r.id).collect(),
+                        logits,
+                    })
+                }
+                // The step itself will run it again, and report what fails.
+                Err(e) => tracing::warn!("running the next decode step ahead failed: {e:#}"),
+            }
+        }
+        self.batches.insert(batch_id, state);
+    }
+
+    /// One forward pass and one new token for each request; finished requests are
+    /// removed. `ahead`: the pass's logits, already computed by [`Self::start_ahead`].
+    fn step(
+        &mut self,
+        requests: &mut Vec<RequestState>,
+        ahead: Option<Tensor>,
+    ) -> Result<StepOutput> {
         let start = Instant::now();
         for request in requests.iter() {
             request.check_slots()?;
@@ -310,30 +400,9 @@ impl Runner {
             });
             token_offset += fed;
         }
-        let graph_logits = if requests.iter().any(RequestState::in_prefill) {
-            None
-        } else {
-            self.replay_decode_graph(requests)?
-        };
-        let logits = match graph_logits {
+        let logits = match ahead {
             Some(logits) => logits,
-            None => {
-                let cache = self
-                    .cache
-                    .as_mut()
-                    .context("the KV cache does not exist yet: call Warmup first")?;
-                let inputs: Vec<SequenceInput> = requests
-                    .iter()
-                    .map(|r| SequenceInput {
-                        new_token_ids: r.pending_tokens(),
-                        start_position: r.cached_len,
-                        slots: &r.slots,
-                        block_table: &r.blocks,
-                    })
-                    .collect();
-                let forward_batch = ForwardBatch::new(&inputs, &logits_rows, &self.device)?;
-                self.model.forward(&forward_batch, cache)?
-            }
+            None => self.forward(requests, &logits_rows)?,
         };
         self.device.synchronize()?;
         let forward_ns = start.elapsed().as_nanos() as u64;

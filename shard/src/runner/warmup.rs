@@ -24,6 +24,7 @@ const CUDA_SHRINK_ATTEMPTS: usize = 8;
 impl Runner {
     pub fn warmup(&mut self, request: WarmupRequest) -> Result<WarmupResponse> {
         self.batches.clear();
+        self.ahead = None;
         #[cfg(feature = "cuda")]
         {
             // The graphs hold the old cache's addresses.
@@ -121,7 +122,7 @@ impl Runner {
             .iter()
             .map(RequestState::from_proto)
             .collect::<Result<Vec<_>>>()?;
-        self.step(&mut requests)?;
+        self.step(&mut requests, None)?;
         Ok(())
     }
 
