@@ -246,14 +246,12 @@ impl Runner {
             })
             .map(|a| a.logits);
         let step = self.step(&mut state.requests, ahead);
+        if run_ahead && step.is_ok() && !state.requests.is_empty() {
+            self.start_ahead(&state);
+        }
         // The batch stays cached even when the step failed: the router decides to clear it.
         let cached = self.keep(state);
         let step = step?;
-        if run_ahead {
-            if let Some(cached) = &cached {
-                self.start_ahead(cached.id);
-            }
-        }
         Ok(DecodeResponse {
             generations: step.generations,
             batch: cached,
@@ -343,32 +341,25 @@ impl Runner {
         Ok(self.model.forward(&forward_batch, cache)?)
     }
 
-    /// Starts the next decode step's forward pass of batch `batch_id` (see [`RunAhead`]);
-    /// a batch that cannot step right now (a request without its next KV slot) is left
-    /// to the next call.
-    fn start_ahead(&mut self, batch_id: u64) {
-        let Some(state) = self.batches.remove(&batch_id) else {
+    /// Starts the next decode step's forward pass of `state` (see [`RunAhead`]); a batch
+    /// that cannot step right now (a request without its next KV slot) is left to the
+    /// next call.
+    fn start_ahead(&mut self, state: &BatchState) {
+        if !state.requests.iter().all(|r| r.check_slots().is_ok()) {
             return;
-        };
-        let ready = state
-            .requests
-            .iter()
-            .all(|r| !r.in_prefill() && r.check_slots().is_ok());
-        if ready {
-            let rows: Vec<u32> = (0..state.requests.len() as u32).collect();
-            match self.forward(&state.requests, &rows) {
-                Ok(logits) => {
-                    self.ahead = Some(RunAhead {
-                        batch_id,
-                        request_ids: state.requests.iter().map(|r| r.id).collect(),
-                        logits,
-                    })
-                }
-                // The step itself will run it again, and report what fails.
-                Err(e) => tracing::warn!("running the next decode step ahead failed: {e:#}"),
-            }
         }
-        self.batches.insert(batch_id, state);
+        let rows: Vec<u32> = (0..state.requests.len() as u32).collect();
+        match self.forward(&state.requests, &rows) {
+            Ok(logits) => {
+                self.ahead = Some(RunAhead {
+                    batch_id: state.id,
+                    request_ids: state.requests.iter().map(|r| r.id).collect(),
+                    logits,
+                })
+            }
+            // The step itself will run it again, and report what fails.
+            Err(e) => tracing::warn!("running the next decode step ahead failed: {e:#}"),
+        }
     }
 
     /// One forward pass and one new token for each request; finished requests are
