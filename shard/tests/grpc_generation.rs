@@ -461,38 +461,36 @@ async fn continuous_batching_does_not_change_greedy_tokens() {
     );
 }
 
-/// Decode steps started ahead (`run_ahead`) give the tokens of steps run on request,
-/// also when a filter or a joining prefill comes in between and discards them.
+/// Decode steps started ahead (`run_ahead`) give the tokens of steps run on request, and
+/// serve the next step of their requests across a filter, a joining prefill that carries
+/// the running batch, and a decode that appends a batch prefilled alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn running_ahead_does_not_change_greedy_tokens() {
     let shard = Shard::spawn();
     let mut client = shard.warm_client().await;
     let mut blocks = Blocks::new();
-    let alone = generate(&mut client, batch(1, vec![blocks.request(1, PROMPT, 12)])).await;
-    let joiner_alone = generate(&mut client, batch(2, vec![blocks.request(2, "Hello", 4)])).await;
+    const JOINING: &str = "Once upon a time, in a faraway land, there";
+    let alone = generate(&mut client, batch(1, vec![blocks.request(1, PROMPT, 16)])).await;
+    let mixed_alone = generate(&mut client, batch(2, vec![blocks.request(2, "Hello", 4)])).await;
+    let appended_alone = generate(&mut client, batch(3, vec![blocks.request(3, JOINING, 6)])).await;
 
     let mut outputs = Outputs::default();
     let first = batch(
-        3,
+        4,
         vec![
-            blocks.request(10, PROMPT, 12),
             blocks.request(11, "Hello", 8),
+            blocks.request(10, PROMPT, 16),
         ],
     );
     let mut cached = prefill(&mut client, first, &mut outputs).await.unwrap();
     let mut forward_ns = Vec::new();
     for _ in 0..2 {
-        let (batch, ns) = decode_timed(&mut client, vec![cached], &mut outputs, true).await;
-        cached = batch.unwrap();
+        let (running, ns) = decode_timed(&mut client, vec![cached], &mut outputs, true).await;
+        cached = running.unwrap();
         forward_ns.push(ns);
     }
-    // The second step found its forward pass done (on a CPU the step run ahead is
-    // computed before the first answers): it only waited for the device.
-    assert!(
-        forward_ns[1] * 10 < forward_ns[0],
-        "forward of a step run ahead: {forward_ns:?} ns"
-    );
-    // The router drops request 11 (its client left): the step run ahead is discarded.
+    // The router drops request 11 (its client left): request 10's row of the step run
+    // ahead serves.
     let request = FilterBatchRequest {
         batch_id: cached.id,
         request_ids: vec![10],
@@ -504,20 +502,42 @@ async fn running_ahead_does_not_change_greedy_tokens() {
         .into_inner()
         .batch
         .unwrap();
-    for _ in 0..2 {
-        cached = decode_with(&mut client, vec![cached], &mut outputs, true)
-            .await
-            .unwrap();
+    let (filtered, ns) = decode_timed(&mut client, vec![cached], &mut outputs, true).await;
+    cached = filtered.unwrap();
+    forward_ns.push(ns);
+    // Those steps found their forward pass done (on a CPU a step run ahead is computed
+    // before the previous one answers): they only waited for the device.
+    for ns in &forward_ns[1..] {
+        assert!(
+            ns * 10 < forward_ns[0],
+            "forward of steps run ahead: {forward_ns:?} ns"
+        );
     }
-    // So does a joining prefill that carries the running batch.
-    let joining = batch(4, vec![blocks.request(12, "Hello", 4)]);
-    let mut cached = mixed_prefill(&mut client, joining, Some(cached), &mut outputs).await;
-    while let Some(batch) = cached {
-        cached = decode_with(&mut client, vec![batch], &mut outputs, true).await;
+    // A joining prefill carrying the running batch takes its step run ahead.
+    let joining = batch(5, vec![blocks.request(12, "Hello", 4)]);
+    cached = mixed_prefill(&mut client, joining, Some(cached), &mut outputs)
+        .await
+        .unwrap();
+    cached = decode_with(&mut client, vec![cached], &mut outputs, true)
+        .await
+        .unwrap();
+    // A batch prefilled alone, then decoded after the running one: the running
+    // requests' rows come from the step run ahead, the new one's from a pass of its own.
+    let prefilled = prefill(
+        &mut client,
+        batch(6, vec![blocks.request(13, JOINING, 6)]),
+        &mut outputs,
+    )
+    .await
+    .unwrap();
+    let mut cached = decode_with(&mut client, vec![cached, prefilled], &mut outputs, true).await;
+    while let Some(running) = cached {
+        cached = decode_with(&mut client, vec![running], &mut outputs, true).await;
     }
     assert_eq!(outputs.tokens[&10], alone.tokens[&1]);
     assert_eq!(outputs.finished[&10].text, alone.finished[&1].text);
-    assert_eq!(outputs.tokens[&12], joiner_alone.tokens[&2]);
+    assert_eq!(outputs.tokens[&12], mixed_alone.tokens[&2]);
+    assert_eq!(outputs.tokens[&13], appended_alone.tokens[&3]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -17,8 +17,8 @@ pub struct BatchingConfig {
     /// Decode steps after which waiting requests join whatever their number.
     pub max_waiting_tokens: usize,
     /// The shards compute on GPUs: the loop polls for each step's answer instead of
-    /// sleeping on it (on CPUs the spinning thread would slow the model down), and a
-    /// lone request's decode steps run ahead.
+    /// sleeping on it (on CPUs the spinning thread would slow the model down), and
+    /// decode steps run ahead.
     pub shards_on_gpu: bool,
 }
 

@@ -70,6 +70,14 @@ impl RequestState {
         self.prompt_len as u32 + self.stopping.max_new_tokens()
     }
 
+    /// Appends the token chosen for the next position; its keys/values enter the cache
+    /// with the next forward pass.
+    pub fn accept(&mut self, token: u32) {
+        self.tokens.push(token);
+        self.cached_len = self.tokens.len() - 1;
+        self.chooser.record(token);
+    }
+
     /// Checks that the slots cover the next forward pass, for a clear error instead of a kernel fault.
     pub fn check_slots(&self) -> Result<()> {
         if self.slots.len() < self.tokens.len() {

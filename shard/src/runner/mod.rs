@@ -51,13 +51,35 @@ pub struct Runner {
     ahead: Option<RunAhead>,
 }
 
-/// Logits of a decode step computed ahead (`DecodeRequest.run_ahead`), for the batch as
-/// it stood when they were started.
+/// Logits of a decode step computed ahead (`DecodeRequest.run_ahead`): started as soon
+/// as a step chose its tokens, for the requests of that step that did not stop on their
+/// token (one that stops on a stop sequence leaves its row unused). They serve the next step that runs some of these requests
+/// first, in their order: a decode of the batch (alone, filtered, or followed by other
+/// batches) or a mixed prefill carrying it. Request ids are never reused.
 struct RunAhead {
-    batch_id: u64,
     request_ids: Vec<u64>,
     /// `[requests, vocab]`, possibly still being computed on the device.
     logits: Tensor,
+}
+
+impl RunAhead {
+    /// Logits rows for the leading `requests` that were run ahead; None when the first
+    /// one was not.
+    fn serving(self, requests: &[RequestState]) -> Result<Option<Tensor>> {
+        let row_of: HashMap<u64, u32> = self.request_ids.iter().copied().zip(0..).collect();
+        let rows: Vec<u32> = requests
+            .iter()
+            .map_while(|r| row_of.get(&r.id).copied())
+            .collect();
+        Ok(if rows.is_empty() {
+            None
+        } else if rows.iter().copied().eq(0..rows.len() as u32) {
+            Some(self.logits.narrow(0, 0, rows.len())?)
+        } else {
+            let rows = Tensor::new(rows.as_slice(), self.logits.device())?;
+            Some(self.logits.index_select(&rows, 0)?)
+        })
+    }
 }
 
 /// Generations of one step and how long its parts took.
@@ -171,7 +193,6 @@ impl Runner {
         cached: Option<CachedBatch>,
     ) -> Result<PrefillResponse> {
         let start = Instant::now();
-        self.ahead = None;
         ensure!(
             !self.batches.contains_key(&batch.id),
             "batch {} already exists",
@@ -198,12 +219,23 @@ impl Runner {
             .and_then(|c| self.batches.remove(&c.id))
             .map(|state| state.requests)
             .unwrap_or_default();
+        // A step run ahead for the cached batch is its decode step in this pass; a batch
+        // prefilled alone leaves it to the running one.
+        let ahead = if requests.is_empty() {
+            None
+        } else {
+            self.ahead
+                .take()
+                .map(|a| a.serving(&requests))
+                .transpose()?
+                .flatten()
+        };
         requests.extend(new_requests);
         let mut state = BatchState {
             id: batch.id,
             requests,
         };
-        let step = self.step(&mut state.requests, None);
+        let step = self.step(&mut state.requests, ahead, false);
         // As after a decode, what was cached stays cached when the step failed: the
         // router decides to clear it.
         let cached_state = self.keep(state);
@@ -233,22 +265,11 @@ impl Runner {
         let _profiled = (self.profiled_decode_batch == Some(state.requests.len()))
             .then(candle_core::cuda_backend::cudarc::driver::Profiler::new)
             .transpose()?;
-        let ahead = self
-            .ahead
-            .take()
-            .filter(|a| {
-                batches.len() == 1
-                    && a.batch_id == state.id
-                    && a.request_ids
-                        .iter()
-                        .copied()
-                        .eq(state.requests.iter().map(|r| r.id))
-            })
-            .map(|a| a.logits);
-        let step = self.step(&mut state.requests, ahead);
-        if run_ahead && step.is_ok() && !state.requests.is_empty() {
-            self.start_ahead(&state);
-        }
+        let ahead = match self.ahead.take() {
+            Some(ahead) => ahead.serving(&state.requests)?,
+            None => None,
+        };
+        let step = self.step(&mut state.requests, ahead, run_ahead);
         // The batch stays cached even when the step failed: the router decides to clear it.
         let cached = self.keep(state);
         let step = step?;
@@ -263,7 +284,6 @@ impl Runner {
     }
 
     pub fn filter(&mut self, batch_id: u64, request_ids: &[u64]) -> Result<CachedBatch> {
-        self.ahead = None;
         let state = self
             .batches
             .get_mut(&batch_id)
@@ -318,8 +338,8 @@ impl Runner {
 
     /// The forward pass of the requests' pending tokens (a decode graph's replay when one
     /// fits), returning the logits of `logits_rows`; asynchronous on a GPU.
-    fn forward(&mut self, requests: &[RequestState], logits_rows: &[u32]) -> Result<Tensor> {
-        if !requests.iter().any(RequestState::in_prefill) {
+    fn forward(&mut self, requests: &[&RequestState], logits_rows: &[u32]) -> Result<Tensor> {
+        if !requests.iter().any(|r| r.in_prefill()) {
             if let Some(logits) = self.replay_decode_graph(requests)? {
                 return Ok(logits);
             }
@@ -341,19 +361,18 @@ impl Runner {
         Ok(self.model.forward(&forward_batch, cache)?)
     }
 
-    /// Starts the next decode step's forward pass of `state` (see [`RunAhead`]); a batch
-    /// that cannot step right now (a request without its next KV slot) is left to the
-    /// next call.
-    fn start_ahead(&mut self, state: &BatchState) {
-        if !state.requests.iter().all(|r| r.check_slots().is_ok()) {
+    /// Starts the next decode step's forward pass of `requests` (see [`RunAhead`]);
+    /// requests that cannot step right now (one without its next KV slot) are left to
+    /// the next call.
+    fn start_ahead(&mut self, requests: &[&RequestState]) {
+        if !requests.iter().all(|r| r.check_slots().is_ok()) {
             return;
         }
-        let rows: Vec<u32> = (0..state.requests.len() as u32).collect();
-        match self.forward(&state.requests, &rows) {
+        let rows: Vec<u32> = (0..requests.len() as u32).collect();
+        match self.forward(requests, &rows) {
             Ok(logits) => {
                 self.ahead = Some(RunAhead {
-                    batch_id: state.id,
-                    request_ids: state.requests.iter().map(|r| r.id).collect(),
+                    request_ids: requests.iter().map(|r| r.id).collect(),
                     logits,
                 })
             }
@@ -363,20 +382,32 @@ impl Runner {
     }
 
     /// One forward pass and one new token for each request; finished requests are
-    /// removed. `ahead`: the pass's logits, already computed by [`Self::start_ahead`].
+    /// removed. `ahead`: logits of the first requests' decode step, already computed by
+    /// [`Self::start_ahead`]; the pass runs the others. With `run_ahead`, the next
+    /// step's pass starts as soon as the tokens are chosen, before they are detokenized.
     fn step(
         &mut self,
         requests: &mut Vec<RequestState>,
         ahead: Option<Tensor>,
+        run_ahead: bool,
     ) -> Result<StepOutput> {
         let start = Instant::now();
         for request in requests.iter() {
             request.check_slots()?;
         }
+        let ahead_rows = match &ahead {
+            Some(logits) => logits.dim(0)?,
+            None => 0,
+        };
         let mut logits_rows = Vec::new();
-        let mut rows = Vec::with_capacity(requests.len());
+        let mut rows: Vec<LogitsRows> = (0..ahead_rows as u32)
+            .map(|last| LogitsRows {
+                last,
+                prompt_start: None,
+            })
+            .collect();
         let mut token_offset = 0u32;
-        for request in requests.iter() {
+        for request in &requests[ahead_rows..] {
             let fed = request.pending_tokens().len() as u32;
             let wants_prompt = request.in_prefill() && request.prefill_logprobs;
             let prompt_start = wants_prompt.then_some(logits_rows.len() as u32);
@@ -386,14 +417,22 @@ impl Runner {
                 logits_rows.push(token_offset + fed - 1);
             }
             rows.push(LogitsRows {
-                last: logits_rows.len() as u32 - 1,
-                prompt_start,
+                last: (ahead_rows + logits_rows.len()) as u32 - 1,
+                prompt_start: prompt_start.map(|row| ahead_rows as u32 + row),
             });
             token_offset += fed;
         }
         let logits = match ahead {
-            Some(logits) => logits,
-            None => self.forward(requests, &logits_rows)?,
+            Some(ahead) if ahead_rows == requests.len() => ahead,
+            // A replayed decode graph writes its logits where the step run ahead may
+            // have left its own: they are copied first.
+            Some(ahead) => {
+                let ahead = ahead.copy()?;
+                let others: Vec<&RequestState> = requests[ahead_rows..].iter().collect();
+                let others = self.forward(&others, &logits_rows)?;
+                Tensor::cat(&[ahead, others], 0)?
+            }
+            None => self.forward(&requests.iter().collect::<Vec<_>>(), &logits_rows)?,
         };
         self.device.synchronize()?;
         let forward_ns = start.elapsed().as_nanos() as u64;
@@ -409,6 +448,23 @@ impl Runner {
         let mut choosers: Vec<_> = requests.iter_mut().map(|r| &mut r.chooser).collect();
         let choices = sampler::choose_tokens(&last_logits, &mut choosers)?;
         let prompt_logprobs = self.prompt_logprobs(&logits, requests, &rows)?;
+        for (request, choice) in requests.iter_mut().zip(&choices) {
+            request.accept(choice.id);
+        }
+        if run_ahead {
+            // Requests that stop on their token need no next step; stop sequences are
+            // only known after detokenizing, and their rows go unused.
+            let eos_token_ids = &self.output.eos_token_ids;
+            let continuing: Vec<&RequestState> = requests
+                .iter()
+                .zip(&choices)
+                .filter(|(r, c)| r.stopping.stops_on_token(c.id, eos_token_ids).is_none())
+                .map(|(r, _)| r)
+                .collect();
+            if !continuing.is_empty() {
+                self.start_ahead(&continuing);
+            }
+        }
 
         let (generations, finished) = self.output.deliver(requests, choices, prompt_logprobs)?;
         requests.retain(|r| !finished.contains(&r.id));
@@ -462,7 +518,7 @@ impl Runner {
 
     /// Logits of a decode step replayed by a captured graph, or None to run it eagerly.
     #[cfg(feature = "cuda")]
-    fn replay_decode_graph(&self, requests: &[RequestState]) -> Result<Option<Tensor>> {
+    fn replay_decode_graph(&self, requests: &[&RequestState]) -> Result<Option<Tensor>> {
         let Some(graphs) = &self.decode_graphs else {
             return Ok(None);
         };
@@ -484,7 +540,7 @@ impl Runner {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn replay_decode_graph(&self, _requests: &[RequestState]) -> Result<Option<Tensor>> {
+    fn replay_decode_graph(&self, _requests: &[&RequestState]) -> Result<Option<Tensor>> {
         Ok(None)
     }
 

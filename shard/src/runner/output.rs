@@ -1,5 +1,6 @@
-//! From chosen tokens to the Generations a step answers: each request's new token is
-//! appended, detokenized incrementally and checked against its stop conditions.
+//! From chosen tokens to the Generations a step answers: each request's new token,
+//! already appended, is detokenized incrementally and checked against its stop
+//! conditions.
 
 use super::batch::RequestState;
 use super::sampler::Choice;
@@ -22,9 +23,9 @@ pub struct TokenOutput {
 }
 
 impl TokenOutput {
-    /// Advances every request by its choice (and gives the prompt's tokens to those
-    /// with prompt logprobs); returns the Generations, in request order, and the ids of
-    /// the requests that finished.
+    /// Describes every request's choice, which it has accepted (and gives the prompt's
+    /// tokens to those with prompt logprobs); returns the Generations, in request order,
+    /// and the ids of the requests that finished.
     pub fn deliver(
         &self,
         requests: &mut [RequestState],
@@ -38,7 +39,7 @@ impl TokenOutput {
             let prefill_tokens = prompt_logprobs
                 .map(|lp| self.prompt_tokens(request, lp))
                 .transpose()?;
-            let (generation, done) = self.advance(request, choice)?;
+            let (generation, done) = self.describe(request, choice)?;
             Ok((
                 Generation {
                     prefill_tokens,
@@ -81,11 +82,8 @@ impl TokenOutput {
         })
     }
 
-    /// Appends the chosen token to the request; returns its Generation and whether it finished.
-    fn advance(&self, request: &mut RequestState, choice: Choice) -> Result<(Generation, bool)> {
-        request.tokens.push(choice.id);
-        request.cached_len = request.tokens.len() - 1;
-        request.chooser.record(choice.id);
+    /// The Generation of the token the request just accepted, and whether it finished.
+    fn describe(&self, request: &mut RequestState, choice: Choice) -> Result<(Generation, bool)> {
         let text = request.decoder.next(&self.tokenizer, &request.tokens)?;
         let finish_reason = request
             .stopping

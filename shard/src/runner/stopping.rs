@@ -46,15 +46,25 @@ impl StoppingCriteria {
         self.max_new_tokens
     }
 
+    /// Whether the next generated token stops generation by itself, before its text is
+    /// known: by length, then EOS (TGI's order).
+    pub fn stops_on_token(&self, token: u32, eos_token_ids: &[u32]) -> Option<FinishReason> {
+        if self.generated_tokens + 1 >= self.max_new_tokens {
+            Some(FinishReason::Length)
+        } else if !self.ignore_eos_token && eos_token_ids.contains(&token) {
+            Some(FinishReason::EosToken)
+        } else {
+            None
+        }
+    }
+
     /// Accounts for one generated token and its text; returns why generation stops, if it does.
     /// Checked in TGI's order: length, then EOS, then stop sequences.
     pub fn check(&mut self, token: u32, text: &str, eos_token_ids: &[u32]) -> Option<FinishReason> {
+        let on_token = self.stops_on_token(token, eos_token_ids);
         self.generated_tokens += 1;
-        if self.generated_tokens >= self.max_new_tokens {
-            return Some(FinishReason::Length);
-        }
-        if !self.ignore_eos_token && eos_token_ids.contains(&token) {
-            return Some(FinishReason::EosToken);
+        if on_token.is_some() {
+            return on_token;
         }
         if self.stop_sequences.is_empty() || text.is_empty() {
             return None;
@@ -187,7 +197,11 @@ mod tests {
     #[test]
     fn stops_at_max_new_tokens() {
         let mut c = criteria(2, &[], false);
+        assert_eq!(c.stops_on_token(1, &[6]), None);
         assert_eq!(c.check(1, "a", &[6]), None);
+        // Known before the text, and asking does not count the token.
+        assert_eq!(c.stops_on_token(1, &[6]), Some(FinishReason::Length));
+        assert_eq!(c.stops_on_token(1, &[6]), Some(FinishReason::Length));
         assert_eq!(c.check(1, "a", &[6]), Some(FinishReason::Length));
     }
 
@@ -197,7 +211,14 @@ mod tests {
             criteria(10, &[], false).check(6, "", &[6]),
             Some(FinishReason::EosToken)
         );
+        assert_eq!(
+            criteria(10, &[], false).stops_on_token(6, &[6]),
+            Some(FinishReason::EosToken)
+        );
         assert_eq!(criteria(10, &[], true).check(6, "", &[6]), None);
+        assert_eq!(criteria(10, &[], true).stops_on_token(6, &[6]), None);
+        // A stop sequence needs the text.
+        assert_eq!(criteria(10, &["a"], false).stops_on_token(1, &[6]), None);
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl Runner {
             .iter()
             .map(RequestState::from_proto)
             .collect::<Result<Vec<_>>>()?;
-        self.step(&mut requests, None)?;
+        self.step(&mut requests, None, false)?;
         Ok(())
     }
 
