@@ -522,7 +522,8 @@ async fn running_ahead_does_not_change_greedy_tokens() {
         .await
         .unwrap();
     // A batch prefilled alone, then decoded after the running one: the running
-    // requests' rows come from the step run ahead, the new one's from a pass of its own.
+    // requests' tokens come from the step run ahead, and the new request waits for the
+    // next pass rather than taking one of its own.
     let prefilled = prefill(
         &mut client,
         batch(6, vec![blocks.request(13, JOINING, 6)]),
@@ -531,6 +532,8 @@ async fn running_ahead_does_not_change_greedy_tokens() {
     .await
     .unwrap();
     let mut cached = decode_with(&mut client, vec![cached, prefilled], &mut outputs, true).await;
+    assert_eq!(outputs.tokens[&13].len(), 1, "only the prefill's token so far");
+    assert_eq!(cached.as_ref().unwrap().size, 3);
     while let Some(running) = cached {
         cached = decode_with(&mut client, vec![running], &mut outputs, true).await;
     }

@@ -11,6 +11,12 @@
 //! the new batch's id; that iteration needs no Decode of its own. A join too large
 //! to share the pass (new prompts plus one token per running request beyond
 //! `max_batch_prefill_tokens`) is prefilled alone, then decoded with the rest.
+//!
+//! On GPU shards every Decode asks the shards to run the next step ahead: they start
+//! its forward pass before answering, so that the round trip and the delivery of the
+//! tokens overlap it. The shards use that pass for the running requests of whatever
+//! step comes next (a mixed step included); a batch appended after a lone prefill
+//! joins the pass after.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;

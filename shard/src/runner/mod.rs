@@ -42,10 +42,10 @@ pub struct Runner {
     /// Captured by Warmup, after the cache.
     #[cfg(feature = "cuda")]
     decode_graphs: Option<decode_graphs::DecodeGraphs>,
-    /// `SHARD_PROFILE_DECODE_BATCH`: decode steps of this many requests run inside
+    /// `SHARD_PROFILE_BATCH`: prefill and decode steps of this many requests run inside
     /// `cuProfilerStart`/`Stop`, so that `ncu --profile-from-start off` sees only them.
     #[cfg(feature = "cuda")]
-    profiled_decode_batch: Option<usize>,
+    profiled_batch: Option<usize>,
     batches: HashMap<u64, BatchState>,
     /// The next decode step's forward pass, started before the last step answered.
     ahead: Option<RunAhead>,
@@ -148,7 +148,7 @@ impl Runner {
             #[cfg(feature = "cuda")]
             decode_graphs: None,
             #[cfg(feature = "cuda")]
-            profiled_decode_batch: std::env::var("SHARD_PROFILE_DECODE_BATCH")
+            profiled_batch: std::env::var("SHARD_PROFILE_BATCH")
                 .ok()
                 .and_then(|v| v.parse().ok()),
             batches: HashMap::new(),
@@ -235,6 +235,8 @@ impl Runner {
             id: batch.id,
             requests,
         };
+        #[cfg(feature = "cuda")]
+        let _profiled = self.profiler(state.requests.len())?;
         let step = self.step(&mut state.requests, ahead, false);
         // As after a decode, what was cached stays cached when the step failed: the
         // router decides to clear it.
@@ -262,9 +264,7 @@ impl Runner {
         state.concatenate(states.collect());
         let concat_ns = start.elapsed().as_nanos() as u64;
         #[cfg(feature = "cuda")]
-        let _profiled = (self.profiled_decode_batch == Some(state.requests.len()))
-            .then(candle_core::cuda_backend::cudarc::driver::Profiler::new)
-            .transpose()?;
+        let _profiled = self.profiler(state.requests.len())?;
         let ahead = match self.ahead.take() {
             Some(ahead) => ahead.serving(&state.requests)?,
             None => None,
@@ -383,8 +383,10 @@ impl Runner {
 
     /// One forward pass and one new token for each request; finished requests are
     /// removed. `ahead`: logits of the first requests' decode step, already computed by
-    /// [`Self::start_ahead`]; the pass runs the others. With `run_ahead`, the next
-    /// step's pass starts as soon as the tokens are chosen, before they are detokenized.
+    /// [`Self::start_ahead`]; the pass runs the prompts that follow them, while decoding
+    /// requests that follow them (a batch appended to a running one) wait for the next
+    /// pass instead of taking one of their own. With `run_ahead`, the next step's pass
+    /// starts as soon as the tokens are chosen, before they are detokenized.
     fn step(
         &mut self,
         requests: &mut Vec<RequestState>,
@@ -399,6 +401,12 @@ impl Runner {
             Some(logits) => logits.dim(0)?,
             None => 0,
         };
+        let others_wait = ahead.is_some() && !requests[ahead_rows..].iter().any(|r| r.in_prefill());
+        let stepping = if others_wait {
+            ahead_rows
+        } else {
+            requests.len()
+        };
         let mut logits_rows = Vec::new();
         let mut rows: Vec<LogitsRows> = (0..ahead_rows as u32)
             .map(|last| LogitsRows {
@@ -407,7 +415,7 @@ impl Runner {
             })
             .collect();
         let mut token_offset = 0u32;
-        for request in &requests[ahead_rows..] {
+        for request in &requests[ahead_rows..stepping] {
             let fed = request.pending_tokens().len() as u32;
             let wants_prompt = request.in_prefill() && request.prefill_logprobs;
             let prompt_start = wants_prompt.then_some(logits_rows.len() as u32);
@@ -423,11 +431,10 @@ impl Runner {
             token_offset += fed;
         }
         let logits = match ahead {
-            Some(ahead) if ahead_rows == requests.len() => ahead,
-            // A replayed decode graph writes its logits where the step run ahead may
-            // have left its own: they are copied first.
+            Some(ahead) if stepping == ahead_rows => ahead,
+            // Prompts follow: an eager pass, which leaves the logits of a decode graph
+            // (those run ahead may be one's) alone.
             Some(ahead) => {
-                let ahead = ahead.copy()?;
                 let others: Vec<&RequestState> = requests[ahead_rows..].iter().collect();
                 let others = self.forward(&others, &logits_rows)?;
                 Tensor::cat(&[ahead, others], 0)?
@@ -438,6 +445,7 @@ impl Runner {
         let forward_ns = start.elapsed().as_nanos() as u64;
 
         let decode_start = Instant::now();
+        let (stepped, waiting) = requests.split_at_mut(stepping);
         let last_rows: Vec<u32> = rows.iter().map(|r| r.last).collect();
         // Decode steps want every row, in order: no gather then.
         let last_logits = if last_rows.iter().copied().eq(0..logits.dim(0)? as u32) {
@@ -445,28 +453,29 @@ impl Runner {
         } else {
             logits.index_select(&Tensor::new(last_rows, &self.device)?, 0)?
         };
-        let mut choosers: Vec<_> = requests.iter_mut().map(|r| &mut r.chooser).collect();
+        let mut choosers: Vec<_> = stepped.iter_mut().map(|r| &mut r.chooser).collect();
         let choices = sampler::choose_tokens(&last_logits, &mut choosers)?;
-        let prompt_logprobs = self.prompt_logprobs(&logits, requests, &rows)?;
-        for (request, choice) in requests.iter_mut().zip(&choices) {
+        let prompt_logprobs = self.prompt_logprobs(&logits, stepped, &rows)?;
+        for (request, choice) in stepped.iter_mut().zip(&choices) {
             request.accept(choice.id);
         }
         if run_ahead {
             // Requests that stop on their token need no next step; stop sequences are
             // only known after detokenizing, and their rows go unused.
             let eos_token_ids = &self.output.eos_token_ids;
-            let continuing: Vec<&RequestState> = requests
+            let continuing: Vec<&RequestState> = stepped
                 .iter()
                 .zip(&choices)
                 .filter(|(r, c)| r.stopping.stops_on_token(c.id, eos_token_ids).is_none())
                 .map(|(r, _)| r)
+                .chain(waiting.iter())
                 .collect();
             if !continuing.is_empty() {
                 self.start_ahead(&continuing);
             }
         }
 
-        let (generations, finished) = self.output.deliver(requests, choices, prompt_logprobs)?;
+        let (generations, finished) = self.output.deliver(stepped, choices, prompt_logprobs)?;
         requests.retain(|r| !finished.contains(&r.id));
         Ok(StepOutput {
             generations,
@@ -515,6 +524,19 @@ impl Runner {
 
     #[cfg(not(feature = "cuda"))]
     fn capture_decode_graphs(&mut self, _max_total_tokens: usize) {}
+
+    /// Profiles (`cuProfilerStart` until dropped) a step of `batch_size` requests when
+    /// `SHARD_PROFILE_BATCH` names that size.
+    #[cfg(feature = "cuda")]
+    fn profiler(
+        &self,
+        batch_size: usize,
+    ) -> Result<Option<candle_core::cuda_backend::cudarc::driver::Profiler>> {
+        (self.profiled_batch == Some(batch_size))
+            .then(candle_core::cuda_backend::cudarc::driver::Profiler::new)
+            .transpose()
+            .map_err(Into::into)
+    }
 
     /// Logits of a decode step replayed by a captured graph, or None to run it eagerly.
     #[cfg(feature = "cuda")]
