@@ -207,11 +207,16 @@ struct Outputs {
     /// Whether the last streamed token was special.
     last_special: HashMap<u64, bool>,
     finished: HashMap<u64, GeneratedText>,
+    /// Logprobs of the prompt tokens, for requests that asked for them.
+    prompt_logprobs: HashMap<u64, Vec<f32>>,
 }
 
 impl Outputs {
     fn record(&mut self, generations: Vec<Generation>) {
         for g in generations {
+            if let Some(prompt) = g.prefill_tokens {
+                self.prompt_logprobs.insert(g.request_id, prompt.logprobs);
+            }
             let tokens = g.tokens.unwrap();
             self.tokens
                 .entry(g.request_id)
@@ -471,7 +476,13 @@ async fn running_ahead_does_not_change_greedy_tokens() {
     let mut blocks = Blocks::new();
     const JOINING: &str = "Once upon a time, in a faraway land, there";
     let alone = generate(&mut client, batch(1, vec![blocks.request(1, PROMPT, 16)])).await;
-    let mixed_alone = generate(&mut client, batch(2, vec![blocks.request(2, "Hello", 4)])).await;
+    // The joining request also wants its prompt's logprobs: rows of the pass that
+    // follow those run ahead.
+    let joiner = |blocks: &mut Blocks, id| Request {
+        prefill_logprobs: true,
+        ..blocks.request(id, JOINING, 4)
+    };
+    let mixed_alone = generate(&mut client, batch(2, vec![joiner(&mut blocks, 2)])).await;
     let appended_alone = generate(&mut client, batch(3, vec![blocks.request(3, JOINING, 6)])).await;
 
     let mut outputs = Outputs::default();
@@ -514,7 +525,7 @@ async fn running_ahead_does_not_change_greedy_tokens() {
         );
     }
     // A joining prefill carrying the running batch takes its step run ahead.
-    let joining = batch(5, vec![blocks.request(12, "Hello", 4)]);
+    let joining = batch(5, vec![joiner(&mut blocks, 12)]);
     cached = mixed_prefill(&mut client, joining, Some(cached), &mut outputs)
         .await
         .unwrap();
@@ -532,7 +543,11 @@ async fn running_ahead_does_not_change_greedy_tokens() {
     .await
     .unwrap();
     let mut cached = decode_with(&mut client, vec![cached, prefilled], &mut outputs, true).await;
-    assert_eq!(outputs.tokens[&13].len(), 1, "only the prefill's token so far");
+    assert_eq!(
+        outputs.tokens[&13].len(),
+        1,
+        "only the prefill's token so far"
+    );
     assert_eq!(cached.as_ref().unwrap().size, 3);
     while let Some(running) = cached {
         cached = decode_with(&mut client, vec![running], &mut outputs, true).await;
@@ -540,6 +555,18 @@ async fn running_ahead_does_not_change_greedy_tokens() {
     assert_eq!(outputs.tokens[&10], alone.tokens[&1]);
     assert_eq!(outputs.finished[&10].text, alone.finished[&1].text);
     assert_eq!(outputs.tokens[&12], mixed_alone.tokens[&2]);
+    let (mixed, alone) = (
+        &outputs.prompt_logprobs[&12],
+        &mixed_alone.prompt_logprobs[&2],
+    );
+    assert!(mixed.len() > 5 && mixed.len() == alone.len());
+    assert!(mixed[0].is_nan() && alone[0].is_nan());
+    for (m, a) in mixed[1..].iter().zip(&alone[1..]) {
+        assert!(
+            (m - a).abs() < 1e-4,
+            "prompt logprobs {mixed:?} against {alone:?}"
+        );
+    }
     assert_eq!(outputs.tokens[&13], appended_alone.tokens[&3]);
 }
 
