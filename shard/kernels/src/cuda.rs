@@ -191,17 +191,12 @@ impl RopeAndCache<'_> {
         // value elements.
         let units_per_token =
             (self.heads + self.kv_heads) * self.head_dim / 16 + self.kv_heads * self.head_dim / 8;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                (tokens * units_per_token)
-                    .div_ceil(ROTARY_THREADS)
-                    .min(1 << 20) as u32,
-                1,
-                1,
-            ),
-            block_dim: (ROTARY_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_1d(
+            (tokens * units_per_token)
+                .div_ceil(ROTARY_THREADS)
+                .min(1 << 20) as u32,
+            ROTARY_THREADS as u32,
+        );
         let stream = dev.cuda_stream();
         let mut launch = Launch::new(&stream);
         launch.buf(&out).buf(&kc).buf(&vc).buf(&q).buf(&k).buf(&v);
@@ -268,11 +263,7 @@ impl CudaOp1 for SiluMul {
                 ACTIVATION_PTX,
             )?;
             let vecs = rows * half / 8;
-            let cfg = LaunchConfig {
-                grid_dim: (vecs.div_ceil(THREADS).min(1 << 16) as u32, 1, 1),
-                block_dim: (THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_1d(vecs.div_ceil(THREADS).min(1 << 16) as u32, THREADS as u32);
             let stream = dev.cuda_stream();
             let mut launch = Launch::new(&stream);
             launch
@@ -374,11 +365,7 @@ impl AddRmsNorm {
             "text_generation_norm",
             NORM_PTX,
         )?;
-        let cfg = LaunchConfig {
-            grid_dim: (as_i32(rows, "rows")? as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_1d(as_i32(rows, "rows")? as u32, THREADS);
         let stream = dev.cuda_stream();
         let mut launch = Launch::new(&stream);
         launch.buf(&out).buf(&x).buf(&h).buf(&w);
@@ -491,11 +478,7 @@ impl Gemv {
             "text_generation_gemv",
             GEMV_PTX,
         )?;
-        let cfg = LaunchConfig {
-            grid_dim: (as_i32(n, "n")? as u32, 1, 1),
-            block_dim: (GEMV_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_1d(as_i32(n, "n")? as u32, GEMV_THREADS);
         let stream = dev.cuda_stream();
         let mut launch = Launch::new(&stream);
         launch.buf(&y).buf(&x).buf(&w);
@@ -537,11 +520,7 @@ impl CudaOp1 for Greedy {
         let out = unsafe { dev.alloc::<f32>(rows * 2)? };
         let func =
             dev.get_or_load_custom_func("greedy_f32", "text_generation_sampling", SAMPLING_PTX)?;
-        let cfg = LaunchConfig {
-            grid_dim: (as_i32(rows, "rows")? as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_1d(as_i32(rows, "rows")? as u32, THREADS);
         let stream = dev.cuda_stream();
         let mut launch = Launch::new(&stream);
         launch.buf(&out).buf(&logits).int(as_i32(vocab, "vocab")?);
@@ -1122,6 +1101,15 @@ fn half_dtype(name: &str, t: &Tensor) -> Result<DType> {
 
 fn as_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).or_else(|_| bail!("{what} = {v} does not fit the kernels' 32-bit indices"))
+}
+
+/// `blocks` CTAs of `threads` threads in one dimension, without dynamic shared memory.
+fn grid_1d(blocks: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A grid's y or z extent (CUDA caps them at 65535; x goes to 2^31 - 1).

@@ -224,11 +224,7 @@ impl Runner {
         let ahead = if requests.is_empty() {
             None
         } else {
-            self.ahead
-                .take()
-                .map(|a| a.serving(&requests))
-                .transpose()?
-                .flatten()
+            self.take_ahead(&requests)?
         };
         requests.extend(new_requests);
         let mut state = BatchState {
@@ -265,10 +261,7 @@ impl Runner {
         let concat_ns = start.elapsed().as_nanos() as u64;
         #[cfg(feature = "cuda")]
         let _profiled = self.profiler(state.requests.len())?;
-        let ahead = match self.ahead.take() {
-            Some(ahead) => ahead.serving(&state.requests)?,
-            None => None,
-        };
+        let ahead = self.take_ahead(&state.requests)?;
         let step = self.step(&mut state.requests, ahead, run_ahead);
         // The batch stays cached even when the step failed: the router decides to clear it.
         let cached = self.keep(state);
@@ -361,6 +354,14 @@ impl Runner {
         Ok(self.model.forward(&forward_batch, cache)?)
     }
 
+    /// The logits run ahead for the leading `requests`, if any; a step run ahead serves
+    /// at most the next step.
+    fn take_ahead(&mut self, requests: &[RequestState]) -> Result<Option<Tensor>> {
+        self.ahead
+            .take()
+            .map_or(Ok(None), |ahead| ahead.serving(requests))
+    }
+
     /// Starts the next decode step's forward pass of `requests` (see [`RunAhead`]);
     /// requests that cannot step right now (one without its next KV slot) are left to
     /// the next call.
@@ -414,32 +415,30 @@ impl Runner {
                 prompt_start: None,
             })
             .collect();
+        // The requests this step's forward pass feeds.
+        let fed: Vec<&RequestState> = requests[ahead_rows..stepping].iter().collect();
         let mut token_offset = 0u32;
-        for request in &requests[ahead_rows..stepping] {
-            let fed = request.pending_tokens().len() as u32;
+        for request in &fed {
+            let tokens = request.pending_tokens().len() as u32;
             let wants_prompt = request.in_prefill() && request.prefill_logprobs;
             let prompt_start = wants_prompt.then_some(logits_rows.len() as u32);
             if wants_prompt {
-                logits_rows.extend(token_offset..token_offset + fed);
+                logits_rows.extend(token_offset..token_offset + tokens);
             } else {
-                logits_rows.push(token_offset + fed - 1);
+                logits_rows.push(token_offset + tokens - 1);
             }
             rows.push(LogitsRows {
                 last: (ahead_rows + logits_rows.len()) as u32 - 1,
                 prompt_start: prompt_start.map(|row| ahead_rows as u32 + row),
             });
-            token_offset += fed;
+            token_offset += tokens;
         }
         let logits = match ahead {
-            Some(ahead) if stepping == ahead_rows => ahead,
+            Some(ahead) if fed.is_empty() => ahead,
             // Prompts follow: an eager pass, which leaves the logits of a decode graph
             // (those run ahead may be one's) alone.
-            Some(ahead) => {
-                let others: Vec<&RequestState> = requests[ahead_rows..].iter().collect();
-                let others = self.forward(&others, &logits_rows)?;
-                Tensor::cat(&[ahead, others], 0)?
-            }
-            None => self.forward(&requests.iter().collect::<Vec<_>>(), &logits_rows)?,
+            Some(ahead) => Tensor::cat(&[ahead, self.forward(&fed, &logits_rows)?], 0)?,
+            None => self.forward(&fed, &logits_rows)?,
         };
         self.device.synchronize()?;
         let forward_ns = start.elapsed().as_nanos() as u64;
