@@ -18,6 +18,7 @@ impl v3::NextTokenChooserParameters {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            min_p: 0.0,
         }
     }
 }

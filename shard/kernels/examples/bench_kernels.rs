@@ -13,7 +13,8 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::seq::SliceRandom;
 use text_generation_kernels::{
-    gemv, gemv_silu_mul, paged_attention_decode, paged_attention_prefill, rope_and_cache, silu_mul,
+    gemv, gemv_silu_mul, greedy, paged_attention_decode, paged_attention_prefill, rope_and_cache,
+    sample, silu_mul, SampleRow, SAMPLE_ROW_WORDS,
 };
 
 const HEADS: usize = 32;
@@ -280,5 +281,67 @@ fn main() -> Result<()> {
         let bytes = (tokens * (q_width + 2 * kv_width) * 2 * 2) as f64;
         println!("{label:<52} {us:>10.1} {:>9.0} GB/s", bytes / us / 1e3);
     }
+
+    // A step's token choice over Llama 3's vocabulary: greedy, then the sampler with the
+    // load benchmark's presets (logits of a random 8B model are nearly flat, the
+    // sampler's slowest case: every token is kept at temperature 1).
+    let vocab = 128_256;
+    let presets: [(&str, SampleRow, usize); 5] = [
+        ("temperature 1", SampleRow { do_sample: true, ..neutral_row() }, 0),
+        ("t 0.7 + top_p 0.9", SampleRow { do_sample: true, temperature: 0.7, top_p: 0.9, ..neutral_row() }, 0),
+        ("top_k 50 + rep 1.1 (600 seen)", SampleRow { do_sample: true, top_k: 50, repetition_penalty: 1.1, ..neutral_row() }, 0),
+        ("temperature 1 + top-5 logprobs", SampleRow { do_sample: true, top_n: 5, ..neutral_row() }, 5),
+        ("min_p 0.05 + typical 0.9", SampleRow { do_sample: true, min_p: 0.05, typical_p: 0.9, ..neutral_row() }, 0),
+    ];
+    for rows in [1usize, 64, 256] {
+        let label = format!("greedy {rows} x {vocab}");
+        let logits = Tensor::randn(0f32, 1., (rows, vocab), &dev)?;
+        if wanted(&label) {
+            let us = time_us(&dev, || greedy(&logits).map(drop))?;
+            println!("{label:<52} {us:>10.1}");
+        }
+        for (name, row, top_n) in &presets {
+            let label = format!("sample {rows} x {vocab}: {name}");
+            if !wanted(&label) {
+                continue;
+            }
+            let seen = if row.repetition_penalty != 1.0 { 600 } else { 0 };
+            let mut words = Vec::new();
+            let mut pairs = Vec::new();
+            for r in 0..rows as u32 {
+                let begin = r * seen;
+                pairs.extend((0..seen).flat_map(|t| [t * 97 % vocab as u32, t % 3]));
+                let row = SampleRow { seed: r.into(), penalties: begin..begin + seen, ..row.clone() };
+                words.extend(row.to_words());
+            }
+            let params = Tensor::from_vec(words, (rows, SAMPLE_ROW_WORDS), &dev)?;
+            let penalties = if seen > 0 {
+                Some(Tensor::from_vec(pairs, (rows * seen as usize, 2), &dev)?)
+            } else {
+                None
+            };
+            let us = time_us(&dev, || sample(&logits, &params, penalties.as_ref(), *top_n).map(drop))?;
+            println!("{label:<52} {us:>10.1}");
+        }
+    }
     Ok(())
+}
+
+/// A row that leaves the distribution as it is.
+fn neutral_row() -> SampleRow {
+    SampleRow {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        typical_p: 1.0,
+        min_p: 0.0,
+        do_sample: false,
+        seed: 0,
+        step: 0,
+        repetition_penalty: 1.0,
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
+        penalties: 0..0,
+        top_n: 0,
+    }
 }

@@ -533,6 +533,148 @@ impl CudaOp1 for Greedy {
     }
 }
 
+/// One row's sampling parameters as [`sample`] reads them (`SampleRow` in sampling.cu).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleRow {
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: u32,
+    /// 1: off.
+    pub top_p: f32,
+    /// 1: off.
+    pub typical_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    pub do_sample: bool,
+    pub seed: u64,
+    /// The index of the token being chosen: with the seed, the draw's counter.
+    pub step: u32,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// This row's entries of the penalty pairs.
+    pub penalties: std::ops::Range<u32>,
+    pub top_n: u32,
+}
+
+/// Words per [`SampleRow`] on the device.
+pub const SAMPLE_ROW_WORDS: usize = 16;
+/// The most alternatives per row ([`SampleRow::top_n`]; `SAMPLE_MAX_TOP_N` in sampling.cu).
+pub const SAMPLE_MAX_TOP_N: usize = 32;
+
+impl SampleRow {
+    /// The row as the kernel's struct lays it out.
+    pub fn to_words(&self) -> [u32; SAMPLE_ROW_WORDS] {
+        [
+            self.temperature.to_bits(),
+            self.top_k,
+            self.top_p.to_bits(),
+            self.typical_p.to_bits(),
+            self.min_p.to_bits(),
+            u32::from(self.do_sample),
+            self.seed as u32,
+            (self.seed >> 32) as u32,
+            self.step,
+            self.repetition_penalty.to_bits(),
+            self.frequency_penalty.to_bits(),
+            self.presence_penalty.to_bits(),
+            self.penalties.start,
+            self.penalties.end,
+            self.top_n,
+            0,
+        ]
+    }
+}
+
+/// Chooses one token per row of `logits` (`[rows, vocab]` f32): `rows` is `[rows,
+/// SAMPLE_ROW_WORDS]` u32 ([`SampleRow::to_words`]), `penalties` `[n, 2]` u32 pairs of
+/// (token, times generated), one per token a row has seen, that the rows' ranges
+/// index (None: no row has penalties, every range is empty). Returns `[rows, 2 + 2 * top_n]` f32: the chosen id and its logprob under the
+/// processed distribution, then `top_n` (id, logprob) pairs of the most likely kept
+/// tokens ((-1, NaN) past the kept ones). `top_n` is the largest of the rows'.
+pub fn sample(
+    logits: &Tensor,
+    rows: &Tensor,
+    penalties: Option<&Tensor>,
+    top_n: usize,
+) -> Result<Tensor> {
+    let (num_rows, vocab) = logits.dims2()?;
+    expect_dtype("logits", logits, DType::F32)?;
+    expect_shape("rows", rows, &[num_rows, SAMPLE_ROW_WORDS])?;
+    expect_dtype("rows", rows, DType::U32)?;
+    for (name, t) in [("logits", logits), ("rows", rows)] {
+        expect_cuda(name, t)?;
+    }
+    if let Some(penalties) = penalties {
+        expect_dtype("penalties", penalties, DType::U32)?;
+        expect_cuda("penalties", penalties)?;
+        if penalties.rank() != 2 || penalties.dim(1)? != 2 {
+            bail!("penalties must be [n, 2], got {:?}", penalties.dims());
+        }
+    }
+    if vocab >= 1 << 24 {
+        bail!("sample: a vocabulary of {vocab} does not fit the f32 ids");
+    }
+    if num_rows == 0 || vocab == 0 {
+        bail!("sample needs logits, got [{num_rows}, {vocab}]");
+    }
+    if top_n > SAMPLE_MAX_TOP_N {
+        bail!("sample: top_n {top_n} is over {SAMPLE_MAX_TOP_N}");
+    }
+    logits.apply_op1_no_bwd(&OnCuda(Sample {
+        rows,
+        penalties,
+        top_n,
+    }))
+}
+
+struct Sample<'a> {
+    rows: &'a Tensor,
+    penalties: Option<&'a Tensor>,
+    top_n: usize,
+}
+
+impl CudaOp1 for Sample<'_> {
+    const NAME: &'static str = "sample";
+
+    fn cuda(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        const THREADS: u32 = 1024; // SAMPLE_THREADS in sampling.cu
+        let dev = logits.device();
+        let (num_rows, vocab) = layout.shape().dims2()?;
+        let logits = view::<f32>(logits, layout, "logits")?;
+        let rows = bound(self.rows, "rows");
+        let rows = rows.view::<u32>()?;
+        let penalties = self.penalties.map(|p| bound(p, "penalties"));
+        let penalties = penalties.as_ref().map(|p| p.view::<u32>()).transpose()?;
+        let stride = 2 + 2 * self.top_n;
+        // SAFETY: the kernel writes every entry of every row.
+        let out = unsafe { dev.alloc::<f32>(num_rows * stride)? };
+        // Rows with penalties rewrite their logits there; the kernel reads a row of it
+        // only after writing it.
+        // SAFETY: as just said.
+        let work = unsafe { dev.alloc::<f32>(if penalties.is_some() { num_rows * vocab } else { 1 })? };
+        let func =
+            dev.get_or_load_custom_func("sample_f32", "text_generation_sampling", SAMPLING_PTX)?;
+        let cfg = grid_1d(as_i32(num_rows, "rows")? as u32, THREADS);
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch.buf(&out).buf(&work).buf(&logits).buf(&rows);
+        match &penalties {
+            Some(penalties) => launch.buf(penalties),
+            None => launch.null(),
+        };
+        launch.int(as_i32(vocab, "vocab")?).int(stride as i32);
+        // SAFETY: one CTA per row of `vocab` contiguous logits (checked by `view`), a
+        // row of `rows` each; the kernel reads the penalty entries the rows' ranges name,
+        // which the caller builds from `penalties` itself.
+        unsafe { launch.run(&func, cfg) }?;
+        Ok((
+            f32::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((num_rows, stride)),
+        ))
+    }
+}
+
 /// Attention of one new query token per sequence (`q`: `[num_seqs, heads, head_dim]`)
 /// against its paged context: `block_tables` `[num_seqs, max_blocks]` u32,
 /// `context_lens` `[num_seqs]` u32 (the new token included, its K/V already cached).

@@ -11,7 +11,9 @@
 //!   (decode steps), and [`gemv_silu_mul`], the same with SwiGLU applied to a fused
 //!   gate/up projection;
 //! - [`add_rms_norm`]: a block's residual add and the RMSNorm after it in one pass;
-//! - [`greedy`]: each logits row's argmax and its log-probability in one pass.
+//! - [`greedy`]: each logits row's argmax and its log-probability in one pass;
+//! - [`sample`]: each row's whole token choice (penalties, temperature, top-k, top-p,
+//!   typical-p, min-p, a seeded counter-based draw, logprobs and alternatives).
 //!
 //! Layouts follow the shard's paged cache: a cache tensor is
 //! `[num_blocks * block_size, num_kv_heads, head_dim]`, row `slot` holding the token
@@ -32,5 +34,5 @@ mod cuda;
 #[cfg(feature = "cuda")]
 pub use cuda::{
     add_rms_norm, gemv, gemv_silu_mul, greedy, paged_attention_decode, paged_attention_prefill,
-    rope_and_cache, silu_mul, GEMV_MAX_ROWS,
+    rope_and_cache, sample, silu_mul, SampleRow, GEMV_MAX_ROWS, SAMPLE_MAX_TOP_N, SAMPLE_ROW_WORDS,
 };

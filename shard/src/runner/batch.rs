@@ -49,7 +49,7 @@ impl RequestState {
                 params,
                 request.top_n_tokens as usize,
                 &request.input_ids,
-            ),
+            )?,
             stopping: StoppingCriteria::new(request.stopping_parameters.as_ref()),
             decoder: IncrementalDecoder::new(prompt_len),
         })
