@@ -3,7 +3,9 @@
 #   shard/kernels/device-run.sh pack   # here: build the test and bench binaries with
 #                                      # CUDA, pack them into .bin/kernels/ (ignored)
 #   shard/kernels/device-run.sh        # there (`run` tool, carry .bin/kernels):
-#                                      # every kernel test, then the timing table
+#                                      # every kernel test, the shard's device sampler
+#                                      # tests (against its host sampler), then the
+#                                      # timing table
 #   shard/kernels/device-run.sh profile  # there: Nsight Compute reports first
 # Logs go to $OUT when set.
 set -o pipefail
@@ -13,11 +15,14 @@ if [ "$1" = pack ]; then
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
   test_bin=$(cargo test --release --features cuda -p text-generation-kernels --no-run --message-format=json 2>/dev/null \
     | grep -o '"executable":"[^"]*/kernels-[^"]*"' | cut -d'"' -f4) || exit 1
+  shard_test_bin=$(cargo test --release --features cuda -p text-generation-shard --lib --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*/text_generation_shard-[^"]*"' | cut -d'"' -f4) || exit 1
   cargo build --release --features cuda -p text-generation-kernels --example bench_kernels || exit 1
   dir=$(mktemp -d)
-  cp "$test_bin" "$dir/kernels_test" && cp "$CARGO_TARGET_DIR/release/examples/bench_kernels" "$dir/" || exit 1
+  cp "$test_bin" "$dir/kernels_test" && cp "$shard_test_bin" "$dir/shard_test" \
+    && cp "$CARGO_TARGET_DIR/release/examples/bench_kernels" "$dir/" || exit 1
   [ -n "$KERNELS_NVCC_FLAGS" ] && pack=.bin/kernels/variant-$(echo "$KERNELS_NVCC_FLAGS" | tr -c 'A-Za-z0-9=_\n' _).tar.xz
-  strip "$dir"/* && mkdir -p .bin/kernels && tar cJf "$pack" -C "$dir" kernels_test bench_kernels
+  strip "$dir"/* && mkdir -p .bin/kernels && tar cJf "$pack" -C "$dir" kernels_test shard_test bench_kernels
   rm -r "$dir"
   ls -la "$pack"
   exit
@@ -38,7 +43,9 @@ if [ "$1" = profile ]; then
 fi
 "$dir/kernels_test" --test-threads=1 2>&1 | tee "$out/tests.log"
 tests=$?
-"$dir/bench_kernels" 2>&1 | tee "$out/bench.log"
+"$dir/shard_test" --test-threads=1 sampler 2>&1 | tee -a "$out/tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || tests=1
+"$dir/bench_kernels" $BENCH_FILTER 2>&1 | tee "$out/bench.log"
 bench=$?
 # Variant builds packed next to the main one (KERNELS_NVCC_FLAGS experiments).
 for variant in .bin/kernels/variant-*.tar.xz; do

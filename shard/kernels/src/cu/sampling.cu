@@ -64,7 +64,7 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS) greedy_f32(float* _
 // thresholds, ties, the random draw) are those of the shard's host sampler
 // (shard/src/runner/sampler/host.rs), which mirrors this kernel step by step:
 //   penalties (repetition, then frequency + presence) -> temperature -> top-k ->
-//   top-p -> typical-p -> min-p -> draw (or argmax), logprob and top-n of what is kept.
+//   top-p -> min-p -> typical-p -> draw (or argmax), logprob and top-n of what is kept.
 // Thresholds are found without sorting: a radix select over order-preserving 32-bit
 // keys, 8 bits per pass, on histograms of counts (top-k) or of probability mass in
 // fixed point (top-p, typical-p), so that the cost is 4 passes over the row whatever
@@ -329,6 +329,11 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(float* _
             radix);
     }
     const unsigned value_key = top_k_key > top_p_key ? top_k_key : top_p_key;
+    // Top-k, top-p and min-p (relative to the most likely token, which the first two
+    // always keep) are thresholds on the value; typical-p then ranks what they keep.
+    auto in_value_range = [&](float v, float e) {
+        return v > -INFINITY && order_key(v) >= value_key && e >= p.min_p;
+    };
 
     // Typical-p ranks the kept tokens by how far their surprise is from the entropy.
     const bool typical = p.typical_p < 1.f;
@@ -340,8 +345,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(float* _
         unsigned long long local_mass = 0;
         for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
             const float v = value(i);
-            if (order_key(v) >= value_key && v > -INFINITY) {
-                const float e = expf(v - row_max);
+            const float e = expf(v - row_max);
+            if (in_value_range(v, e)) {
                 local_sum += e;
                 local_weighted += e * (v - row_max);
                 local_mass += mass_of(e);
@@ -358,15 +363,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(float* _
             vocab, target,
             [&](int i, unsigned& key, unsigned& weight) {
                 const float v = value(i);
-                const bool in = order_key(v) >= value_key && v > -INFINITY;
+                const float e = expf(v - row_max);
                 key = gap_key(v);
-                weight = in ? mass_of(expf(v - row_max)) : 0u;
+                weight = in_value_range(v, e) ? mass_of(e) : 0u;
             },
             radix);
     }
-    auto kept = [&](float v, float e) {
-        return v > -INFINITY && order_key(v) >= value_key && (!typical || gap_key(v) >= typical_key) && e >= p.min_p;
-    };
+    auto kept = [&](float v, float e) { return in_value_range(v, e) && (!typical || gap_key(v) >= typical_key); };
 
     // The draw: argmax of e / E over the kept tokens, E ~ Exp(1) from the token's own
     // counter (the exponential race: token i wins with probability e_i / sum e).
@@ -391,8 +394,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(float* _
     const KeyIndex chosen = block_best(local_best, best_scratch);
     const float log_kept_sum = logf(kept_sum);
     if (threadIdx.x == 0) {
-        row_out[0] = static_cast<float>(chosen.index);
-        row_out[1] = value(chosen.index) - row_max - log_kept_sum;
+        // The most likely token is always kept; a row without one says so by NaN.
+        const bool some = chosen.index < vocab;
+        row_out[0] = some ? static_cast<float>(chosen.index) : 0.f;
+        row_out[1] = some ? value(chosen.index) - row_max - log_kept_sum : NAN;
     }
     // The alternatives: the most likely kept tokens, one block-wide argmax each.
     for (int r = 0; r < top_n; ++r) {

@@ -1,6 +1,6 @@
 //! The token choice of one row on the host, step by step as the device sampler does it
 //! (`sample_f32` in shard/kernels/src/cu/sampling.cu): penalties (repetition, then
-//! frequency + presence), temperature, top-k, top-p, typical-p, min-p, then the draw
+//! frequency + presence), temperature, top-k, top-p, min-p, typical-p, then the draw
 //! (or the argmax), the chosen token's logprob and the most likely kept tokens.
 //!
 //! Thresholds come from a radix select over order-preserving keys (no sort of the
@@ -135,9 +135,12 @@ pub fn choose_row(logits: &[f32], params: &SamplingParams, inputs: &RowInputs) -
     };
     let value_key = top_k_key.max(top_p_key);
 
-    // Typical-p ranks the kept tokens by how far their surprise is from the entropy.
+    // Top-k, top-p and min-p (relative to the most likely token, which the first two
+    // always keep) are thresholds on the value; typical-p then ranks what they keep by
+    // how far their surprise is from the entropy.
+    let in_value_range =
+        |i: usize| w[i] > f32::NEG_INFINITY && keys[i] >= value_key && e[i] >= params.min_p;
     let typical = params.typical_p < 1.0;
-    let in_value_range = |i: usize| keys[i] >= value_key && w[i] > f32::NEG_INFINITY;
     let (mut log_sum, mut entropy) = (0f32, 0f32);
     let mut typical_key = 0;
     if typical {
@@ -156,9 +159,7 @@ pub fn choose_row(logits: &[f32], params: &SamplingParams, inputs: &RowInputs) -
         });
     }
     let gap_key = |i: usize| !order_key((log_sum - (w[i] - max) - entropy).abs());
-    let kept = |i: usize| {
-        in_value_range(i) && (!typical || gap_key(i) >= typical_key) && e[i] >= params.min_p
-    };
+    let kept = |i: usize| in_value_range(i) && (!typical || gap_key(i) >= typical_key);
 
     // The draw: the largest e / E over the kept tokens, E ~ Exp(1) from the token's own
     // counter (token i wins with probability e_i / sum e); greedy: the largest logit.
@@ -190,6 +191,14 @@ pub fn choose_row(logits: &[f32], params: &SamplingParams, inputs: &RowInputs) -
     let log_kept_sum = kept_sum.ln();
     let logprob = |i: usize| w[i] - max - log_kept_sum;
     let id = best.1;
+    if id == vocab {
+        // The most likely token is always kept: unreachable but for NaN arithmetic.
+        return Choice {
+            id: 0,
+            logprob: f32::NAN,
+            top: vec![],
+        };
+    }
 
     let mut top: Vec<usize> = Vec::new();
     if inputs.top_n > 0 {

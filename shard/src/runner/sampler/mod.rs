@@ -6,7 +6,7 @@
 //! the chosen ids, their logprobs and the asked-for alternatives come back (`device`);
 //! on the CPU the same steps run on the host, rows in parallel (`host`). Both apply the
 //! processors in TGI's order (repetition penalty, frequency/presence penalty,
-//! temperature, top-k, top-p, typical-p; then min-p), find thresholds without sorting
+//! temperature, top-k, top-p, then min-p and typical-p), find thresholds without sorting
 //! the vocabulary, and draw with a counter-based generator keyed by the request's seed
 //! and the token's index, so a seed gives the same tokens whatever else is in the batch.
 
