@@ -7,6 +7,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::pre_tokenizers::{
@@ -30,6 +31,22 @@ pub struct SpecialTokens {
     pub eos_token: Option<String>,
     /// Every id that ends generation (generation_config.json may list several).
     pub eos_token_ids: Vec<u32>,
+}
+
+/// The sampling values of generation_config.json, which vLLM (and transformers) take
+/// for the request fields a client leaves unset; `None` where the model sets none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct SamplingDefaults {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
 }
 
 pub struct ModelFiles {
@@ -174,6 +191,23 @@ impl ModelFiles {
         Ok(special)
     }
 
+    /// generation_config.json's sampling values, whatever its `do_sample` says (as vLLM
+    /// reads them); none for a GGUF file, which has no generation config. A value that
+    /// is not a number counts as unset, and so does `top_k: 0` (transformers' "no top-k").
+    pub fn sampling_defaults(&self) -> Result<SamplingDefaults> {
+        let Some(config) = self.read_json("generation_config.json")? else {
+            return Ok(SamplingDefaults::default());
+        };
+        let number = |key: &str| config[key].as_f64().map(|v| v as f32);
+        Ok(SamplingDefaults {
+            temperature: number("temperature"),
+            top_p: number("top_p"),
+            top_k: config["top_k"].as_i64().and_then(|k| i32::try_from(k).ok()).filter(|&k| k != 0),
+            min_p: number("min_p"),
+            repetition_penalty: number("repetition_penalty"),
+        })
+    }
+
     /// The longest sequence the model was trained for: config.json's
     /// `max_position_embeddings` (or its older names) or the GGUF's
     /// `{architecture}.context_length`. `None` when the model does not say.
@@ -270,6 +304,35 @@ mod tests {
         assert_eq!(special.bos_token_id, Some(1));
         assert_eq!(special.bos_token.as_deref(), Some("<s>"));
         assert_eq!(special.eos_token.as_deref(), Some("</s>"));
+    }
+
+    #[test]
+    fn reads_sampling_defaults_from_generation_config() {
+        let dir = tempfile_dir();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        let files = ModelFiles::open(&dir).unwrap();
+        assert_eq!(files.sampling_defaults().unwrap(), SamplingDefaults::default());
+        std::fs::write(
+            dir.join("generation_config.json"),
+            r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05,
+                "min_p": null, "eos_token_id": 2}"#,
+        )
+        .unwrap();
+        let defaults = files.sampling_defaults().unwrap();
+        let expected = SamplingDefaults {
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            top_k: Some(20),
+            min_p: None,
+            repetition_penalty: Some(1.05),
+        };
+        assert_eq!(defaults, expected);
+        assert_eq!(
+            serde_json::to_value(defaults).unwrap(),
+            serde_json::json!({"temperature": 0.6f32, "top_p": 0.9f32, "top_k": 20, "repetition_penalty": 1.05f32})
+        );
+        std::fs::write(dir.join("generation_config.json"), r#"{"top_k": 0, "temperature": "hot"}"#).unwrap();
+        assert_eq!(files.sampling_defaults().unwrap(), SamplingDefaults::default());
     }
 
     #[test]

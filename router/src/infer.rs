@@ -320,6 +320,7 @@ fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<W
                 top_k: 10,
                 top_p: 0.9,
                 typical_p: 0.9,
+                min_p: 0.05,
                 do_sample: false,
                 seed: 0,
                 repetition_penalty: 1.2,

@@ -15,6 +15,8 @@ pub struct ValidParameters {
     pub top_p: f32,
     /// 1.0 = disabled.
     pub typical_p: f32,
+    /// 0.0 = disabled.
+    pub min_p: f32,
     pub do_sample: bool,
     pub seed: u64,
     /// 1.0 = disabled.

@@ -173,7 +173,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let workers = args
         .tokenizer_workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)));
-    let validation = Validation::new(tokenizer, workers, limits)?;
+    let generation_defaults = match validation::check_defaults(files.sampling_defaults()?, &limits) {
+        Ok(defaults) => defaults,
+        Err(error) => {
+            tracing::warn!("generation_config.json's sampling values are ignored: {error}");
+            Default::default()
+        }
+    };
+    let validation = Validation::new(tokenizer, workers, limits, generation_defaults)?;
     let info = Info {
         model_id,
         model_sha: None,
@@ -195,6 +202,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         world_size: shards.info.world_size,
         block_size: shards.info.block_size,
         quantization: shards.info.quantization.clone(),
+        generation_defaults,
         router: env!("CARGO_PKG_NAME"),
         version: env!("CARGO_PKG_VERSION"),
         sha: option_env!("GIT_SHA"),

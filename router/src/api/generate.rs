@@ -47,6 +47,11 @@ pub struct GenerateParameters {
     #[serde(default)]
     #[schema(nullable, exclusive_minimum = 0.0, exclusive_maximum = 1.0, example = 0.95)]
     pub typical_p: Option<f32>,
+    /// In [0, 1]: drops the tokens less likely than `min_p` times the most likely one
+    /// (vLLM's and llama.cpp's extension); 0 disables it.
+    #[serde(default)]
+    #[schema(nullable, minimum = 0.0, maximum = 1.0, example = 0.05)]
+    pub min_p: Option<f32>,
     /// Sample instead of taking the most likely token (also implied by any sampling parameter).
     #[serde(default)]
     pub do_sample: bool,
@@ -98,6 +103,7 @@ impl Default for GenerateParameters {
             top_k: None,
             top_p: None,
             typical_p: None,
+            min_p: None,
             do_sample: false,
             max_new_tokens: default_max_new_tokens(),
             return_full_text: None,
@@ -249,6 +255,11 @@ pub struct Info {
     pub block_size: u32,
     #[schema(example = "gguf:Q4_1")]
     pub quantization: String,
+    /// What the unset sampling fields of a sampled request take: the model's
+    /// generation_config.json values of `temperature`, `top_p`, `top_k`, `min_p` and
+    /// `repetition_penalty` (empty when it has none, as for GGUF files).
+    #[schema(value_type = Object, example = json!({"temperature": 0.6, "top_p": 0.9}))]
+    pub generation_defaults: model_store::SamplingDefaults,
     #[schema(example = "text-generation-router")]
     pub router: &'static str,
     pub version: &'static str,

@@ -79,13 +79,28 @@ macro_rules! openai_request {
         $(#[$attr])*
         pub struct $name {
             $($own_fields)*
-            /// 0 means greedy decoding; unset means 1 (sampling).
+            /// 0 means greedy decoding; unset means the model's default (its
+            /// generation_config.json, as `/info` reports it), else 1 (sampling).
             #[serde(default)]
             #[schema(nullable, minimum = 0.0)]
             pub temperature: Option<f32>,
             #[serde(default)]
             #[schema(nullable, exclusive_minimum = 0.0, maximum = 1.0)]
             pub top_p: Option<f32>,
+            /// Keep the `top_k` most likely tokens; -1 or 0 disables it (vLLM's extension).
+            #[serde(default)]
+            #[schema(nullable, minimum = -1, example = 50)]
+            pub top_k: Option<i32>,
+            /// In [0, 1]: drop the tokens less likely than `min_p` times the most likely one;
+            /// 0 disables it (vLLM's extension).
+            #[serde(default)]
+            #[schema(nullable, minimum = 0.0, maximum = 1.0, example = 0.05)]
+            pub min_p: Option<f32>,
+            /// Multiplicative penalty of the tokens of the prompt and the output so far; must be
+            /// > 0, 1 disables it (vLLM's extension).
+            #[serde(default)]
+            #[schema(nullable, exclusive_minimum = 0.0, example = 1.1)]
+            pub repetition_penalty: Option<f32>,
             #[serde(default)]
             #[schema(nullable, minimum = -2.0, maximum = 2.0)]
             pub frequency_penalty: Option<f32>,
@@ -119,6 +134,9 @@ macro_rules! openai_request {
                     n: self.n,
                     temperature: self.temperature,
                     top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
                     frequency_penalty: self.frequency_penalty,
                     presence_penalty: self.presence_penalty,
                     seed: self.seed,

@@ -485,6 +485,17 @@ async fn admission_limits() {
 }
 
 #[tokio::test]
+async fn a_sampled_request_gets_its_seed_back_and_a_greedy_one_none() {
+    let (infer, _summary, _shard) = start(64, config()).await;
+    let mut sampled = request(4, 3);
+    (sampled.parameters.do_sample, sampled.parameters.seed) = (true, 42);
+    let response = within_seconds(infer.generate(sampled)).await.unwrap();
+    assert_eq!(response.generated_text.seed, Some(42));
+    let response = within_seconds(infer.generate(request(4, 3))).await.unwrap();
+    assert_eq!(response.generated_text.seed, None);
+}
+
+#[tokio::test]
 async fn max_batch_total_tokens_goes_to_warmup_and_sizes_the_allocator() {
     let config = SchedulerConfig {
         max_batch_total_tokens: Some(512),

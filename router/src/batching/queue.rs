@@ -223,6 +223,7 @@ fn request_proto(id: u64, entry: &Entry) -> Request {
             top_k: parameters.top_k,
             top_p: parameters.top_p,
             typical_p: parameters.typical_p,
+            min_p: parameters.min_p,
             do_sample: parameters.do_sample,
             seed: parameters.seed,
             repetition_penalty: parameters.repetition_penalty,
@@ -259,6 +260,7 @@ pub mod tests {
                 top_k: 0,
                 top_p: 1.0,
                 typical_p: 1.0,
+                min_p: 0.0,
                 do_sample: false,
                 seed: 0,
                 repetition_penalty: 1.0,
@@ -301,6 +303,40 @@ pub mod tests {
     /// 64 blocks of 16 tokens.
     fn state() -> State {
         State::new(BlockAllocator::new(64 * 16, 16).unwrap())
+    }
+
+    #[test]
+    fn the_shards_get_every_sampling_parameter() {
+        let mut sampled = request(3, 4);
+        sampled.parameters = ValidParameters {
+            temperature: 0.7,
+            top_k: 50,
+            top_p: 0.9,
+            typical_p: 0.95,
+            min_p: 0.05,
+            do_sample: true,
+            seed: 11,
+            repetition_penalty: 1.1,
+            frequency_penalty: 0.2,
+            presence_penalty: -0.3,
+        };
+        let (sender, _receiver) = mpsc::unbounded_channel();
+        let proto = request_proto(7, &Entry::new(sampled, sender));
+        assert_eq!(
+            proto.parameters,
+            Some(NextTokenChooserParameters {
+                temperature: 0.7,
+                top_k: 50,
+                top_p: 0.9,
+                typical_p: 0.95,
+                min_p: 0.05,
+                do_sample: true,
+                seed: 11,
+                repetition_penalty: 1.1,
+                frequency_penalty: 0.2,
+                presence_penalty: -0.3,
+            })
+        );
     }
 
     #[test]

@@ -49,6 +49,8 @@ struct FakeRequest {
     max_new_tokens: u32,
     blocks: Vec<u32>,
     top_n_tokens: u32,
+    /// What the answer reports as the seed: a sampled request's, as a real shard does.
+    seed: Option<u64>,
 }
 
 /// A Prefill or Decode as the shard received it (failed ones included).
@@ -208,7 +210,7 @@ impl FakeShard {
                     text: (0..request.generated).map(|k| format!(" w{k}")).collect(),
                     generated_tokens: request.generated,
                     finish_reason: FinishReason::Length as i32,
-                    seed: None,
+                    seed: request.seed,
                 }),
             });
             any_running |= !finished;
@@ -450,6 +452,10 @@ impl TextGenerationService for FakeShard {
                 max_new_tokens,
                 blocks: request.blocks,
                 top_n_tokens: request.top_n_tokens,
+                seed: request
+                    .parameters
+                    .as_ref()
+                    .and_then(|p| p.do_sample.then_some(p.seed)),
             });
         }
         // As a real shard: the cached requests first, then the new ones.

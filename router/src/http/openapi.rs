@@ -140,6 +140,9 @@ mod tests {
         {
             assert!(schemas[schema].is_object(), "{schema} missing");
         }
+        let min_p = &schemas["GenerateParameters"]["properties"]["min_p"];
+        assert_eq!((min_p["minimum"].as_f64(), min_p["maximum"].as_f64()), (Some(0.0), Some(1.0)), "{min_p}");
+        assert!(schemas["Info"]["properties"]["generation_defaults"].is_object());
         let error = &doc["paths"]["/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"];
         assert!(error["properties"]["error_type"].is_object(), "{error}");
         let chat = &doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"];

@@ -12,6 +12,7 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
+use model_store::SamplingDefaults;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -141,6 +142,7 @@ pub(crate) fn test_info(
         world_size: 1,
         block_size: 16,
         quantization: "none".into(),
+        generation_defaults: Default::default(),
         router: "text-generation-router",
         version: "0",
         sha: None,
@@ -149,14 +151,20 @@ pub(crate) fn test_info(
 }
 
 fn test_app(backend: Arc<ScriptedBackend>, config: ServerConfig) -> Router {
+    test_app_with_defaults(backend, config, SamplingDefaults::default())
+}
+
+/// A test app serving a model whose generation_config.json gives these sampling defaults.
+fn test_app_with_defaults(backend: Arc<ScriptedBackend>, config: ServerConfig, defaults: SamplingDefaults) -> Router {
     let template = "{% for m in messages %}{{ m.content }} {% endfor %}{% if add_generation_prompt %}is{% endif %}";
     let info = Info {
         validation_workers: 1,
+        generation_defaults: defaults,
         ..test_info(5, 10, 10, 100)
     };
     let state = AppState {
         backend,
-        validation: Arc::new(crate::validation::tests::validation(5, 200)),
+        validation: Arc::new(crate::validation::tests::validation_with_defaults(5, 200, defaults)),
         chat_template: Some(Arc::new(ChatTemplate::new(template.into(), None, None).unwrap())),
         info: Arc::new(info),
         metrics: prometheus_builder(10).build_recorder().handle(),
@@ -311,6 +319,77 @@ async fn chat_completion_in_openai_shape() {
     let queued = &backend.requests.lock().unwrap()[0];
     assert!(!queued.parameters.do_sample, "temperature 0 is greedy");
     assert_eq!(queued.stopping_parameters.max_new_tokens, 4);
+}
+
+#[tokio::test]
+async fn sampling_fields_reach_the_queue_on_every_route() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app(backend.clone(), ServerConfig::default());
+    let sampling = json!({"min_p": 0.1, "top_k": 20, "repetition_penalty": 1.1, "seed": 5});
+    let mut chat = json!({"messages": [{"role": "user", "content": "the"}]});
+    let mut completion = json!({"prompt": "the"});
+    let mut generate = json!({"inputs": "the", "parameters": {}});
+    for body in [&mut chat, &mut completion, &mut generate["parameters"]] {
+        body.as_object_mut().unwrap().extend(sampling.as_object().unwrap().clone());
+    }
+    for (path, body) in [("/v1/chat/completions", chat), ("/v1/completions", completion), ("/generate", generate)] {
+        let (status, response) = call_json(&app, post(path, body)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {response}");
+        let queued = backend.requests.lock().unwrap().pop().unwrap().parameters;
+        assert!(queued.do_sample, "{path}");
+        assert_eq!((queued.min_p, queued.top_k, queued.repetition_penalty, queued.seed), (0.1, 20, 1.1, 5), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn min_p_out_of_range_is_a_422_naming_it() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app(backend.clone(), ServerConfig::default());
+    for min_p in [1.5, -0.1] {
+        let cases = [
+            ("/generate", json!({"inputs": "the", "parameters": {"min_p": min_p}})),
+            ("/v1/completions", json!({"prompt": "the", "min_p": min_p})),
+            ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "the"}], "min_p": min_p, "temperature": 0})),
+        ];
+        for (path, body) in cases {
+            let (status, response) = call_json(&app, post(path, body)).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {response}");
+            let message = response["error"].as_str().or(response["error"]["message"].as_str()).unwrap();
+            assert!(message.contains("`min_p` must be in [0, 1]"), "{path}: {message}");
+        }
+    }
+    // A wrong type: serde's message names the field too.
+    let (status, response) = call_json(&app, post("/v1/completions", json!({"prompt": "the", "min_p": "x"}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(response["error"]["message"].as_str().unwrap().contains("min_p: invalid type"), "{response}");
+    assert_eq!(backend.request_count(), 0);
+}
+
+#[tokio::test]
+async fn model_defaults_apply_to_sampled_requests_and_info_reports_them() {
+    let defaults = SamplingDefaults { temperature: Some(0.6), top_p: Some(0.9), ..Default::default() };
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app_with_defaults(backend.clone(), ServerConfig::default(), defaults);
+    let (_, info) = call_json(&app, Request::get("/info").body(Body::empty()).unwrap()).await;
+    assert_eq!(info["generation_defaults"], json!({"temperature": 0.6, "top_p": 0.9}));
+    let message = json!([{"role": "user", "content": "the"}]);
+    let cases = [
+        // OpenAI: unset temperature samples with the model's defaults; 0 is greedy.
+        ("/v1/chat/completions", json!({"messages": message}), Some((0.6, 0.9))),
+        ("/v1/completions", json!({"prompt": "the", "top_p": 0.5}), Some((0.6, 0.5))),
+        ("/v1/completions", json!({"prompt": "the", "temperature": 0}), None),
+        // TGI: greedy unless the request samples.
+        ("/generate", json!({"inputs": "the"}), None),
+        ("/generate", json!({"inputs": "the", "parameters": {"do_sample": true}}), Some((0.6, 0.9))),
+        ("/generate", json!({"inputs": "the", "parameters": {"temperature": 0.8}}), Some((0.8, 0.9))),
+    ];
+    for (path, body, expected) in cases {
+        let (status, response) = call_json(&app, post(path, body.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{body}: {response}");
+        let queued = backend.requests.lock().unwrap().pop().unwrap().parameters;
+        let sampled = queued.do_sample.then_some((queued.temperature, queued.top_p));
+        assert_eq!(sampled, expected, "{path} {body}");
+    }
 }
 
 #[tokio::test]

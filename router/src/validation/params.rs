@@ -3,6 +3,10 @@
 use super::{ValidationError, ValidationLimits};
 use crate::api::generate::GenerateParameters;
 use crate::infer_types::ValidParameters;
+use model_store::SamplingDefaults;
+
+/// JSON clients and the OpenAPI description (int64) agree on signed 64-bit seeds.
+const MAX_SEED: u64 = i64::MAX as u64;
 
 /// The parameters that passed every check, before the prompt length is known.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,15 +31,71 @@ fn check<T: Copy + Into<f64>>(
     }
 }
 
-/// In (0, 1]; 1 (no filtering) comes back as `None`.
-pub fn check_top_p(top_p: Option<f32>) -> Result<Option<f32>, ValidationError> {
-    Ok(check("top_p", top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?.filter(|&v| v < 1.0))
+/// The warpers that cut the distribution down before a token is drawn, checked.
+pub struct Warpers {
+    pub top_k: Option<i32>,
+    /// `None` for 1 (no filtering).
+    pub top_p: Option<f32>,
+    pub typical_p: Option<f32>,
+    /// `None` for 0 (no filtering).
+    pub min_p: Option<f32>,
+}
+
+/// The range checks of the warpers; also for OpenAI's greedy requests, which ignore
+/// them but, as vLLM does, still reject values out of range.
+pub fn check_warpers(p: &GenerateParameters) -> Result<Warpers, ValidationError> {
+    Ok(Warpers {
+        top_k: check("top_k", p.top_k, |v| v > 0.0, "strictly positive")?,
+        top_p: check("top_p", p.top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?.filter(|&v| v < 1.0),
+        typical_p: check("typical_p", p.typical_p, |v| v > 0.0 && v < 1.0, "in (0, 1)")?,
+        min_p: check("min_p", p.min_p, |v| (0.0..=1.0).contains(&v), "in [0, 1]")?.filter(|&v| v > 0.0),
+    })
+}
+
+/// Whether the request samples. As TGI's shards do: any warper turns sampling on.
+/// (Values out of range count too: they are rejected afterwards.)
+fn samples(p: &GenerateParameters) -> bool {
+    p.do_sample
+        || p.temperature.is_some_and(|t| t != 1.0)
+        || p.top_k.is_some()
+        || p.top_p.is_some_and(|v| v != 1.0)
+        || p.typical_p.is_some()
+        || p.min_p.is_some_and(|v| v != 0.0)
+}
+
+/// `p` with its unset sampling fields taken from the model's defaults, for a request that
+/// samples; a greedy one stays as it is (so a bare `/generate` stays greedy).
+fn with_defaults(p: &GenerateParameters, defaults: &SamplingDefaults) -> GenerateParameters {
+    if !samples(p) {
+        return p.clone();
+    }
+    GenerateParameters {
+        temperature: p.temperature.or(defaults.temperature),
+        top_p: p.top_p.or(defaults.top_p),
+        top_k: p.top_k.or(defaults.top_k),
+        min_p: p.min_p.or(defaults.min_p),
+        repetition_penalty: p.repetition_penalty.or(defaults.repetition_penalty),
+        ..p.clone()
+    }
+}
+
+/// The model's defaults, if they pass the checks a request's values pass (checked once, at
+/// startup, so that a model's odd generation_config.json cannot fail every request).
+pub fn check_defaults(
+    defaults: SamplingDefaults,
+    limits: &ValidationLimits,
+) -> Result<SamplingDefaults, ValidationError> {
+    let SamplingDefaults { temperature, top_p, top_k, min_p, repetition_penalty } = defaults;
+    let as_request = GenerateParameters { temperature, top_p, top_k, min_p, repetition_penalty, ..Default::default() };
+    check_parameters(&as_request, limits, &SamplingDefaults::default()).map(|_| defaults)
 }
 
 pub fn check_parameters(
     p: &GenerateParameters,
     limits: &ValidationLimits,
+    defaults: &SamplingDefaults,
 ) -> Result<CheckedParameters, ValidationError> {
+    let p = &with_defaults(p, defaults);
     check("best_of", p.best_of, |v| v == 1.0, "1 (best_of is not supported)")?;
     if p.watermark {
         return Err(ValidationError::OutOfRange {
@@ -48,13 +108,10 @@ pub fn check_parameters(
     let penalty = |v: f64| (-2.0..=2.0).contains(&v);
     let frequency_penalty = check("frequency_penalty", p.frequency_penalty, penalty, "in [-2, 2]")?;
     let presence_penalty = check("presence_penalty", p.presence_penalty, penalty, "in [-2, 2]")?;
-    let top_k = check("top_k", p.top_k, |v| v > 0.0, "strictly positive")?;
-    let top_p = check_top_p(p.top_p)?;
-    let typical_p = check("typical_p", p.typical_p, |v| v > 0.0 && v < 1.0, "in (0, 1)")?;
+    let Warpers { top_k, top_p, typical_p, min_p } = check_warpers(p)?;
     let max_new_tokens = check("max_new_tokens", p.max_new_tokens, |v| v > 0.0, "strictly positive")?;
     let truncate = check("truncate", p.truncate, |v| v > 0.0, "strictly positive")?;
-    // JSON clients and the OpenAPI description (int64) agree on signed 64-bit seeds.
-    if p.seed.is_some_and(|seed| seed > i64::MAX as u64) {
+    if p.seed.is_some_and(|seed| seed > MAX_SEED) {
         return Err(ValidationError::OutOfRange { name: "seed", expected: "at most 2^63 - 1" });
     }
     if let Some(truncate) = truncate {
@@ -73,15 +130,11 @@ pub fn check_parameters(
         return Err(ValidationError::TopNTokens { value: top_n_tokens, max: limits.max_top_n_tokens });
     }
 
-    // As TGI's shards do: any warper turns sampling on.
-    let do_sample = p.do_sample
-        || temperature.is_some_and(|t| t != 1.0)
-        || top_k.is_some()
-        || top_p.is_some()
-        || typical_p.is_some();
+    let do_sample = samples(p);
     let seed = match p.seed {
         Some(seed) => seed,
-        None if do_sample => rand::random(),
+        // Within the accepted range: the seed reported back must be one a client can send.
+        None if do_sample => rand::random_range(0..=MAX_SEED),
         None => 0,
     };
     Ok(CheckedParameters {
@@ -90,6 +143,7 @@ pub fn check_parameters(
             top_k: top_k.map_or(0, |k| k as u32),
             top_p: top_p.unwrap_or(1.0),
             typical_p: typical_p.unwrap_or(1.0),
+            min_p: min_p.unwrap_or(0.0),
             do_sample,
             seed,
             repetition_penalty: repetition_penalty.unwrap_or(1.0),
@@ -111,8 +165,17 @@ mod tests {
         ValidationLimits { max_input_tokens: 10, max_total_tokens: 20, max_stop_sequences: 2, max_top_n_tokens: 3 };
 
     fn checked(p: GenerateParameters) -> Result<CheckedParameters, ValidationError> {
-        check_parameters(&p, &LIMITS)
+        check_parameters(&p, &LIMITS, &SamplingDefaults::default())
     }
+
+    /// Llama-3.1-Instruct's generation_config.json, and a repetition penalty.
+    const LLAMA_DEFAULTS: SamplingDefaults = SamplingDefaults {
+        temperature: Some(0.6),
+        top_p: Some(0.9),
+        top_k: None,
+        min_p: None,
+        repetition_penalty: Some(1.1),
+    };
 
     fn out_of_range(result: Result<CheckedParameters, ValidationError>) -> &'static str {
         match result {
@@ -126,7 +189,7 @@ mod tests {
         let c = checked(GenerateParameters::default()).unwrap();
         assert!(!c.sampling.do_sample);
         assert_eq!(c.sampling.seed, 0);
-        assert_eq!((c.sampling.temperature, c.sampling.top_k, c.sampling.top_p), (1.0, 0, 1.0));
+        assert_eq!((c.sampling.temperature, c.sampling.top_k, c.sampling.top_p, c.sampling.min_p), (1.0, 0, 1.0, 0.0));
         assert_eq!((c.sampling.repetition_penalty, c.sampling.frequency_penalty), (1.0, 0.0));
         assert_eq!(c.max_new_tokens, Some(100));
         assert_eq!(c.top_n_tokens, 0);
@@ -143,6 +206,59 @@ mod tests {
     }
 
     #[test]
+    fn min_p_is_a_warper_and_zero_disables_it() {
+        let c = checked(GenerateParameters { min_p: Some(0.1), ..Default::default() }).unwrap();
+        assert!(c.sampling.do_sample);
+        assert_eq!(c.sampling.min_p, 0.1);
+        for min_p in [None, Some(0.0)] {
+            let c = checked(GenerateParameters { min_p, ..Default::default() }).unwrap();
+            assert!(!c.sampling.do_sample);
+            assert_eq!(c.sampling.min_p, 0.0);
+        }
+        assert_eq!(checked(GenerateParameters { min_p: Some(1.0), ..Default::default() }).unwrap().sampling.min_p, 1.0);
+    }
+
+    #[test]
+    fn unseeded_sampled_requests_draw_a_seed_they_could_send() {
+        let sampled = GenerateParameters { do_sample: true, ..Default::default() };
+        let seeds: Vec<u64> = (0..64).map(|_| checked(sampled.clone()).unwrap().sampling.seed).collect();
+        assert!(seeds.iter().any(|&seed| seed != seeds[0]), "a fresh seed per request");
+        for seed in seeds {
+            let resent = checked(GenerateParameters { seed: Some(seed), ..sampled.clone() }).unwrap();
+            assert_eq!(resent.sampling.seed, seed);
+        }
+    }
+
+    #[test]
+    fn model_defaults_fill_the_unset_fields_of_sampled_requests_only() {
+        let with_llama = |p: GenerateParameters| check_parameters(&p, &LIMITS, &LLAMA_DEFAULTS).unwrap().sampling;
+        let greedy = with_llama(GenerateParameters { repetition_penalty: Some(1.0), ..Default::default() });
+        assert!(!greedy.do_sample);
+        assert_eq!((greedy.temperature, greedy.top_p, greedy.repetition_penalty), (1.0, 1.0, 1.0));
+        assert_eq!(greedy, with_llama(GenerateParameters::default()));
+
+        let sampled = with_llama(GenerateParameters { do_sample: true, ..Default::default() });
+        assert!(sampled.do_sample);
+        assert_eq!((sampled.temperature, sampled.top_p, sampled.repetition_penalty), (0.6, 0.9, 1.1));
+        // The request's own values win; a warper alone turns sampling (and the defaults) on.
+        let own = with_llama(GenerateParameters { top_k: Some(5), top_p: Some(1.0), ..Default::default() });
+        assert!(own.do_sample);
+        assert_eq!((own.temperature, own.top_k, own.top_p), (0.6, 5, 1.0));
+    }
+
+    #[test]
+    fn model_defaults_are_checked_like_request_values() {
+        assert_eq!(check_defaults(LLAMA_DEFAULTS, &LIMITS), Ok(LLAMA_DEFAULTS));
+        let zero_temperature = SamplingDefaults { temperature: Some(0.0), ..LLAMA_DEFAULTS };
+        assert!(matches!(
+            check_defaults(zero_temperature, &LIMITS),
+            Err(ValidationError::OutOfRange { name: "temperature", .. })
+        ));
+        let negative_top_k = SamplingDefaults { top_k: Some(-1), ..LLAMA_DEFAULTS };
+        assert!(matches!(check_defaults(negative_top_k, &LIMITS), Err(ValidationError::OutOfRange { name: "top_k", .. })));
+    }
+
+    #[test]
     fn rejects_out_of_range_and_non_finite_values() {
         let cases: Vec<(&str, GenerateParameters)> = vec![
             ("temperature", GenerateParameters { temperature: Some(0.0), ..Default::default() }),
@@ -152,6 +268,9 @@ mod tests {
             ("top_p", GenerateParameters { top_p: Some(1.5), ..Default::default() }),
             ("top_k", GenerateParameters { top_k: Some(0), ..Default::default() }),
             ("typical_p", GenerateParameters { typical_p: Some(1.0), ..Default::default() }),
+            ("min_p", GenerateParameters { min_p: Some(1.5), ..Default::default() }),
+            ("min_p", GenerateParameters { min_p: Some(-0.1), ..Default::default() }),
+            ("min_p", GenerateParameters { min_p: Some(f32::NAN), ..Default::default() }),
             ("repetition_penalty", GenerateParameters { repetition_penalty: Some(-1.0), ..Default::default() }),
             ("frequency_penalty", GenerateParameters { frequency_penalty: Some(2.5), ..Default::default() }),
             ("presence_penalty", GenerateParameters { presence_penalty: Some(-3.0), ..Default::default() }),

@@ -5,6 +5,7 @@ use super::params::check_parameters;
 use super::tests::validation;
 use super::ValidationLimits;
 use crate::api::generate::{GenerateParameters, GenerateRequest};
+use model_store::SamplingDefaults;
 use proptest::prelude::*;
 
 const LIMITS: ValidationLimits =
@@ -50,6 +51,7 @@ prop_compose! {
             presence_penalty: floats[3],
             top_p: floats[4],
             typical_p: floats[5],
+            min_p: floats[6],
             best_of: counts[0],
             max_new_tokens: counts[1],
             truncate: counts[2],
@@ -70,11 +72,13 @@ proptest! {
 
     #[test]
     fn accepted_parameters_are_in_range(p in any_parameters()) {
-        if let Ok(c) = check_parameters(&p, &LIMITS) {
+        if let Ok(c) = check_parameters(&p, &LIMITS, &SamplingDefaults::default()) {
             let s = &c.sampling;
             prop_assert!(s.temperature.is_finite() && s.temperature > 0.0);
             prop_assert!(s.top_p > 0.0 && s.top_p <= 1.0);
             prop_assert!(s.typical_p > 0.0 && s.typical_p <= 1.0);
+            prop_assert!((0.0..=1.0).contains(&s.min_p));
+            prop_assert!(s.seed <= i64::MAX as u64);
             prop_assert!(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0);
             prop_assert!((-2.0..=2.0).contains(&s.frequency_penalty));
             prop_assert!((-2.0..=2.0).contains(&s.presence_penalty));

@@ -8,7 +8,7 @@ use crate::api::generate::GenerateParameters;
 use crate::api::openai::{ModelCard, ModelList, OneOrMany, OpenAiResponse, Usage};
 use crate::http::openapi::OpenAiErrors;
 use crate::http::server::AppState;
-use crate::validation::{check_top_p, ValidationError};
+use crate::validation::{check_warpers, ValidationError};
 use axum::extract::State;
 use axum::response::sse::Event;
 use axum::Json;
@@ -19,6 +19,9 @@ pub struct OpenAiSampling {
     pub n: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub seed: Option<u64>,
@@ -33,13 +36,22 @@ impl OpenAiSampling {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ValidationError::OutOfRange { name: "n", expected: "1 (several choices are not supported)" });
         }
-        // OpenAI samples unless the temperature is 0, which means greedy (and top_p unused, but checked).
-        let greedy = self.temperature == Some(0.0);
-        check_top_p(self.top_p)?;
-        Ok(GenerateParameters {
-            do_sample: !greedy,
-            temperature: self.temperature.filter(|_| !greedy),
-            top_p: self.top_p.filter(|_| !greedy),
+        // vLLM's "no top-k" values; TGI's parameters leave it unset instead.
+        let top_k = match self.top_k {
+            Some(-1 | 0) => None,
+            Some(k) if k < -1 => {
+                return Err(ValidationError::OutOfRange { name: "top_k", expected: "-1 or 0 (disabled), or at least 1" })
+            }
+            top_k => top_k,
+        };
+        let sampled = GenerateParameters {
+            // OpenAI samples unless the temperature is 0 (greedy).
+            do_sample: true,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
             seed: self.seed,
@@ -48,7 +60,13 @@ impl OpenAiSampling {
             top_n_tokens: self.top_n_tokens,
             ignore_eos: self.ignore_eos,
             ..GenerateParameters::default()
-        })
+        };
+        if self.temperature != Some(0.0) {
+            return Ok(sampled);
+        }
+        // Greedy: the warpers do not apply, but values out of range are still errors.
+        check_warpers(&sampled)?;
+        Ok(GenerateParameters { do_sample: false, temperature: None, top_p: None, top_k: None, min_p: None, ..sampled })
     }
 }
 
@@ -120,6 +138,9 @@ mod tests {
             n,
             temperature,
             top_p: Some(0.9),
+            top_k: None,
+            min_p: None,
+            repetition_penalty: None,
             frequency_penalty: None,
             presence_penalty: None,
             seed: None,
@@ -149,10 +170,36 @@ mod tests {
     }
 
     #[test]
-    fn greedy_still_checks_top_p() {
+    fn greedy_still_checks_the_warpers() {
+        let out_of_range = |edit: fn(&mut OpenAiSampling)| {
+            let mut request = sampling(Some(0.0), None);
+            edit(&mut request);
+            match request.into_parameters() {
+                Err(ValidationError::OutOfRange { name, .. }) => name,
+                other => panic!("expected OutOfRange, got {other:?}"),
+            }
+        };
+        assert_eq!(out_of_range(|r| r.top_p = Some(0.0)), "top_p");
+        assert_eq!(out_of_range(|r| r.min_p = Some(1.5)), "min_p");
+        assert_eq!(out_of_range(|r| r.top_k = Some(-2)), "top_k");
+    }
+
+    #[test]
+    fn vllm_extra_fields_reach_the_parameters() {
+        let mut request = sampling(None, None);
+        (request.top_k, request.min_p, request.repetition_penalty) = (Some(50), Some(0.1), Some(1.1));
+        let parameters = request.into_parameters().unwrap();
+        assert_eq!((parameters.top_k, parameters.min_p, parameters.repetition_penalty), (Some(50), Some(0.1), Some(1.1)));
+        // Greedy drops the warpers but keeps the penalty, which applies to greedy decoding too.
         let mut request = sampling(Some(0.0), None);
-        request.top_p = Some(0.0);
-        assert!(matches!(request.into_parameters(), Err(ValidationError::OutOfRange { name: "top_p", .. })));
+        (request.top_k, request.min_p, request.repetition_penalty) = (Some(50), Some(0.1), Some(1.1));
+        let parameters = request.into_parameters().unwrap();
+        assert_eq!((parameters.top_k, parameters.min_p, parameters.repetition_penalty), (None, None, Some(1.1)));
+        for disabled in [-1, 0] {
+            let mut request = sampling(None, None);
+            request.top_k = Some(disabled);
+            assert_eq!(request.into_parameters().unwrap().top_k, None);
+        }
     }
 
     /// The shared fields stay plain fields of both requests (no `#[serde(flatten)]`):
@@ -171,6 +218,9 @@ mod tests {
             for field in [
                 "temperature",
                 "top_p",
+                "top_k",
+                "min_p",
+                "repetition_penalty",
                 "frequency_penalty",
                 "presence_penalty",
                 "n",
