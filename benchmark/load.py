@@ -2,14 +2,16 @@
 """Load generator for any OpenAI-compatible server (ours, TGI, vLLM, ...).
 
 Streams `/v1/completions` with prompts of an exact token length (counted with the
-model's tokenizer.json), a fixed `max_tokens`, `ignore_eos` and greedy decoding, and
-reports per load level: aggregate output tokens/s, TTFT, inter-token latency and
-end-to-end latency (p50/p99), and errors.
+model's tokenizer.json), a fixed `max_tokens`, `ignore_eos` and greedy decoding (or the
+sampling preset of `--sampling`), and reports per load level: aggregate output tokens/s,
+TTFT, inter-token latency and end-to-end latency (p50/p99), and errors.
 
     # concurrency sweep
     python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json
     # the issue's three targets
     python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json --scenario
+    # every sampling preset at 1, 64 and 256 streams, compared with greedy
+    python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json --sampling-sweep
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_stats import RequestResult, markdown_table, summarize  # noqa: E402
+from load_stats import RequestResult, markdown_table, sampling_table, summarize  # noqa: E402
 
 # Ordinary prose to cut prompts from: tokenizes like real text, unlike random ids.
 FILLER_TEXT = (
@@ -42,6 +44,22 @@ FILLER_TEXT = (
 )
 
 
+# The request fields of each `--sampling` preset, sent with every request of a level.
+SAMPLING_PRESETS: dict[str, dict] = {
+    # Today's default of every scenario, so that results stay comparable.
+    "greedy": {"temperature": 0},
+    # What a default OpenAI client sends: no sampling field (temperature 1, or the model's default).
+    "default": {},
+    "t0.7-p0.9": {"temperature": 0.7, "top_p": 0.9},
+    # vLLM's extra body fields.
+    "k50-rep1.1": {"top_k": 50, "repetition_penalty": 1.1},
+    # The top-5 alternatives of each token with their log-probabilities.
+    "logprobs5": {"temperature": 1, "logprobs": 5},
+}
+DEFAULT_CONCURRENCY = [1, 8, 32, 64, 128, 256]
+SAMPLING_SWEEP_CONCURRENCY = [1, 64, 256]
+
+
 @dataclass(frozen=True)
 class Level:
     """Requests of one shape sent `concurrency` at a time."""
@@ -51,6 +69,8 @@ class Level:
     prompt_tokens: int
     max_tokens: int
     requests: int
+    # A key of SAMPLING_PRESETS.
+    sampling: str = "greedy"
 
 
 # The targets of the issue: single-stream decode, long-prompt prefill, a loaded server.
@@ -106,12 +126,12 @@ class PromptBuilder:
 
 
 async def stream_completion(
-    session: aiohttp.ClientSession, url: str, model: str | None, prompt: str, max_tokens: int
+    session: aiohttp.ClientSession, url: str, model: str | None, prompt: str, max_tokens: int, sampling: str
 ) -> RequestResult:
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
-        "temperature": 0,
+        **SAMPLING_PRESETS[sampling],
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -174,12 +194,13 @@ async def run_level(
     async def worker():
         while not queue.empty():
             prompt = queue.get_nowait()
-            results.append(await stream_completion(session, url, model, prompt, level.max_tokens))
+            results.append(await stream_completion(session, url, model, prompt, level.max_tokens, level.sampling))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(level.concurrency, level.requests))))
     wall = time.perf_counter() - start
     summary = summarize(level.name, level.concurrency, level.prompt_tokens, level.max_tokens, results, wall)
+    summary["sampling"] = level.sampling
     print(
         f"{level.name}: {summary['requests']} requests, {summary['errors']} errors, "
         f"{summary['output_tokens']} tokens in {wall:.1f}s",
@@ -214,14 +235,40 @@ def sweep_levels(args: argparse.Namespace) -> list[Level]:
             prompt_tokens=args.prompt_tokens,
             max_tokens=args.max_tokens,
             requests=args.requests or max(2 * c, 16),
+            sampling=args.sampling,
         )
         for c in args.concurrency
     ]
 
 
+def sampling_sweep_levels(args: argparse.Namespace) -> list[Level]:
+    """Each preset at each concurrency. Few requests per level (3 for one stream, two waves
+    up to 128 streams, one beyond) keep the whole sweep short."""
+    return [
+        Level(
+            f"{preset} c={c}",
+            concurrency=c,
+            prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens,
+            requests=args.requests or max(3, min(2 * c, 256)),
+            sampling=preset,
+        )
+        for preset in args.sampling_presets
+        for c in args.concurrency
+    ]
+
+
+def levels_to_run(args: argparse.Namespace) -> list[Level]:
+    if args.sampling_sweep:
+        return sampling_sweep_levels(args)
+    if args.scenario:
+        return [replace(level, sampling=args.sampling) for level in SCENARIOS]
+    return sweep_levels(args)
+
+
 async def main_async(args: argparse.Namespace) -> list[dict]:
     builder = PromptBuilder(Tokenizer.from_file(str(args.tokenizer)), seed=args.seed)
-    levels = SCENARIOS if args.scenario else sweep_levels(args)
+    levels = levels_to_run(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     # No connection cap: the concurrency of a level is the only limit.
     connector = aiohttp.TCPConnector(limit=0)
@@ -229,9 +276,20 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         model = args.model or await served_model(session, args.url)
         if args.warmup_requests:
-            warmup = Level("warmup", 1, min(level.prompt_tokens for level in levels), 16, args.warmup_requests)
-            await run_level(session, args.url, model, builder, warmup)
+            # Each sampling preset once: its first requests may pay for one-time setup.
+            prompt_tokens = min(level.prompt_tokens for level in levels)
+            for sampling in dict.fromkeys(level.sampling for level in levels):
+                warmup = Level(f"warmup {sampling}", 1, prompt_tokens, 16, args.warmup_requests, sampling)
+                await run_level(session, args.url, model, builder, warmup)
         return [await run_level(session, args.url, model, builder, level) for level in levels]
+
+
+def preset_names(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in SAMPLING_PRESETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sampling presets {unknown}; known: {', '.join(SAMPLING_PRESETS)}")
+    return names
 
 
 def positive_ints(text: str) -> list[int]:
@@ -249,12 +307,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://localhost:8080", help="server base URL")
     parser.add_argument("--tokenizer", type=Path, required=True, help="the model's tokenizer.json")
     parser.add_argument("--model", help="model name to send (default: the first of /v1/models)")
-    parser.add_argument("--scenario", action="store_true", help="run the issue's three targets instead of the sweep")
-    # The sweep's shape; --scenario has its own.
-    parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32, 64, 128, 256], help="sweep levels")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--scenario", action="store_true", help="run the issue's three targets instead of the sweep")
+    mode.add_argument(
+        "--sampling-sweep",
+        action="store_true",
+        help="run every preset of --sampling-presets at each concurrency (default 1,64,256) and compare them with greedy",
+    )
+    parser.add_argument(
+        "--sampling", choices=SAMPLING_PRESETS, help="sampling preset of the sweep or the scenarios (default: greedy)"
+    )
+    parser.add_argument(
+        "--sampling-presets", type=preset_names, help="comma-separated presets of --sampling-sweep (default: all)"
+    )
+    # The sweeps' shape; --scenario has its own.
+    parser.add_argument(
+        "--concurrency",
+        type=positive_ints,
+        help=f"sweep levels (default {','.join(map(str, DEFAULT_CONCURRENCY))}; "
+        f"{','.join(map(str, SAMPLING_SWEEP_CONCURRENCY))} for --sampling-sweep)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=512, help="sweep prompt length, in tokens")
     parser.add_argument("--max-tokens", type=int, default=128, help="sweep tokens to generate")
-    parser.add_argument("--requests", type=int, help="sweep requests per level (default: max(2 x concurrency, 16))")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        help="sweep requests per level (default: max(2 x concurrency, 16); "
+        "max(3, min(2 x concurrency, 256)) for --sampling-sweep)",
+    )
     parser.add_argument("--warmup-requests", type=int, default=2, help="untimed requests first")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request")
     parser.add_argument("--seed", type=int, default=0)
@@ -265,6 +345,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--prompt-tokens, --max-tokens and --requests must be at least 1")
     if not args.tokenizer.is_file():
         parser.error(f"--tokenizer {args.tokenizer} is not a file")
+    if args.sampling_sweep and args.sampling:
+        parser.error("--sampling-sweep runs the presets of --sampling-presets, not --sampling")
+    if args.sampling_presets and not args.sampling_sweep:
+        parser.error("--sampling-presets is for --sampling-sweep; use --sampling otherwise")
+    args.sampling = args.sampling or "greedy"
+    args.sampling_presets = args.sampling_presets or list(SAMPLING_PRESETS)
+    args.concurrency = args.concurrency or (SAMPLING_SWEEP_CONCURRENCY if args.sampling_sweep else DEFAULT_CONCURRENCY)
     args.url = args.url.rstrip("/")
     return args
 
@@ -281,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
         settings.pop("api_key")
         args.out.write_text(json.dumps({"settings": settings, "levels": levels}, indent=2))
-    print(markdown_table(levels))
+    print(sampling_table(levels) if args.sampling_sweep else markdown_table(levels))
     return 1 if any(level["errors"] for level in levels) else 0
 
 

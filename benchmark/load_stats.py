@@ -131,3 +131,22 @@ def markdown_table(levels: list[dict]) -> str:
     ]
     lines += ["| " + " | ".join(_cell(level.get(key)) for key, _ in COLUMNS) + " |" for level in levels]
     return "\n".join(lines)
+
+
+SAMPLING_COLUMNS = ["preset", "conc.", "errors", "out tok/s", "vs greedy", "ITL p50 ms", "TTFT p50 ms"]
+
+
+def sampling_table(levels: list[dict]) -> str:
+    """One row per level of a sampling sweep (levels carry their preset in `sampling`), with
+    its output tokens/s over greedy's at the same concurrency ("-" without a greedy level)."""
+    greedy = {level["concurrency"]: level["output_tokens_per_s"] for level in levels if level["sampling"] == "greedy"}
+    lines = [
+        "| " + " | ".join(SAMPLING_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(SAMPLING_COLUMNS) - 1),
+    ]
+    for level in levels:
+        rate, baseline = level["output_tokens_per_s"], greedy.get(level["concurrency"])
+        ratio = f"{rate / baseline:.0%}" if rate is not None and baseline else None
+        cells = [level["sampling"], level["concurrency"], level["errors"], rate, ratio, level["itl_ms_p50"], level["ttft_ms_p50"]]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines)

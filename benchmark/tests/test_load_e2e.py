@@ -150,3 +150,45 @@ def test_unreachable_server_is_an_error_not_a_crash(tokenizer_file, tmp_path):
     argv = ["--url", "http://127.0.0.1:9", "--tokenizer", str(tokenizer_file), "--concurrency", "1",
             "--requests", "1", "--prompt-tokens", "16", "--max-tokens", "2", "--warmup-requests", "0"]
     assert load.main(argv) == 1
+
+
+def test_sampling_preset_fields_are_sent(serve, tokenizer_file):
+    server = FakeServer(tokenizer_file)
+    argv = ["--url", serve(server), "--tokenizer", str(tokenizer_file), "--concurrency", "2", "--requests", "2",
+            "--prompt-tokens", "16", "--max-tokens", "2", "--warmup-requests", "0", "--sampling", "t0.7-p0.9"]
+    assert load.main(argv) == 0
+    for body in server.bodies:
+        assert (body["temperature"], body["top_p"]) == (0.7, 0.9)
+        assert body["ignore_eos"] is True
+
+
+def test_sampling_sweep_runs_every_preset_and_compares_with_greedy(serve, tokenizer_file, tmp_path, capsys):
+    server = FakeServer(tokenizer_file)
+    out = tmp_path / "results.json"
+    argv = ["--url", serve(server), "--tokenizer", str(tokenizer_file), "--sampling-sweep", "--concurrency", "1,2",
+            "--requests", "2", "--prompt-tokens", "16", "--max-tokens", "3", "--warmup-requests", "1", "--out", str(out)]
+    assert load.main(argv) == 0
+    levels = json.loads(out.read_text())["levels"]
+    presets = list(load.SAMPLING_PRESETS)
+    assert [(level["sampling"], level["concurrency"]) for level in levels] == [(p, c) for p in presets for c in (1, 2)]
+    assert all(level["errors"] == 0 and level["output_tokens"] == 6 for level in levels)
+    # One warmup per preset, then 2 requests per level; each body carries exactly its preset's fields.
+    assert len(server.bodies) == len(presets) * 5
+    sampling_keys = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs"}
+    sent = {tuple(sorted((k, v) for k, v in body.items() if k in sampling_keys)) for body in server.bodies}
+    assert sent == {tuple(sorted(fields.items())) for fields in load.SAMPLING_PRESETS.values()}
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("| preset | conc. |")
+    assert "| greedy | 2 | 0 |" in table and "| logprobs5 | 1 | 0 |" in table
+
+
+@pytest.mark.parametrize("extra", [
+    ["--sampling-presets", "greedy,hot"],
+    ["--sampling-sweep", "--sampling", "greedy"],
+    ["--sampling-presets", "greedy"],
+    ["--sampling-sweep", "--scenario"],
+])
+def test_inconsistent_sampling_options_are_usage_errors(tokenizer_file, extra):
+    with pytest.raises(SystemExit) as exit_info:
+        load.parse_args(["--tokenizer", str(tokenizer_file), *extra])
+    assert exit_info.value.code == 2

@@ -1,6 +1,6 @@
 import pytest
 
-from load_stats import RequestResult, markdown_table, percentile, summarize
+from load_stats import RequestResult, markdown_table, percentile, sampling_table, summarize
 
 
 def test_percentile_interpolates_like_numpy():
@@ -65,3 +65,19 @@ def test_markdown_table():
     assert row.startswith("| sweep c=1 | 1 | 512 | 2 | 1 | 0 | 100 |")
     assert "| 12.0 |" in row  # TTFT p50 in ms
     assert row.count("|") == header.count("|")
+
+
+def test_sampling_table_compares_each_preset_with_greedy_at_its_concurrency():
+    def level(sampling, concurrency, wall_s):
+        results = [RequestResult(ttft=0.01, itls=[0.004], latency=0.02, output_tokens=100)]
+        return {**summarize(f"{sampling} c={concurrency}", concurrency, 512, 100, results, wall_s), "sampling": sampling}
+
+    levels = [level("greedy", 1, 1.0), level("greedy", 64, 0.5), level("t0.7-p0.9", 1, 2.0), level("t0.7-p0.9", 64, 0.5)]
+    header, rule, *rows = sampling_table(levels).splitlines()
+    assert header == "| preset | conc. | errors | out tok/s | vs greedy | ITL p50 ms | TTFT p50 ms |"
+    assert rule.count("|") == header.count("|")
+    assert rows[0] == "| greedy | 1 | 0 | 100 | 100% | 4.00 | 10.0 |"
+    assert rows[2].startswith("| t0.7-p0.9 | 1 | 0 | 50.0 | 50% |")
+    assert rows[3].startswith("| t0.7-p0.9 | 64 | 0 | 200 | 100% |")
+    # Without greedy levels there is nothing to compare with.
+    assert "| - |" in sampling_table(levels[2:3])
