@@ -534,7 +534,7 @@ impl CudaOp1 for Greedy {
 }
 
 /// One row's sampling parameters as [`sample`] reads them (`SampleRow` in sampling.cu).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SampleRow {
     pub temperature: f32,
     /// 0: off.
