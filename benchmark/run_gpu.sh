@@ -4,16 +4,21 @@
 # into .bench-assets/ (carry both):
 #   1. writes a random Llama-3.1-8B-shaped bf16 model to $MODEL_DIR (once),
 #   2. starts the launcher on it and waits for /health,
-#   3. runs benchmark/load.py: the issue's scenarios, then the concurrency sweep,
+#   3. runs benchmark/load.py: the issue's scenarios, then the concurrency sweep (greedy),
+#      and with STEPS including "sampling" the sampling sweep (every load.py --sampling
+#      preset at 1, 64 and 256 streams beside greedy: about a minute on an 8B model when
+#      sampled requests run at greedy's speed, several per preset when they do not),
 #   4. stops the launcher, runs the shard microbenchmark on a shard of its own,
 #   5. prints the tables, and copies the JSON results and logs to $OUT when set.
 #
 #   benchmark/run_gpu.sh
 # Environment: PRESET (llama-3.1-8b | tiny), MODEL_DIR, DTYPE (bfloat16), PORT, RESULTS_DIR,
-# CONCURRENCY (sweep levels, e.g. 1,8,32), SHARD_BENCH_ARGS, and STEPS, the parts to run
-# (default "scenario sweep shard"): to stay under a time limit per command, run
-# STEPS=scenario, then STEPS=sweep, then STEPS=shard; the model and the results of
-# earlier steps stay in /tmp while the machine does, and every table so far is printed.
+# CONCURRENCY (sweep levels, e.g. 1,8,32), SAMPLING_PRESETS (presets of the sampling
+# step, e.g. greedy,t0.7-p0.9), SHARD_BENCH_ARGS, and STEPS, the parts to run
+# (default "scenario sweep shard"; "sampling" only when named): to stay under a time
+# limit per command, run STEPS=scenario, then STEPS=sweep, then STEPS=shard, then
+# STEPS=sampling; the model and the results of earlier steps stay in /tmp while the
+# machine does, and every table so far is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -105,7 +110,7 @@ run_step() {
     echo "run_gpu.sh: $step took $((SECONDS - started))s" >&2
 }
 
-if has_step scenario || has_step sweep; then
+if has_step scenario || has_step sweep || has_step sampling; then
     text-generation-launcher --model-id "$MODEL_DIR" --dtype "$DTYPE" --hostname 127.0.0.1 --port "$PORT" \
         "${LIMITS[@]}" --max-concurrent-requests 1024 >"$RESULTS_DIR/launcher.log" 2>&1 &
     server_pid=$!
@@ -117,6 +122,10 @@ if has_step scenario || has_step sweep; then
     fi
     if has_step sweep; then
         run_step sweep "${load[@]}" --concurrency "$CONCURRENCY" --out "$RESULTS_DIR/sweep.json"
+    fi
+    if has_step sampling; then
+        run_step sampling "${load[@]}" --sampling-sweep ${SAMPLING_PRESETS:+--sampling-presets "$SAMPLING_PRESETS"} \
+            --out "$RESULTS_DIR/sampling.json"
     fi
     stop_server
 fi
@@ -135,7 +144,7 @@ fi
 
 echo
 echo "## Results ($PRESET, $DTYPE, $(head -n 1 "$RESULTS_DIR/gpu.txt"))"
-for table in scenario sweep shard; do
+for table in scenario sweep shard sampling; do
     if [ -f "$RESULTS_DIR/$table.md" ]; then echo; echo "### $table"; cat "$RESULTS_DIR/$table.md"; fi
 done
 exit "$status"
