@@ -1,4 +1,5 @@
-//! Range checks of the sampling and stopping parameters (no tokenizer needed).
+//! Range checks of the sampling and stopping parameters (no tokenizer needed), and the
+//! model's sampling defaults for what a sampled request leaves unset.
 
 use super::{ValidationError, ValidationLimits};
 use crate::api::generate::GenerateParameters;

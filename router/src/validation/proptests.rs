@@ -91,6 +91,25 @@ proptest! {
     }
 
     #[test]
+    fn model_defaults_change_sampled_requests_only(p in any_parameters()) {
+        let defaults = SamplingDefaults {
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            top_k: Some(20),
+            min_p: Some(0.05),
+            repetition_penalty: Some(1.1),
+        };
+        let with = check_parameters(&p, &LIMITS, &defaults);
+        let without = check_parameters(&p, &LIMITS, &SamplingDefaults::default());
+        match (&with, &without) {
+            (Ok(with), Ok(without)) if !without.sampling.do_sample => prop_assert_eq!(with, without),
+            (Ok(with), Ok(_)) => prop_assert!(with.sampling.do_sample),
+            // Valid defaults fill unset fields only: a request fails alike with them or without.
+            _ => prop_assert_eq!(with.as_ref().err(), without.as_ref().err()),
+        }
+    }
+
+    #[test]
     fn accepted_requests_fit_the_limits(
         words in proptest::collection::vec(prop_oneof![Just("the"), Just("capital"), Just("of"), Just(" "), Just("\u{200b}"), Just("é")], 0..12),
         max_new_tokens in any_count(),
