@@ -8,6 +8,8 @@ use clap::{Parser, ValueEnum};
 const DEFAULT_MAX_TOTAL_TOKENS: usize = 4096;
 /// Slack TGI adds over the longest prompt for the default prefill budget.
 const DEFAULT_PREFILL_SLACK: usize = 50;
+/// `MAX_TOP_N_TOKENS` of the shard's sampler.
+const MAX_TOP_N_TOKENS: u32 = 32;
 
 #[derive(Parser, Debug, Clone)]
 #[command(version, about = "Starts the model shards and the HTTP router, and supervises them")]
@@ -74,6 +76,8 @@ pub struct Args {
     #[arg(long, env, default_value_t = 4)]
     pub max_stop_sequences: usize,
 
+    /// The most alternatives per token a request may ask for (at most 32: the shard's
+    /// sampler keeps that many per row).
     #[arg(long, env, default_value_t = 5)]
     pub max_top_n_tokens: u32,
 
@@ -193,6 +197,12 @@ impl Args {
         }
         if self.payload_limit == 0 {
             bail!("`--payload-limit` must be at least 1 byte");
+        }
+        if self.max_top_n_tokens > MAX_TOP_N_TOKENS {
+            bail!(
+                "`--max-top-n-tokens` must be at most {MAX_TOP_N_TOKENS} (the shard's sampler keeps that many alternatives), got {}",
+                self.max_top_n_tokens
+            );
         }
         if self.shard_uds_path.is_empty() {
             bail!("`--shard-uds-path` must not be empty");
@@ -367,6 +377,8 @@ mod tests {
         assert!(err(&["--cuda-memory-fraction", "0"]).contains("--cuda-memory-fraction"));
         assert!(err(&["--max-concurrent-requests", "0"]).contains("--max-concurrent-requests"));
         assert!(err(&["--cuda-graphs", "0,8"]).contains("--cuda-graphs"));
+        assert!(err(&["--max-top-n-tokens", "33"]).contains("`--max-top-n-tokens` must be at most 32"));
+        assert!(parse(&["--max-top-n-tokens", "32"]).validate().is_ok());
         assert!(parse(&["--cuda-graphs", "0"]).validate().is_ok());
         assert_eq!(parse(&["--cuda-graphs", "1,4"]).cuda_graphs, Some(vec![1, 4]));
         assert!(Args::try_parse_from(["launcher", "--dtype", "int3"]).is_err());

@@ -628,6 +628,27 @@ pub fn sample(
     }))
 }
 
+/// CTAs per row of [`sample`]: the most (up to `SAMPLE_SLICES` = 8, a power of two that
+/// divides it) with which the batch still fits the GPU's SMs at one CTA each, so that a
+/// lone row is spread over 8 SMs and a large batch takes one per row. Clusters need
+/// compute capability 9.0; older GPUs take one CTA per row.
+fn sample_cluster(rows: usize, stream: &CudaStream) -> Result<u32> {
+    let context = stream.context();
+    let major = context
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    if major < 9 {
+        return Ok(1);
+    }
+    let sms = context
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    Ok([8u32, 4, 2]
+        .into_iter()
+        .find(|&ctas| rows * ctas as usize <= sms)
+        .unwrap_or(1))
+}
+
 struct Sample<'a> {
     rows: &'a Tensor,
     penalties: Option<&'a Tensor>,
@@ -655,18 +676,20 @@ impl CudaOp1 for Sample<'_> {
         let work = unsafe { dev.alloc::<f32>(if penalties.is_some() { num_rows * vocab } else { 1 })? };
         let func =
             dev.get_or_load_custom_func("sample_f32", "text_generation_sampling", SAMPLING_PTX)?;
-        let cfg = grid_1d(as_i32(num_rows, "rows")? as u32, THREADS);
         let stream = dev.cuda_stream();
+        let cluster = sample_cluster(num_rows, &stream)?;
+        let cfg = grid_1d(as_i32(num_rows * cluster as usize, "rows")? as u32, THREADS);
         let mut launch = Launch::new(&stream);
+        launch.in_clusters(cluster);
         launch.buf(&out).buf(&work).buf(&logits).buf(&rows);
         match &penalties {
             Some(penalties) => launch.buf(penalties),
             None => launch.null(),
         };
         launch.int(as_i32(vocab, "vocab")?).int(stride as i32);
-        // SAFETY: one CTA per row of `vocab` contiguous logits (checked by `view`), a
-        // row of `rows` each; the kernel reads the penalty entries the rows' ranges name,
-        // which the caller builds from `penalties` itself.
+        // SAFETY: one cluster per row of `vocab` contiguous logits (checked by `view`),
+        // a row of `rows` each; the kernel reads the penalty entries the rows' ranges
+        // name, which the caller builds from `penalties` itself.
         unsafe { launch.run(&func, cfg) }?;
         Ok((
             f32::wrap_cuda_slice(out, dev.clone()),
@@ -1276,6 +1299,8 @@ struct Launch<'a> {
     /// Record the buffers' uses on the stream once the launch is queued (cudarc's
     /// cross-stream bookkeeping).
     uses: Vec<SyncOnDrop<'a>>,
+    /// CTAs per thread block cluster along x (1: no clusters).
+    cluster: u32,
 }
 
 impl<'a> Launch<'a> {
@@ -1284,7 +1309,15 @@ impl<'a> Launch<'a> {
             stream,
             args: Vec::with_capacity(20),
             uses: Vec::with_capacity(10),
+            cluster: 1,
         }
+    }
+
+    /// Groups the grid's CTAs into clusters of `ctas` along x (Hopper and newer), whose
+    /// CTAs share their shared memory.
+    fn in_clusters(&mut self, ctas: u32) -> &mut Self {
+        self.cluster = ctas;
+        self
     }
 
     /// A device buffer the kernel reads or writes. Buffers written through a shared
@@ -1333,10 +1366,22 @@ impl<'a> Launch<'a> {
             .iter_mut()
             .map(|arg| (arg as *mut u64).cast())
             .collect();
-        let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
-        attribute.id =
-            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let mut attributes: Vec<sys::CUlaunchAttribute> = Vec::with_capacity(2);
+        if programmatic_launch(self.stream)? {
+            let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+            attribute.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attribute.value.programmaticStreamSerializationAllowed = 1;
+            attributes.push(attribute);
+        }
+        if self.cluster > 1 {
+            let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+            attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attribute.value.clusterDim.x = self.cluster;
+            attribute.value.clusterDim.y = 1;
+            attribute.value.clusterDim.z = 1;
+            attributes.push(attribute);
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -1346,8 +1391,8 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attribute,
-            numAttrs: u32::from(programmatic_launch(self.stream)?),
+            attrs: attributes.as_mut_ptr(),
+            numAttrs: attributes.len() as u32,
         };
         sys::cuLaunchKernelEx(
             &config,

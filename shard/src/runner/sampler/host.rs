@@ -83,8 +83,13 @@ fn mass_target(fraction: f32, total: u64) -> u64 {
 /// Processes one row of logits and chooses its token.
 pub fn choose_row(logits: &[f32], params: &SamplingParams, inputs: &RowInputs) -> Choice {
     let vocab = logits.len();
-    let temperature = params.temperature;
-    let mut w: Vec<f32> = logits.iter().map(|&x| clean_logit(x) / temperature).collect();
+    // A product per entry rather than a division, as on the device (the same IEEE
+    // result on both).
+    let inverse_temperature = 1.0 / params.temperature;
+    let mut w: Vec<f32> = logits
+        .iter()
+        .map(|&x| clean_logit(x) * inverse_temperature)
+        .collect();
     for &(token, generated) in inputs.penalties {
         let Some(&x) = logits.get(token as usize) else {
             continue;
@@ -99,7 +104,7 @@ pub fn choose_row(logits: &[f32], params: &SamplingParams, inputs: &RowInputs) -
                 .frequency_penalty
                 .mul_add(generated as f32, params.presence_penalty);
         }
-        w[token as usize] = v / temperature;
+        w[token as usize] = v * inverse_temperature;
     }
     let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
