@@ -180,7 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Default::default()
         }
     };
-    let validation = Validation::new(tokenizer, workers, limits, generation_defaults)?;
+    let validation = Validation::new(tokenizer, workers, limits)?;
     let info = Info {
         model_id,
         model_sha: None,

@@ -255,9 +255,10 @@ pub struct Info {
     pub block_size: u32,
     #[schema(example = "gguf:Q4_1")]
     pub quantization: String,
-    /// What the unset sampling fields of a sampled request take: the model's
-    /// generation_config.json values of `temperature`, `top_p`, `top_k`, `min_p` and
-    /// `repetition_penalty` (empty when it has none, as for GGUF files).
+    /// What the unset sampling fields of a request take (on the OpenAI routes, of every
+    /// request; on the TGI routes, of those that sample): the model's generation_config.json
+    /// values of `temperature`, `top_p`, `top_k`, `min_p` and `repetition_penalty` (empty
+    /// when it has none, as for GGUF files).
     #[schema(value_type = Object, example = json!({"temperature": 0.6, "top_p": 0.9}))]
     pub generation_defaults: model_store::SamplingDefaults,
     #[schema(example = "text-generation-router")]

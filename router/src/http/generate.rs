@@ -10,7 +10,7 @@ use crate::http::openapi::TgiErrors;
 use crate::http::server::AppState;
 use crate::http::stream::{json_event, sse_response, Generation, Renderer};
 use crate::infer_types::InferStreamResponse;
-use crate::validation::ValidationError;
+use crate::validation::{with_model_defaults, ValidationError};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::sse::Event;
@@ -68,7 +68,7 @@ async fn generate_response(
     request: GenerateRequest,
     metrics: RequestMetrics,
 ) -> Result<GenerateResponse, ApiError> {
-    let parameters = request.parameters;
+    let parameters = with_model_defaults(&request.parameters, &state.info.generation_defaults);
     let valid = state.validation.validate(request.inputs, &parameters, true).await?;
     metrics.validated(&valid);
     let prefix = full_text_prefix(parameters.return_full_text, &valid.inputs);
@@ -92,7 +92,7 @@ async fn stream_response(
     request: GenerateRequest,
     metrics: RequestMetrics,
 ) -> Result<Response, ApiError> {
-    let parameters = request.parameters;
+    let parameters = with_model_defaults(&request.parameters, &state.info.generation_defaults);
     if parameters.decoder_input_details {
         return Err(ValidationError::PrefillDetailsStream.into());
     }

@@ -164,7 +164,7 @@ fn test_app_with_defaults(backend: Arc<ScriptedBackend>, config: ServerConfig, d
     };
     let state = AppState {
         backend,
-        validation: Arc::new(crate::validation::tests::validation_with_defaults(5, 200, defaults)),
+        validation: Arc::new(crate::validation::tests::validation(5, 200)),
         chat_template: Some(Arc::new(ChatTemplate::new(template.into(), None, None).unwrap())),
         info: Arc::new(info),
         metrics: prometheus_builder(10).build_recorder().handle(),
@@ -366,29 +366,31 @@ async fn min_p_out_of_range_is_a_422_naming_it() {
 }
 
 #[tokio::test]
-async fn model_defaults_apply_to_sampled_requests_and_info_reports_them() {
-    let defaults = SamplingDefaults { temperature: Some(0.6), top_p: Some(0.9), ..Default::default() };
+async fn model_defaults_apply_as_each_api_does_and_info_reports_them() {
+    let defaults =
+        SamplingDefaults { temperature: Some(0.6), top_p: Some(0.9), repetition_penalty: Some(1.1), ..Default::default() };
     let backend = Arc::new(ScriptedBackend::new());
     let app = test_app_with_defaults(backend.clone(), ServerConfig::default(), defaults);
     let (_, info) = call_json(&app, Request::get("/info").body(Body::empty()).unwrap()).await;
-    assert_eq!(info["generation_defaults"], json!({"temperature": 0.6, "top_p": 0.9}));
+    assert_eq!(info["generation_defaults"], json!({"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}));
     let message = json!([{"role": "user", "content": "the"}]);
+    // (do_sample, temperature, top_p, repetition_penalty) of the queued request.
     let cases = [
-        // OpenAI: unset temperature samples with the model's defaults; 0 is greedy.
-        ("/v1/chat/completions", json!({"messages": message}), Some((0.6, 0.9))),
-        ("/v1/completions", json!({"prompt": "the", "top_p": 0.5}), Some((0.6, 0.5))),
-        ("/v1/completions", json!({"prompt": "the", "temperature": 0}), None),
-        // TGI: greedy unless the request samples.
-        ("/generate", json!({"inputs": "the"}), None),
-        ("/generate", json!({"inputs": "the", "parameters": {"do_sample": true}}), Some((0.6, 0.9))),
-        ("/generate", json!({"inputs": "the", "parameters": {"temperature": 0.8}}), Some((0.8, 0.9))),
+        // OpenAI, as vLLM: every unset field; temperature 0 is greedy but keeps the penalty.
+        ("/v1/chat/completions", json!({"messages": message}), (true, 0.6, 0.9, 1.1)),
+        ("/v1/completions", json!({"prompt": "the", "top_p": 0.5}), (true, 0.6, 0.5, 1.1)),
+        ("/v1/completions", json!({"prompt": "the", "temperature": 0}), (false, 1.0, 1.0, 1.1)),
+        // TGI: greedy requests stay as they are; sampled ones take the defaults.
+        ("/generate", json!({"inputs": "the"}), (false, 1.0, 1.0, 1.0)),
+        ("/generate", json!({"inputs": "the", "parameters": {"do_sample": true}}), (true, 0.6, 0.9, 1.1)),
+        ("/generate_stream", json!({"inputs": "the", "parameters": {"temperature": 0.8}}), (true, 0.8, 0.9, 1.1)),
     ];
     for (path, body, expected) in cases {
-        let (status, response) = call_json(&app, post(path, body.clone())).await;
+        let (status, response) = call(&app, post(path, body.clone())).await;
         assert_eq!(status, StatusCode::OK, "{body}: {response}");
         let queued = backend.requests.lock().unwrap().pop().unwrap().parameters;
-        let sampled = queued.do_sample.then_some((queued.temperature, queued.top_p));
-        assert_eq!(sampled, expected, "{path} {body}");
+        let sampling = (queued.do_sample, queued.temperature, queued.top_p, queued.repetition_penalty);
+        assert_eq!(sampling, expected, "{path} {body}");
     }
 }
 

@@ -6,12 +6,11 @@ mod params;
 #[cfg(test)]
 mod proptests;
 
-pub use params::{check_defaults, check_warpers};
+pub use params::{check_defaults, check_warpers, with_model_defaults};
 mod tokenizer;
 
 use crate::api::generate::GenerateParameters;
 use crate::infer_types::{ValidGenerateRequest, ValidStoppingParameters};
-use model_store::SamplingDefaults;
 use std::sync::Arc;
 use tokenizer::TokenizerPool;
 use tokenizers::{Encoding, Tokenizer};
@@ -51,18 +50,11 @@ pub enum ValidationError {
 pub struct Validation {
     tokenizer: TokenizerPool,
     limits: ValidationLimits,
-    /// What a sampled request's unset sampling fields take (see `check_defaults`).
-    defaults: SamplingDefaults,
 }
 
 impl Validation {
-    pub fn new(
-        tokenizer: Tokenizer,
-        workers: usize,
-        limits: ValidationLimits,
-        defaults: SamplingDefaults,
-    ) -> std::io::Result<Self> {
-        Ok(Self { tokenizer: TokenizerPool::new(tokenizer, workers)?, limits, defaults })
+    pub fn new(tokenizer: Tokenizer, workers: usize, limits: ValidationLimits) -> std::io::Result<Self> {
+        Ok(Self { tokenizer: TokenizerPool::new(tokenizer, workers)?, limits })
     }
 
     pub fn workers(&self) -> usize {
@@ -71,7 +63,7 @@ impl Validation {
 
     /// The parameter checks alone (for routes that take a generate request without generating).
     pub fn check_parameters(&self, parameters: &GenerateParameters) -> Result<(), ValidationError> {
-        params::check_parameters(parameters, &self.limits, &self.defaults).map(|_| ())
+        params::check_parameters(parameters, &self.limits).map(|_| ())
     }
 
     pub async fn tokenize(&self, inputs: String, add_special_tokens: bool) -> Result<Encoding, ValidationError> {
@@ -88,7 +80,7 @@ impl Validation {
         parameters: &GenerateParameters,
         add_special_tokens: bool,
     ) -> Result<ValidGenerateRequest, ValidationError> {
-        let checked = params::check_parameters(parameters, &self.limits, &self.defaults)?;
+        let checked = params::check_parameters(parameters, &self.limits)?;
         let encoding = self.tokenize(inputs.clone(), add_special_tokens).await?;
         let mut input_ids = encoding.get_ids();
         if let Some(truncate) = checked.truncate {
@@ -127,17 +119,9 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn validation(max_input_tokens: u32, max_total_tokens: u32) -> Validation {
-        validation_with_defaults(max_input_tokens, max_total_tokens, SamplingDefaults::default())
-    }
-
-    pub(crate) fn validation_with_defaults(
-        max_input_tokens: u32,
-        max_total_tokens: u32,
-        defaults: SamplingDefaults,
-    ) -> Validation {
         let limits =
             ValidationLimits { max_input_tokens, max_total_tokens, max_stop_sequences: 4, max_top_n_tokens: 5 };
-        Validation::new(tokenizer::tests::word_tokenizer(), 1, limits, defaults).unwrap()
+        Validation::new(tokenizer::tests::word_tokenizer(), 1, limits).unwrap()
     }
 
     fn parameters(max_new_tokens: Option<u32>, truncate: Option<u32>) -> GenerateParameters {

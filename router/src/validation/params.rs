@@ -1,5 +1,5 @@
 //! Range checks of the sampling and stopping parameters (no tokenizer needed), and the
-//! model's sampling defaults for what a sampled request leaves unset.
+//! model's sampling defaults for what a sampled TGI request leaves unset.
 
 use super::{ValidationError, ValidationLimits};
 use crate::api::generate::GenerateParameters;
@@ -64,9 +64,10 @@ fn samples(p: &GenerateParameters) -> bool {
         || p.min_p.is_some_and(|v| v != 0.0)
 }
 
-/// `p` with its unset sampling fields taken from the model's defaults, for a request that
-/// samples; a greedy one stays as it is (so a bare `/generate` stays greedy).
-fn with_defaults(p: &GenerateParameters, defaults: &SamplingDefaults) -> GenerateParameters {
+/// The TGI routes' rule for the model's sampling defaults: a request that samples takes
+/// them for its unset fields; a greedy one stays as it is (so a bare `/generate` stays
+/// greedy, as in TGI). The OpenAI routes follow vLLM's instead (`OpenAiSampling`).
+pub fn with_model_defaults(p: &GenerateParameters, defaults: &SamplingDefaults) -> GenerateParameters {
     if !samples(p) {
         return p.clone();
     }
@@ -88,15 +89,10 @@ pub fn check_defaults(
 ) -> Result<SamplingDefaults, ValidationError> {
     let SamplingDefaults { temperature, top_p, top_k, min_p, repetition_penalty } = defaults;
     let as_request = GenerateParameters { temperature, top_p, top_k, min_p, repetition_penalty, ..Default::default() };
-    check_parameters(&as_request, limits, &SamplingDefaults::default()).map(|_| defaults)
+    check_parameters(&as_request, limits).map(|_| defaults)
 }
 
-pub fn check_parameters(
-    p: &GenerateParameters,
-    limits: &ValidationLimits,
-    defaults: &SamplingDefaults,
-) -> Result<CheckedParameters, ValidationError> {
-    let p = &with_defaults(p, defaults);
+pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Result<CheckedParameters, ValidationError> {
     check("best_of", p.best_of, |v| v == 1.0, "1 (best_of is not supported)")?;
     if p.watermark {
         return Err(ValidationError::OutOfRange {
@@ -166,7 +162,7 @@ mod tests {
         ValidationLimits { max_input_tokens: 10, max_total_tokens: 20, max_stop_sequences: 2, max_top_n_tokens: 3 };
 
     fn checked(p: GenerateParameters) -> Result<CheckedParameters, ValidationError> {
-        check_parameters(&p, &LIMITS, &SamplingDefaults::default())
+        check_parameters(&p, &LIMITS)
     }
 
     /// Llama-3.1-Instruct's generation_config.json, and a repetition penalty.
@@ -232,7 +228,7 @@ mod tests {
 
     #[test]
     fn model_defaults_fill_the_unset_fields_of_sampled_requests_only() {
-        let with_llama = |p: GenerateParameters| check_parameters(&p, &LIMITS, &LLAMA_DEFAULTS).unwrap().sampling;
+        let with_llama = |p: GenerateParameters| checked(with_model_defaults(&p, &LLAMA_DEFAULTS)).unwrap().sampling;
         let greedy = with_llama(GenerateParameters { repetition_penalty: Some(1.0), ..Default::default() });
         assert!(!greedy.do_sample);
         assert_eq!((greedy.temperature, greedy.top_p, greedy.repetition_penalty), (1.0, 1.0, 1.0));

@@ -1,7 +1,7 @@
 //! Property tests of the validation: any parameters, any prompt, any JSON body give a
 //! valid request or a `ValidationError`, never a panic, and what passes is in range.
 
-use super::params::check_parameters;
+use super::params::{check_parameters, with_model_defaults};
 use super::tests::validation;
 use super::ValidationLimits;
 use crate::api::generate::{GenerateParameters, GenerateRequest};
@@ -72,7 +72,7 @@ proptest! {
 
     #[test]
     fn accepted_parameters_are_in_range(p in any_parameters()) {
-        if let Ok(c) = check_parameters(&p, &LIMITS, &SamplingDefaults::default()) {
+        if let Ok(c) = check_parameters(&p, &LIMITS) {
             let s = &c.sampling;
             prop_assert!(s.temperature.is_finite() && s.temperature > 0.0);
             prop_assert!(s.top_p > 0.0 && s.top_p <= 1.0);
@@ -91,7 +91,7 @@ proptest! {
     }
 
     #[test]
-    fn model_defaults_change_sampled_requests_only(p in any_parameters()) {
+    fn model_defaults_change_sampled_tgi_requests_only(p in any_parameters()) {
         let defaults = SamplingDefaults {
             temperature: Some(0.6),
             top_p: Some(0.9),
@@ -99,8 +99,8 @@ proptest! {
             min_p: Some(0.05),
             repetition_penalty: Some(1.1),
         };
-        let with = check_parameters(&p, &LIMITS, &defaults);
-        let without = check_parameters(&p, &LIMITS, &SamplingDefaults::default());
+        let with = check_parameters(&with_model_defaults(&p, &defaults), &LIMITS);
+        let without = check_parameters(&p, &LIMITS);
         match (&with, &without) {
             (Ok(with), Ok(without)) if !without.sampling.do_sample => prop_assert_eq!(with, without),
             (Ok(with), Ok(_)) => prop_assert!(with.sampling.do_sample),

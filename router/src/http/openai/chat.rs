@@ -41,7 +41,8 @@ async fn respond(
     let Json(Object(request)) = payload?;
     let logprobs = request.logprobs.unwrap_or(false);
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
-    let parameters = request.sampling(max_tokens, request.top_logprobs.filter(|_| logprobs)).into_parameters()?;
+    let sampling = request.sampling(max_tokens, request.top_logprobs.filter(|_| logprobs));
+    let parameters = sampling.into_parameters(&state.info.generation_defaults)?;
     let template = state.chat_template.as_ref().ok_or(ApiError::NoChatTemplate)?;
     let prompt = template.apply(request.messages)?;
     // The template already wrote the special tokens the model expects.

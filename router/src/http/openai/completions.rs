@@ -38,7 +38,8 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let Json(Object(request)) = payload?;
     let logprobs = request.logprobs.is_some();
-    let parameters = request.sampling(request.max_tokens, request.logprobs).into_parameters()?;
+    let sampling = request.sampling(request.max_tokens, request.logprobs);
+    let parameters = sampling.into_parameters(&state.info.generation_defaults)?;
     let prompts = request.prompt.into_vec();
     if prompts.is_empty() {
         return Err(ValidationError::OutOfRange { name: "prompt", expected: "a string or a non-empty list" }.into());

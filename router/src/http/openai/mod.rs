@@ -12,6 +12,7 @@ use crate::validation::{check_warpers, ValidationError};
 use axum::extract::State;
 use axum::response::sse::Event;
 use axum::Json;
+use model_store::SamplingDefaults;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The sampling fields chat and completion requests share.
@@ -32,12 +33,15 @@ pub struct OpenAiSampling {
 }
 
 impl OpenAiSampling {
-    pub fn into_parameters(self) -> Result<GenerateParameters, ValidationError> {
+    /// As vLLM's server does, the model's `defaults` stand in for the unset fields of every
+    /// request, greedy or not (a greedy one keeps only the repetition penalty of them).
+    pub fn into_parameters(self, defaults: &SamplingDefaults) -> Result<GenerateParameters, ValidationError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ValidationError::OutOfRange { name: "n", expected: "1 (several choices are not supported)" });
         }
-        // vLLM's "no top-k" values; TGI's parameters leave it unset instead.
-        let top_k = match self.top_k {
+        // vLLM's "no top-k" values (a request's own -1 overrides the model's top-k); TGI's
+        // parameters leave it unset instead.
+        let top_k = match self.top_k.or(defaults.top_k) {
             Some(-1 | 0) => None,
             Some(k) if k < -1 => {
                 return Err(ValidationError::OutOfRange { name: "top_k", expected: "-1 or 0 (disabled), or at least 1" })
@@ -47,11 +51,11 @@ impl OpenAiSampling {
         let sampled = GenerateParameters {
             // OpenAI samples unless the temperature is 0 (greedy).
             do_sample: true,
-            temperature: self.temperature,
-            top_p: self.top_p,
+            temperature: self.temperature.or(defaults.temperature),
+            top_p: self.top_p.or(defaults.top_p),
             top_k,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
+            min_p: self.min_p.or(defaults.min_p),
+            repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty),
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
             seed: self.seed,
@@ -153,15 +157,15 @@ mod tests {
 
     #[test]
     fn ignore_eos_reaches_the_parameters() {
-        assert!(sampling(Some(0.0), None).into_parameters().unwrap().ignore_eos);
+        assert!(sampling(Some(0.0), None).into_parameters(&SamplingDefaults::default()).unwrap().ignore_eos);
     }
 
     #[test]
     fn temperature_zero_is_greedy_and_unset_samples() {
-        let greedy = sampling(Some(0.0), None).into_parameters().unwrap();
+        let greedy = sampling(Some(0.0), None).into_parameters(&SamplingDefaults::default()).unwrap();
         assert!(!greedy.do_sample);
         assert_eq!((greedy.temperature, greedy.top_p), (None, None));
-        let sampled = sampling(None, Some(1)).into_parameters().unwrap();
+        let sampled = sampling(None, Some(1)).into_parameters(&SamplingDefaults::default()).unwrap();
         assert!(sampled.do_sample);
         assert_eq!(sampled.top_p, Some(0.9));
         assert_eq!(sampled.stop, vec!["\n".to_string()]);
@@ -174,7 +178,7 @@ mod tests {
         let out_of_range = |edit: fn(&mut OpenAiSampling)| {
             let mut request = sampling(Some(0.0), None);
             edit(&mut request);
-            match request.into_parameters() {
+            match request.into_parameters(&SamplingDefaults::default()) {
                 Err(ValidationError::OutOfRange { name, .. }) => name,
                 other => panic!("expected OutOfRange, got {other:?}"),
             }
@@ -188,18 +192,41 @@ mod tests {
     fn vllm_extra_fields_reach_the_parameters() {
         let mut request = sampling(None, None);
         (request.top_k, request.min_p, request.repetition_penalty) = (Some(50), Some(0.1), Some(1.1));
-        let parameters = request.into_parameters().unwrap();
+        let parameters = request.into_parameters(&SamplingDefaults::default()).unwrap();
         assert_eq!((parameters.top_k, parameters.min_p, parameters.repetition_penalty), (Some(50), Some(0.1), Some(1.1)));
         // Greedy drops the warpers but keeps the penalty, which applies to greedy decoding too.
         let mut request = sampling(Some(0.0), None);
         (request.top_k, request.min_p, request.repetition_penalty) = (Some(50), Some(0.1), Some(1.1));
-        let parameters = request.into_parameters().unwrap();
+        let parameters = request.into_parameters(&SamplingDefaults::default()).unwrap();
         assert_eq!((parameters.top_k, parameters.min_p, parameters.repetition_penalty), (None, None, Some(1.1)));
         for disabled in [-1, 0] {
             let mut request = sampling(None, None);
             request.top_k = Some(disabled);
-            assert_eq!(request.into_parameters().unwrap().top_k, None);
+            assert_eq!(request.into_parameters(&SamplingDefaults::default()).unwrap().top_k, None);
         }
+    }
+
+    #[test]
+    fn model_defaults_fill_every_unset_field_as_in_vllm() {
+        let defaults = SamplingDefaults {
+            temperature: Some(0.7),
+            top_p: Some(0.8),
+            top_k: Some(20),
+            min_p: None,
+            repetition_penalty: Some(1.05),
+        };
+        // The helper's request sets top_p 0.9 itself.
+        let p = sampling(None, None).into_parameters(&defaults).unwrap();
+        assert!(p.do_sample);
+        assert_eq!((p.temperature, p.top_p, p.top_k, p.repetition_penalty), (Some(0.7), Some(0.9), Some(20), Some(1.05)));
+        // A request's own "no top-k" wins over the model's.
+        let mut request = sampling(None, None);
+        request.top_k = Some(-1);
+        assert_eq!(request.into_parameters(&defaults).unwrap().top_k, None);
+        // Greedy: of the defaults, only the repetition penalty applies.
+        let p = sampling(Some(0.0), None).into_parameters(&defaults).unwrap();
+        assert!(!p.do_sample);
+        assert_eq!((p.temperature, p.top_p, p.top_k, p.repetition_penalty), (None, None, None, Some(1.05)));
     }
 
     /// The shared fields stay plain fields of both requests (no `#[serde(flatten)]`):
@@ -238,7 +265,7 @@ mod tests {
     #[test]
     fn only_one_choice() {
         assert!(matches!(
-            sampling(None, Some(2)).into_parameters(),
+            sampling(None, Some(2)).into_parameters(&SamplingDefaults::default()),
             Err(ValidationError::OutOfRange { name: "n", .. })
         ));
     }
