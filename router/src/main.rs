@@ -180,6 +180,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Default::default()
         }
     };
+    if generation_defaults != Default::default() {
+        // As vLLM says it: requests that leave these unset do not get the API's defaults.
+        tracing::info!(?generation_defaults, "the model's generation_config.json sets sampling defaults");
+    }
     let validation = Validation::new(tokenizer, workers, limits)?;
     let info = Info {
         model_id,
