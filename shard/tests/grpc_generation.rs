@@ -375,6 +375,7 @@ async fn warmup_sizes_the_cache_from_the_cpu_budget() {
             repetition_penalty: 1.2,
             frequency_penalty: 0.1,
             presence_penalty: 0.1,
+            min_p: 0.05,
         });
         request.prefill_logprobs = true;
         request.top_n_tokens = 20;
