@@ -1,5 +1,6 @@
 //! TGI's native API: `/generate`, `/generate_stream`, `/`, `/tokenize`, `/info`.
 
+use super::neutral_only::NeutralOnly;
 use crate::infer_types;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -13,7 +14,9 @@ fn default_max_new_tokens() -> Option<u32> {
 }
 
 /// Sampling and stopping parameters; also what the OpenAI routes are translated into.
+/// Unknown fields are refused (a 422 naming them), never ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
     /// Only 1 is supported.
     #[serde(default)]
@@ -90,6 +93,21 @@ pub struct GenerateParameters {
     /// Keep generating past the end-of-sequence token (vLLM's extension; benchmarks use it).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Not supported: only `null` (the `text-generation` client always sends it).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>, nullable)]
+    pub grammar: Option<serde_json::Value>,
+    /// Not supported (no LoRA adapters): only `null` or `""`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, nullable)]
+    pub adapter_id: Option<serde_json::Value>,
+}
+
+impl GenerateParameters {
+    /// The TGI fields that clients send but we do not implement.
+    pub fn neutral_only(&self) -> [NeutralOnly<'_>; 2] {
+        [NeutralOnly::empty("grammar", &self.grammar), NeutralOnly::empty("adapter_id", &self.adapter_id)]
+    }
 }
 
 impl Default for GenerateParameters {
@@ -115,11 +133,14 @@ impl Default for GenerateParameters {
             seed: None,
             top_n_tokens: None,
             ignore_eos: false,
+            grammar: None,
+            adapter_id: None,
         }
     }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,
@@ -129,6 +150,7 @@ pub struct GenerateRequest {
 
 /// The body of `POST /`: a generate request that says whether to stream.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CompatGenerateRequest {
     #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,

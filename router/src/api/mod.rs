@@ -1,6 +1,7 @@
 //! Request and response bodies of the HTTP API (serde + OpenAPI schemas).
 
 pub mod generate;
+pub mod neutral_only;
 pub mod openai;
 
 use serde::de::value::MapAccessDeserializer;

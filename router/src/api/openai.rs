@@ -1,5 +1,6 @@
 //! OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
+use super::neutral_only::NeutralOnly;
 use crate::http::openai::OpenAiSampling;
 use crate::infer_types::Token;
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,7 @@ impl OneOrMany {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with the token usage (and no choices) before `[DONE]`.
     #[serde(default)]
@@ -39,7 +41,7 @@ pub enum Role {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ContentPart {
     Text { text: String },
 }
@@ -62,12 +64,17 @@ impl MessageContent {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: Role,
     pub content: MessageContent,
     #[serde(default)]
     #[schema(nullable)]
     pub name: Option<String>,
+    /// Not supported: only `null` or `[]` (the `text-generation` client sends `null`).
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>, nullable)]
+    pub tool_calls: Option<serde_json::Value>,
 }
 
 /// Declares an OpenAI request body: its own fields, then those that chat and
@@ -125,9 +132,28 @@ macro_rules! openai_request {
             #[serde(default, deserialize_with = "super::optional_object")]
             #[schema(nullable)]
             pub stream_options: Option<StreamOptions>,
+            /// Accepted and ignored: the served model answers.
+            #[allow(dead_code, reason = "accepted for OpenAI clients, never read")]
+            #[serde(default)]
+            #[schema(nullable)]
+            pub model: Option<String>,
+            /// Accepted and ignored.
+            #[allow(dead_code, reason = "accepted for OpenAI clients, never read")]
+            #[serde(default)]
+            #[schema(nullable)]
+            pub user: Option<String>,
+            /// Not supported: only `null` or `{}`.
+            #[serde(default)]
+            #[schema(value_type = Option<Object>, nullable)]
+            pub logit_bias: Option<serde_json::Value>,
         }
 
         impl $name {
+            /// The shared fields that clients send but we do not implement.
+            fn shared_neutral_only(&self) -> [NeutralOnly<'_>; 1] {
+                [NeutralOnly::empty("logit_bias", &self.logit_bias)]
+            }
+
             /// The shared sampling fields, with the two that each request reads its own way.
             pub fn sampling(&self, max_tokens: Option<u32>, top_n_tokens: Option<u32>) -> OpenAiSampling {
                 OpenAiSampling {
@@ -151,8 +177,9 @@ macro_rules! openai_request {
 }
 
 openai_request! {
-    /// `model` and `user` are accepted and ignored: the served model answers.
+    /// Unknown fields are refused (a 422 naming them), never ignored.
     #[derive(Debug, Clone, Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
     pub struct ChatCompletionRequest {
         #[serde(deserialize_with = "super::objects")]
         #[schema(min_items = 1)]
@@ -172,12 +199,43 @@ openai_request! {
         #[serde(default)]
         #[schema(nullable, minimum = 1)]
         pub max_completion_tokens: Option<u32>,
+        /// Not supported: only `null` or `[]`.
+        #[serde(default)]
+        #[schema(value_type = Option<Vec<Object>>, nullable)]
+        pub tools: Option<serde_json::Value>,
+        /// Not supported: only `null` or `"none"`.
+        #[serde(default)]
+        #[schema(value_type = Option<String>, nullable)]
+        pub tool_choice: Option<serde_json::Value>,
+        /// Not supported (TGI's extension, used with `tools`): only `null` or `""`.
+        #[serde(default)]
+        #[schema(value_type = Option<String>, nullable)]
+        pub tool_prompt: Option<serde_json::Value>,
+        /// Not supported: only `null` or `{"type": "text"}` (plain text, as without it).
+        #[serde(default)]
+        #[schema(value_type = Option<Object>, nullable)]
+        pub response_format: Option<serde_json::Value>,
+    }
+}
+
+impl ChatCompletionRequest {
+    /// The fields that clients send but we do not implement.
+    pub fn neutral_only(&self) -> impl Iterator<Item = NeutralOnly<'_>> {
+        let own = [
+            NeutralOnly::empty("tools", &self.tools),
+            NeutralOnly::or("tool_choice", &self.tool_choice, serde_json::json!("none")),
+            NeutralOnly::empty("tool_prompt", &self.tool_prompt),
+            NeutralOnly::or("response_format", &self.response_format, serde_json::json!({"type": "text"})),
+        ];
+        let messages = self.messages.iter().map(|m| NeutralOnly::empty("tool_calls", &m.tool_calls));
+        self.shared_neutral_only().into_iter().chain(own).chain(messages)
     }
 }
 
 openai_request! {
-    /// `model` and `user` are accepted and ignored: the served model answers.
+    /// Unknown fields are refused (a 422 naming them), never ignored.
     #[derive(Debug, Clone, Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
     pub struct CompletionRequest {
         /// One choice is generated per prompt.
         #[schema(schema_with = prompt_schema)]
@@ -193,6 +251,25 @@ openai_request! {
         /// Prepend the prompt to the completion.
         #[serde(default)]
         pub echo: bool,
+        /// Not supported: only `null` or 1.
+        #[serde(default)]
+        #[schema(value_type = Option<u32>, nullable)]
+        pub best_of: Option<serde_json::Value>,
+        /// Not supported: only `null` or `""`.
+        #[serde(default)]
+        #[schema(value_type = Option<String>, nullable)]
+        pub suffix: Option<serde_json::Value>,
+    }
+}
+
+impl CompletionRequest {
+    /// The fields that clients send but we do not implement.
+    pub fn neutral_only(&self) -> impl Iterator<Item = NeutralOnly<'_>> {
+        let own = [
+            NeutralOnly::or("best_of", &self.best_of, serde_json::json!(1)),
+            NeutralOnly::empty("suffix", &self.suffix),
+        ];
+        self.shared_neutral_only().into_iter().chain(own)
     }
 }
 

@@ -510,3 +510,104 @@ async fn dropping_the_response_cancels_the_generation() {
     assert!(sender.is_closed(), "the stream outlived its response");
     assert_eq!(backend.permits.available_permits(), 8);
 }
+
+/// `body` with `field` set to `value`, at `pointer` (the object that holds the field).
+fn with_field(mut body: Value, pointer: &str, field: &str, value: Value) -> Value {
+    body.pointer_mut(pointer).unwrap().as_object_mut().unwrap().insert(field.to_string(), value);
+    body
+}
+
+/// The error message of a body in either shape.
+fn error_message(response: &Value) -> &str {
+    response["error"].as_str().or(response["error"]["message"].as_str()).unwrap_or_default()
+}
+
+/// A valid body of each route that takes one.
+fn valid_body(path: &str) -> Value {
+    match path {
+        "/v1/chat/completions" => {
+            json!({"messages": [{"role": "user", "content": "the"}], "stream_options": {"include_usage": true}})
+        }
+        "/v1/completions" => json!({"prompt": "the"}),
+        _ => json!({"inputs": "the", "parameters": {}}),
+    }
+}
+
+#[tokio::test]
+async fn unknown_fields_are_a_422_naming_them_on_every_route() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app(backend.clone(), ServerConfig::default());
+    // Each route, and each object in its body that takes fields.
+    let objects = [
+        ("/generate", ""),
+        ("/generate", "/parameters"),
+        ("/generate_stream", "/parameters"),
+        ("/", ""),
+        ("/", "/parameters"),
+        ("/tokenize", ""),
+        ("/tokenize", "/parameters"),
+        ("/v1/chat/completions", ""),
+        ("/v1/chat/completions", "/messages/0"),
+        ("/v1/chat/completions", "/stream_options"),
+        ("/v1/completions", ""),
+    ];
+    for (path, pointer) in objects {
+        let (status, response) = call(&app, post(path, valid_body(path))).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {response}");
+        let body = with_field(valid_body(path), pointer, "frobnicate", json!(null));
+        let (status, response) = call_json(&app, post(path, body.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {response}");
+        assert!(error_message(&response).contains("unknown field `frobnicate`"), "{body}: {response}");
+    }
+}
+
+/// (route, the object holding the field, field, a neutral value, a value that asks for something)
+fn neutral_only_fields() -> Vec<(&'static str, &'static str, &'static str, Value, Value)> {
+    let tool = json!([{"type": "function", "function": {"name": "f"}}]);
+    let mut fields = vec![
+        ("/v1/chat/completions", "", "tools", json!([]), tool.clone()),
+        ("/v1/chat/completions", "", "tool_choice", json!("none"), json!("auto")),
+        ("/v1/chat/completions", "", "tool_prompt", json!(""), json!("Use the tools")),
+        ("/v1/chat/completions", "", "response_format", json!({"type": "text"}), json!({"type": "json_object"})),
+        ("/v1/chat/completions", "/messages/0", "tool_calls", json!([]), tool),
+        ("/v1/completions", "", "best_of", json!(1), json!(2)),
+        ("/v1/completions", "", "suffix", json!(""), json!("!")),
+    ];
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        fields.push((path, "", "logit_bias", json!({}), json!({"42": -100})));
+    }
+    for path in ["/generate", "/generate_stream", "/"] {
+        fields.push((path, "/parameters", "grammar", json!(null), json!({"type": "json", "value": {}})));
+        fields.push((path, "/parameters", "adapter_id", json!(""), json!("my-lora")));
+    }
+    fields
+}
+
+#[tokio::test]
+async fn unsupported_client_fields_pass_when_neutral_and_are_a_422_naming_them_otherwise() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app(backend.clone(), ServerConfig::default());
+    for (path, pointer, field, neutral, asking) in neutral_only_fields() {
+        for value in [json!(null), neutral] {
+            let body = with_field(valid_body(path), pointer, field, value);
+            let (status, response) = call(&app, post(path, body.clone())).await;
+            assert_eq!(status, StatusCode::OK, "{path} {body}: {response}");
+        }
+        let body = with_field(valid_body(path), pointer, field, asking);
+        let (status, response) = call_json(&app, post(path, body.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path} {body}: {response}");
+        assert!(error_message(&response).contains(&format!("`{field}` is not supported")), "{body}: {response}");
+    }
+}
+
+#[tokio::test]
+async fn openai_model_and_user_are_accepted_and_ignored() {
+    let app = test_app(Arc::new(ScriptedBackend::new()), ServerConfig::default());
+    let chat = json!({"model": "gpt-4", "user": "u1", "messages": [{"role": "user", "content": "the"}]});
+    let completion = json!({"model": "gpt-4", "user": "u1", "prompt": "the"});
+    for (path, body) in [("/v1/chat/completions", chat), ("/v1/completions", completion)] {
+        let (status, response) = call_json(&app, post(path, body)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {response}");
+        assert_eq!(response["model"], "test-model");
+    }
+}

@@ -80,7 +80,7 @@ mod tests {
     use model_store::ModelFiles;
 
     fn message(role: Role, content: &str) -> Message {
-        Message { role, content: MessageContent::Text(content.into()), name: None }
+        Message { role, content: MessageContent::Text(content.into()), name: None, tool_calls: None }
     }
 
     fn smollm2_template() -> ChatTemplate {

@@ -41,6 +41,9 @@ pub enum ValidationError {
     TotalLength { input_length: u32, max_new_tokens: u32, max_total_tokens: u32 },
     #[error("`decoder_input_details` == true is not supported when streaming tokens")]
     PrefillDetailsStream,
+    /// A field we do not implement, sent with a value that asks for something.
+    #[error("`{0}` is not supported")]
+    Unsupported(&'static str),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("template error: {0}")]

@@ -3,6 +3,7 @@
 
 use super::{ValidationError, ValidationLimits};
 use crate::api::generate::GenerateParameters;
+use crate::api::neutral_only;
 use crate::infer_types::ValidParameters;
 use model_store::SamplingDefaults;
 
@@ -93,6 +94,7 @@ pub fn check_defaults(
 }
 
 pub fn check_parameters(p: &GenerateParameters, limits: &ValidationLimits) -> Result<CheckedParameters, ValidationError> {
+    neutral_only::check(p.neutral_only())?;
     check("best_of", p.best_of, |v| v == 1.0, "1 (best_of is not supported)")?;
     if p.watermark {
         return Err(ValidationError::OutOfRange {

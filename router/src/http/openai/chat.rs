@@ -5,7 +5,7 @@ use crate::api::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatLogprobs, OpenAiResponse, Usage,
 };
-use crate::api::Object;
+use crate::api::{neutral_only, Object};
 use crate::error::{ApiError, OpenAiError};
 use crate::http::metrics::RequestMetrics;
 use crate::http::openapi::OpenAiErrors;
@@ -39,6 +39,7 @@ async fn respond(
     metrics: RequestMetrics,
 ) -> Result<Response, ApiError> {
     let Json(Object(request)) = payload?;
+    neutral_only::check(request.neutral_only())?;
     let logprobs = request.logprobs.unwrap_or(false);
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let sampling = request.sampling(max_tokens, request.top_logprobs.filter(|_| logprobs));

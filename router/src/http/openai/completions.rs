@@ -2,7 +2,7 @@
 
 use super::{stream_end, ResponseContext};
 use crate::api::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, OpenAiResponse, Usage};
-use crate::api::Object;
+use crate::api::{neutral_only, Object};
 use crate::error::{ApiError, OpenAiError};
 use crate::http::metrics::RequestMetrics;
 use crate::http::openapi::OpenAiErrors;
@@ -37,6 +37,7 @@ async fn respond(
     metrics: RequestMetrics,
 ) -> Result<Response, ApiError> {
     let Json(Object(request)) = payload?;
+    neutral_only::check(request.neutral_only())?;
     let logprobs = request.logprobs.is_some();
     let sampling = request.sampling(request.max_tokens, request.logprobs);
     let parameters = sampling.into_parameters(&state.info.generation_defaults)?;
