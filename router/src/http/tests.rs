@@ -559,6 +559,19 @@ async fn unknown_fields_are_a_422_naming_them_on_every_route() {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {response}");
         assert!(error_message(&response).contains("unknown field `frobnicate`"), "{body}: {response}");
     }
+    // The OpenAPI description says so too (schemathesis' negative mode then sends such fields).
+    let schemas = &crate::http::openapi::document()["components"]["schemas"];
+    for request in [
+        "GenerateRequest",
+        "GenerateParameters",
+        "CompatGenerateRequest",
+        "ChatCompletionRequest",
+        "Message",
+        "StreamOptions",
+        "CompletionRequest",
+    ] {
+        assert_eq!(schemas[request]["additionalProperties"], json!(false), "{request}");
+    }
 }
 
 /// (route, the object holding the field, field, a neutral value, a value that asks for something)
