@@ -114,7 +114,14 @@ mod tests {
             SamplingParams { repetition_penalty: 1.3, frequency_penalty: 0.4, presence_penalty: 0.2, top_k: 10, ..Default::default() },
         ];
         for vocab in [1_000usize, 128_256] {
-            let rows = random_rows(&mut rng, cases.len(), vocab, 12.0);
+            // A low tail and 24 peaks far above it: every filter keeps fewer tokens than
+            // the alternatives can show, so the kept sets compare in full.
+            let mut rows = random_rows(&mut rng, cases.len(), vocab, 3.0);
+            for row in &mut rows {
+                for _ in 0..24 {
+                    row[rng.random_range(0..vocab)] = rng.random_range(18.0f32..24.0);
+                }
+            }
             let prompt: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab as u32)).collect();
             let make = |i: usize| {
                 let mut c = chooser(cases[i].clone(), crate::runner::sampler::MAX_TOP_N_TOKENS, &prompt);
