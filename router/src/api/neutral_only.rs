@@ -20,7 +20,8 @@ impl<'a> NeutralOnly<'a> {
         Self { name, value: value.as_ref(), neutral: None }
     }
 
-    pub fn or(name: &'static str, value: &'a Option<Value>, neutral: Value) -> Self {
+    /// A field that also has a neutral value of its own (OpenAI's `best_of: 1`, ...).
+    pub fn empty_or(name: &'static str, value: &'a Option<Value>, neutral: Value) -> Self {
         Self { name, value: value.as_ref(), neutral: Some(neutral) }
     }
 
@@ -53,12 +54,12 @@ mod tests {
     #[test]
     fn null_empty_and_the_fields_own_neutral_value_pass_anything_else_is_named() {
         for value in [None, Some(json!(null)), Some(json!("")), Some(json!([])), Some(json!({})), Some(json!(1))] {
-            assert_eq!(check([NeutralOnly::or("best_of", &value, json!(1))]), Ok(()), "{value:?}");
+            assert_eq!(check([NeutralOnly::empty_or("best_of", &value, json!(1))]), Ok(()), "{value:?}");
         }
         for value in [json!(2), json!(false), json!(0), json!("x"), json!([1]), json!({"a": 1})] {
             let field = Some(value);
             assert_eq!(
-                check([NeutralOnly::empty("a", &None), NeutralOnly::or("best_of", &field, json!(1))]),
+                check([NeutralOnly::empty("a", &None), NeutralOnly::empty_or("best_of", &field, json!(1))]),
                 Err(ValidationError::Unsupported("best_of")),
                 "{field:?}"
             );

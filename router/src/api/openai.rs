@@ -223,9 +223,9 @@ impl ChatCompletionRequest {
     pub fn neutral_only(&self) -> impl Iterator<Item = NeutralOnly<'_>> {
         let own = [
             NeutralOnly::empty("tools", &self.tools),
-            NeutralOnly::or("tool_choice", &self.tool_choice, serde_json::json!("none")),
+            NeutralOnly::empty_or("tool_choice", &self.tool_choice, serde_json::json!("none")),
             NeutralOnly::empty("tool_prompt", &self.tool_prompt),
-            NeutralOnly::or("response_format", &self.response_format, serde_json::json!({"type": "text"})),
+            NeutralOnly::empty_or("response_format", &self.response_format, serde_json::json!({"type": "text"})),
         ];
         let messages = self.messages.iter().map(|m| NeutralOnly::empty("tool_calls", &m.tool_calls));
         self.shared_neutral_only().into_iter().chain(own).chain(messages)
@@ -266,7 +266,7 @@ impl CompletionRequest {
     /// The fields that clients send but we do not implement.
     pub fn neutral_only(&self) -> impl Iterator<Item = NeutralOnly<'_>> {
         let own = [
-            NeutralOnly::or("best_of", &self.best_of, serde_json::json!(1)),
+            NeutralOnly::empty_or("best_of", &self.best_of, serde_json::json!(1)),
             NeutralOnly::empty("suffix", &self.suffix),
         ];
         self.shared_neutral_only().into_iter().chain(own)
