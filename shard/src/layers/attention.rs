@@ -790,10 +790,10 @@ mod tests {
         let dev = Device::Cpu;
         let (hidden, q_dim, kv_dim) = (16, 8, 4);
         let linear = |out: usize| -> Result<Linear> {
-            Ok(Linear::new(
+            Linear::new(
                 QMatMul::Tensor(Tensor::randn(0f32, 1., (out, hidden), &dev)?),
                 Some(Tensor::randn(0f32, 1., out, &dev)?),
-            ))
+            )
         };
         let split = QkvProj::new(linear(q_dim)?, linear(kv_dim)?, linear(kv_dim)?, false)?;
         let QkvProj::Split { q, k, v } = split else {

@@ -54,11 +54,11 @@ impl Mlp {
                 if uses_cuda_kernels(gate.device(), w.dtype()) && gate.dim(0)? % 8 == 0 =>
             {
                 let fused = Tensor::cat(&[&gate, &up], 0)?;
-                GateUp::Fused(Linear::new(QMatMul::Tensor(fused), None))
+                GateUp::Fused(Linear::new(QMatMul::Tensor(fused), None)?)
             }
             (gate, up) => GateUp::Split {
-                gate: Linear::new(gate, None),
-                up: Linear::new(up, None),
+                gate: Linear::new(gate, None)?,
+                up: Linear::new(up, None)?,
             },
         };
         Ok(Self {
