@@ -19,18 +19,22 @@ pub enum BlockFormat {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
 }
 
 impl BlockFormat {
-    pub const ALL: [BlockFormat; 8] = [
+    pub const ALL: [BlockFormat; 10] = [
         Self::Q4_0,
         Self::Q4_1,
         Self::Q5_0,
         Self::Q5_1,
         Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
         Self::Q4K,
         Self::Q5K,
         Self::Q6K,
@@ -54,6 +58,8 @@ impl BlockFormat {
             Self::Q5_0 => f.visit::<Q5_0>(),
             Self::Q5_1 => f.visit::<Q5_1>(),
             Self::Q8_0 => f.visit::<Q8_0>(),
+            Self::Q2K => f.visit::<Q2K>(),
+            Self::Q3K => f.visit::<Q3K>(),
             Self::Q4K => f.visit::<Q4K>(),
             Self::Q5K => f.visit::<Q5K>(),
             Self::Q6K => f.visit::<Q6K>(),
@@ -334,6 +340,73 @@ impl Format for Q8_0 {
     }
 }
 
+/// Q2_K and Q3_K: 2 bits per weight at `qs` (64 bytes), chunk `c` of half `c / 4`
+/// taking bits `2 (c % 4)` of the half's 32 bytes; one scale per 16 weights, the `2c`-th
+/// and `2c + 1`-th. Few files use them: the AVX2 path unpacks them portably.
+fn two_bit_values(block: &[u8], qs: usize, chunk: usize) -> [u8; CHUNK] {
+    let bytes = &block[qs + CHUNK * (chunk / 4)..];
+    std::array::from_fn(|i| (bytes[i] >> (2 * (chunk % 4))) & 3)
+}
+
+/// Q2_K: `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`; scale byte `s` gives
+/// `w = q * (d * (s & 15)) - dmin * (s >> 4)`.
+pub(crate) struct Q2K;
+
+impl Format for Q2K {
+    const BLOCK_ELEMS: usize = 256;
+    const BLOCK_BYTES: usize = 84;
+    #[inline(always)]
+    unsafe fn params<H: HalfToF32>(block: &[u8], chunk: usize) -> ChunkParams {
+        let (d, min) = (f16_at::<H>(block, 80), f16_at::<H>(block, 82));
+        let scale = |h: usize| block[2 * chunk + h];
+        ChunkParams {
+            scale: [0, 1].map(|h| d * (scale(h) & 0xF) as f32),
+            offset: [0, 1].map(|h| -(min * (scale(h) >> 4) as f32)),
+        }
+    }
+    fn values(block: &[u8], chunk: usize) -> [i8; CHUNK] {
+        to_i8(two_bit_values(block, 16, chunk), 0)
+    }
+}
+
+/// Q3_K: `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`; a weight is its two
+/// bits less 4 unless its bit `c` of `hmask` is set; `w = q * d * (scale - 32)`, the 16
+/// 6-bit scales packed as ggml's `dequantize_row_q3_K` unpacks them.
+pub(crate) struct Q3K;
+
+impl Q3K {
+    fn scales(packed: &[u8]) -> [i8; 16] {
+        const LOW: u32 = 0x0f0f0f0f;
+        const HIGH: u32 = 0x03030303;
+        let word = |i: usize| u32_at(packed, 4 * i);
+        let (a, b, tmp) = (word(0), word(1), word(2));
+        let words = [
+            (a & LOW) | ((tmp & HIGH) << 4),
+            (b & LOW) | (((tmp >> 2) & HIGH) << 4),
+            ((a >> 4) & LOW) | (((tmp >> 4) & HIGH) << 4),
+            ((b >> 4) & LOW) | (((tmp >> 6) & HIGH) << 4),
+        ];
+        std::array::from_fn(|i| words[i / 4].to_le_bytes()[i % 4] as i8)
+    }
+}
+
+impl Format for Q3K {
+    const BLOCK_ELEMS: usize = 256;
+    const BLOCK_BYTES: usize = 110;
+    #[inline(always)]
+    unsafe fn params<H: HalfToF32>(block: &[u8], chunk: usize) -> ChunkParams {
+        let (d, scales) = (f16_at::<H>(block, 108), Self::scales(&block[96..108]));
+        ChunkParams {
+            scale: [0, 1].map(|h| d * (scales[2 * chunk + h] as f32 - 32.)),
+            offset: [0.; 2],
+        }
+    }
+    fn values(block: &[u8], chunk: usize) -> [i8; CHUNK] {
+        let low = two_bit_values(block, 32, chunk);
+        std::array::from_fn(|i| low[i] as i8 - if block[i] & (1 << chunk) != 0 { 0 } else { 4 })
+    }
+}
+
 /// The 6-bit scale and min of sub-block `j` of Q4_K/Q5_K (ggml's `get_scale_min_k4`).
 fn scale_min_k4(j: usize, scales: &[u8]) -> (f32, f32) {
     let (scale, min) = if j < 4 {
@@ -507,6 +580,8 @@ pub(crate) mod tests {
             BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K => {
                 &[0, 2]
             }
+            BlockFormat::Q2K => &[80, 82],
+            BlockFormat::Q3K => &[108],
             BlockFormat::Q6K => &[208],
         }
     }
@@ -554,6 +629,42 @@ pub(crate) mod tests {
             BlockFormat::Q8_0 => {
                 for j in 0..32 {
                     y[j] = b[2 + j] as i8 as f32 * h(0);
+                }
+            }
+            BlockFormat::Q2K => {
+                let (d, min, q) = (h(80), h(82), &b[16..80]);
+                let mut is = 0;
+                for n in 0..2 {
+                    for j in 0..4 {
+                        for part in 0..2 {
+                            let sc = b[is];
+                            is += 1;
+                            let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
+                            for l in 0..16 {
+                                let q = (q[32 * n + 16 * part + l] >> (2 * j)) & 3;
+                                y[128 * n + 32 * j + 16 * part + l] = dl * q as f32 - ml;
+                            }
+                        }
+                    }
+                }
+            }
+            BlockFormat::Q3K => {
+                let (hmask, q, d) = (&b[0..32], &b[32..96], h(108));
+                let scales = Q3K::scales(&b[96..108]);
+                let (mut is, mut m) = (0, 1u8);
+                for n in 0..2 {
+                    for j in 0..4 {
+                        for part in 0..2 {
+                            let dl = d * (scales[is] as f32 - 32.);
+                            is += 1;
+                            for l in 16 * part..16 * part + 16 {
+                                let low = ((q[32 * n + l] >> (2 * j)) & 3) as i32;
+                                let high = if hmask[l] & m != 0 { 0 } else { 4 };
+                                y[128 * n + 32 * j + l] = dl * (low - high) as f32;
+                            }
+                        }
+                        m = m.wrapping_shl(1);
+                    }
                 }
             }
             BlockFormat::Q4K | BlockFormat::Q5K => {

@@ -1,7 +1,7 @@
 //! Products of f32 activations with weights kept as GGUF quantized blocks, on CPU.
 //!
 //! `y[rows, out] = x[rows, in] · Wᵀ`, `W` `[out, in]` as ggml stores it (Q4_0, Q4_1,
-//! Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). The activations stay f32 (they are not
+//! Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). The activations stay f32 (they are not
 //! quantized to 8 bits as ggml's and candle's kernels do): each weight block is
 //! dequantized in cache and multiplied in f32, so the result is the dense product of
 //! the dequantized weights up to summation order, and each row's result is the same

@@ -50,6 +50,8 @@ fn block_format(dtype: GgmlDType) -> Option<BlockFormat> {
         GgmlDType::Q5_0 => BlockFormat::Q5_0,
         GgmlDType::Q5_1 => BlockFormat::Q5_1,
         GgmlDType::Q8_0 => BlockFormat::Q8_0,
+        GgmlDType::Q2K => BlockFormat::Q2K,
+        GgmlDType::Q3K => BlockFormat::Q3K,
         GgmlDType::Q4K => BlockFormat::Q4K,
         GgmlDType::Q5K => BlockFormat::Q5K,
         GgmlDType::Q6K => BlockFormat::Q6K,

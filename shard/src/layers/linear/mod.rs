@@ -207,9 +207,9 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
-    /// On CPU a quantized weight, in each format a GGUF file may hold (those the kernels
-    /// lack dequantized at load), gives the dense product of candle's dequantization of
-    /// it, and a row's result is the same bits alone or batched (batch invariance).
+    /// On CPU a quantized weight, in each format of GGUF weights, gives the dense
+    /// product of candle's dequantization of it, and a row's result is the same bits
+    /// alone or batched (batch invariance).
     #[test]
     fn quantized_rows_match_the_dense_product_alone_or_batched() -> Result<()> {
         let dev = Device::Cpu;
