@@ -61,7 +61,15 @@ impl RunnerHandle {
                 let _ = ready.send(Ok(polls));
                 while let Some(job) = next_job(&receiver, polls) {
                     worker_status.busy.store(true, Ordering::SeqCst);
-                    job(&mut runner);
+                    if polls {
+                        job(&mut runner);
+                    } else {
+                        // On CPU the job runs on a thread of the model's pool, which then
+                        // takes its share of each parallel product itself: handing every
+                        // product over from this thread and sleeping until it is done
+                        // cost two thread wake-ups per product (a few ms per decode step).
+                        rayon::scope(|_| job(&mut runner));
+                    }
                     worker_status
                         .has_cache
                         .store(runner.has_cache(), Ordering::SeqCst);
