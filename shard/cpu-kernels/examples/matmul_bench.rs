@@ -16,7 +16,12 @@ fn main() {
     // q, k, v concatenated; o; gate and up concatenated; down.
     let layer = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
     let layers: Vec<Vec<QuantMatrix>> = (0..LAYERS)
-        .map(|_| layer.iter().map(|&(o, k)| matrix(BlockFormat::Q4_1, o, k)).collect())
+        .map(|_| {
+            layer
+                .iter()
+                .map(|&(o, k)| matrix(BlockFormat::Q4_1, o, k))
+                .collect()
+        })
         .collect();
     let lm_head = matrix(BlockFormat::Q8_0, 49152, 576);
     let rows_to_time: Vec<usize> = match std::env::args().nth(1) {
@@ -43,6 +48,9 @@ fn main() {
             pass(if rows == 128 { 1 } else { rows });
         }
         let ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
-        println!("{rows:>4} rows: {ms:7.2} ms per forward pass's products ({:.2} ms per row)", ms / rows as f64);
+        println!(
+            "{rows:>4} rows: {ms:7.2} ms per forward pass's products ({:.2} ms per row)",
+            ms / rows as f64
+        );
     }
 }

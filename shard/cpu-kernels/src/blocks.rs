@@ -143,7 +143,11 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let magnitude = ((h & 0x7fff) as u32) << 13;
     let scaled = f32::from_bits(magnitude) * f32::from_bits(0x7780_0000);
     let not_finite = (h & 0x7c00) == 0x7c00;
-    let bits = if not_finite { magnitude | 0x7f80_0000 } else { scaled.to_bits() };
+    let bits = if not_finite {
+        magnitude | 0x7f80_0000
+    } else {
+        scaled.to_bits()
+    };
     f32::from_bits(bits | (((h & 0x8000) as u32) << 16))
 }
 
@@ -425,7 +429,10 @@ fn scale_min_k4(j: usize, scales: &[u8]) -> (f32, f32) {
 #[inline(always)]
 unsafe fn k4_params<H: HalfToF32>(block: &[u8], chunk: usize) -> ChunkParams {
     let (scale, min) = scale_min_k4(chunk, &block[4..16]);
-    ChunkParams::uniform(f16_at::<H>(block, 0) * scale, -(f16_at::<H>(block, 2) * min))
+    ChunkParams::uniform(
+        f16_at::<H>(block, 0) * scale,
+        -(f16_at::<H>(block, 2) * min),
+    )
 }
 
 /// The low nibbles of 32 bytes are sub-block `2g`, the high ones `2g + 1`.
@@ -487,7 +494,10 @@ impl Format for Q5K {
     #[target_feature(enable = "avx2")]
     unsafe fn values_avx2(block: &[u8], chunk: usize) -> __m256i {
         let high = bit_field_avx2(&block[16..48], chunk, 1);
-        _mm256_or_si256(k_nibbles_avx2(&block[48..], chunk), _mm256_slli_epi16::<4>(high))
+        _mm256_or_si256(
+            k_nibbles_avx2(&block[48..], chunk),
+            _mm256_slli_epi16::<4>(high),
+        )
     }
 }
 
@@ -520,7 +530,10 @@ impl Format for Q6K {
         }
     }
     fn values(block: &[u8], chunk: usize) -> [i8; CHUNK] {
-        let (low, high) = (Self::low_bytes(block, chunk), Self::high_bytes(block, chunk));
+        let (low, high) = (
+            Self::low_bytes(block, chunk),
+            Self::high_bytes(block, chunk),
+        );
         let (low_shift, high_shift) = (4 * ((chunk % 4) / 2), 2 * (chunk % 4));
         to_i8(
             std::array::from_fn(|i| {
@@ -577,9 +590,7 @@ pub(crate) mod tests {
     fn f16_fields(format: BlockFormat) -> &'static [usize] {
         match format {
             BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::Q8_0 => &[0],
-            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K => {
-                &[0, 2]
-            }
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K => &[0, 2],
             BlockFormat::Q2K => &[80, 82],
             BlockFormat::Q3K => &[108],
             BlockFormat::Q6K => &[208],
@@ -669,7 +680,14 @@ pub(crate) mod tests {
             }
             BlockFormat::Q4K | BlockFormat::Q5K => {
                 let (d, min) = (h(0), h(2));
-                let (qh, ql) = (&b[16..48], if format == BlockFormat::Q4K { &b[16..] } else { &b[48..] });
+                let (qh, ql) = (
+                    &b[16..48],
+                    if format == BlockFormat::Q4K {
+                        &b[16..]
+                    } else {
+                        &b[48..]
+                    },
+                );
                 for group in 0..4 {
                     for sub in 0..2 {
                         let j = 2 * group + sub;
@@ -715,7 +733,10 @@ pub(crate) mod tests {
         for format in BlockFormat::ALL {
             for block in random_blocks(format, 64, &mut rng).chunks_exact(format.block_bytes()) {
                 let expected = dequantize_block(format, block);
-                format.with_format(CheckChunks { block, expected: &expected });
+                format.with_format(CheckChunks {
+                    block,
+                    expected: &expected,
+                });
             }
         }
     }
@@ -752,7 +773,12 @@ pub(crate) mod tests {
                         F::params::<Avx2>(self.block, chunk)
                     };
                     assert_eq!(simd, values, "{} chunk {chunk}", std::any::type_name::<F>());
-                    assert_eq!(simd_params, params, "{} chunk {chunk}", std::any::type_name::<F>());
+                    assert_eq!(
+                        simd_params,
+                        params,
+                        "{} chunk {chunk}",
+                        std::any::type_name::<F>()
+                    );
                 }
             }
         }

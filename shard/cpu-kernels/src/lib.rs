@@ -82,7 +82,10 @@ impl QuantMatrix {
             format: first.format,
             out_features: parts.iter().map(|p| p.out_features).sum(),
             in_features: first.in_features,
-            blocks: parts.iter().flat_map(|p| p.blocks.iter().copied()).collect(),
+            blocks: parts
+                .iter()
+                .flat_map(|p| p.blocks.iter().copied())
+                .collect(),
         })
     }
 
@@ -162,7 +165,12 @@ mod tests {
     use super::*;
     use blocks::tests::{dequantize_block, random_blocks, Rng};
 
-    fn random_matrix(format: BlockFormat, out: usize, blocks_per_row: usize, rng: &mut Rng) -> QuantMatrix {
+    fn random_matrix(
+        format: BlockFormat,
+        out: usize,
+        blocks_per_row: usize,
+        rng: &mut Rng,
+    ) -> QuantMatrix {
         let data = random_blocks(format, out * blocks_per_row, rng);
         QuantMatrix::new(format, out, blocks_per_row * format.block_elems(), data).unwrap()
     }
@@ -231,13 +239,18 @@ mod tests {
                 .collect();
             for isa in isas() {
                 for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
                     for rows in (1..=17).chain([131]) {
                         let y = pool.install(|| product(&w, isa, &x[..rows * k]));
                         for (r, alone) in alone.iter().enumerate().take(rows) {
                             let row = &y[r * w.out_features..(r + 1) * w.out_features];
                             assert!(
-                                row.iter().zip(alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                row.iter()
+                                    .zip(alone)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                                 "{format:?} {isa:?} {threads} threads: row {r} of {rows}"
                             );
                         }
@@ -255,7 +268,10 @@ mod tests {
         let x: Vec<f32> = (0..2 * 64).map(|_| rng.unit()).collect();
         let both = QuantMatrix::concat_outputs(&[&a, &b]).unwrap();
         let y = product(&both, Isa::detect(), &x);
-        let (ya, yb) = (product(&a, Isa::detect(), &x), product(&b, Isa::detect(), &x));
+        let (ya, yb) = (
+            product(&a, Isa::detect(), &x),
+            product(&b, Isa::detect(), &x),
+        );
         for r in 0..2 {
             assert_eq!(&y[r * 8..r * 8 + 5], &ya[r * 5..r * 5 + 5]);
             assert_eq!(&y[r * 8 + 5..r * 8 + 8], &yb[r * 3..r * 3 + 3]);

@@ -6,7 +6,9 @@
 //! Work is split over output features only (never over the reduction): each task takes
 //! a run of output tiles of `OUT_TILE` weight rows, dequantizes a tile's rows into a
 //! small f32 panel (in L1), and multiplies every activation row by it, `ROW_TILE` rows
-//! at a time so that each panel load serves several rows.
+//! at a time so that each panel load serves several rows. A lone row (a decode step at
+//! batch 1) skips the panel: each weight chunk is dequantized in registers and used
+//! once, by the same operations, so its bits are those it gets in a batch.
 
 use crate::blocks::{Format, CHUNK};
 use crate::simd::{Simd, LANES};
@@ -15,13 +17,17 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
 
-/// Weight rows dequantized together; a lone row (decode) multiplies all of them at once,
-/// eight independent accumulators to hide the latency of `mul_add`.
+/// Weight rows dequantized together into the panel; a row tile of one row multiplies
+/// all of them at once, eight independent accumulators to hide the latency of `mul_add`.
 const OUT_TILE: usize = 8;
 /// Outputs per row in a tile of several rows: `ROW_TILE * OUT_TILE_MULTI` accumulators
 /// plus `ROW_TILE` activation registers fit the 16 vector registers.
 const OUT_TILE_MULTI: usize = 4;
 const ROW_TILE: usize = 3;
+/// Outputs reduced side by side for a lone row: four chains of `mul_add` hide its
+/// latency and leave registers for the dequantization (more spill the accumulators).
+const SINGLE_ROW_GROUP: usize = 4;
+
 /// Rows whose activations stay in L2 while a task's tiles pass over them.
 const ROW_BLOCK: usize = 128;
 /// Tasks per thread: enough to even out the threads, few enough to keep tasks long.
@@ -42,7 +48,11 @@ impl<'a> Job<'a> {
     pub fn new(weight: &'a QuantMatrix, x: &'a [f32], y: &'a mut [f32]) -> Self {
         let rows = x.len() / weight.in_features();
         assert_eq!(x.len(), rows * weight.in_features(), "x is not [rows, in]");
-        assert_eq!(y.len(), rows * weight.out_features(), "y is not [rows, out]");
+        assert_eq!(
+            y.len(),
+            rows * weight.out_features(),
+            "y is not [rows, out]"
+        );
         Self {
             weight,
             x,
@@ -57,13 +67,15 @@ pub(crate) fn run<F: Format, S: Simd>(job: &Job) {
     let tiles = job.weight.out_features().div_ceil(OUT_TILE);
     let tasks = (rayon::current_num_threads() * TASKS_PER_THREAD).clamp(1, tiles.max(1));
     let per_task = tiles.div_ceil(tasks).max(1);
-    (0..tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let first = task * per_task;
-        PANEL.with_borrow_mut(|panel| {
-            // SAFETY: `S` was checked available by the caller; tasks take disjoint tiles.
-            unsafe { S::run::<F>(job, first..(first + per_task).min(tiles), panel) }
-        })
-    });
+    (0..tiles.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let first = task * per_task;
+            PANEL.with_borrow_mut(|panel| {
+                // SAFETY: `S` was checked available by the caller; tasks take disjoint tiles.
+                unsafe { S::run::<F>(job, first..(first + per_task).min(tiles), panel) }
+            })
+        });
 }
 
 thread_local! {
@@ -134,7 +146,10 @@ unsafe fn dequantize_row<F: Format, S: Simd>(blocks: &[u8], out: &mut [f32]) {
     for (b, block) in blocks.chunks_exact(F::BLOCK_BYTES).enumerate() {
         for chunk in 0..chunks {
             let at = out[(b * chunks + chunk) * CHUNK..].as_mut_ptr();
-            for (i, v) in S::dequantize_chunk::<F>(block, chunk).into_iter().enumerate() {
+            for (i, v) in S::dequantize_chunk::<F>(block, chunk)
+                .into_iter()
+                .enumerate()
+            {
                 S::store(at.add(i * LANES), v);
             }
         }
@@ -152,10 +167,6 @@ unsafe fn single_row_tile<F: Format, S: Simd>(job: &Job, tile: usize) {
     }
 }
 
-/// Outputs reduced side by side for a lone row: four chains of `mul_add` hide its
-/// latency and leave registers for the dequantization (more spill the accumulators).
-const SINGLE_ROW_GROUP: usize = 4;
-
 #[inline(always)]
 unsafe fn single_row_group<F: Format, S: Simd>(job: &Job, first_out: usize, outs: usize) {
     let w = job.weight;
@@ -168,8 +179,12 @@ unsafe fn single_row_group<F: Format, S: Simd>(job: &Job, first_out: usize, outs
         for chunk in 0..chunks {
             let x = job.x.as_ptr().add((b * chunks + chunk) * CHUNK);
             for o in 0..SINGLE_ROW_GROUP {
-                let block = std::slice::from_raw_parts(rows[o].add(b * F::BLOCK_BYTES), F::BLOCK_BYTES);
-                for (i, ws) in S::dequantize_chunk::<F>(block, chunk).into_iter().enumerate() {
+                let block =
+                    std::slice::from_raw_parts(rows[o].add(b * F::BLOCK_BYTES), F::BLOCK_BYTES);
+                for (i, ws) in S::dequantize_chunk::<F>(block, chunk)
+                    .into_iter()
+                    .enumerate()
+                {
                     acc[o] = S::mul_add(S::load(x.add(i * LANES)), ws, acc[o]);
                 }
             }

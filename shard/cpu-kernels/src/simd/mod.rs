@@ -25,7 +25,10 @@ pub(crate) trait Simd: Copy + HalfToF32 {
     /// The sum of the lanes, as `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
     unsafe fn sum(v: Self::F32s) -> f32;
     /// Chunk `chunk` of `block`, dequantized.
-    unsafe fn dequantize_chunk<F: Format>(block: &[u8], chunk: usize) -> [Self::F32s; CHUNK / LANES];
+    unsafe fn dequantize_chunk<F: Format>(
+        block: &[u8],
+        chunk: usize,
+    ) -> [Self::F32s; CHUNK / LANES];
     /// Runs `job` for the output tiles `tiles` on this thread, `panel` its scratch space.
     unsafe fn run<F: Format>(job: &Job, tiles: Range<usize>, panel: &mut Vec<f32>);
 }

@@ -47,7 +47,10 @@ impl Simd for Portable {
     }
 
     #[inline(always)]
-    unsafe fn dequantize_chunk<F: Format>(block: &[u8], chunk: usize) -> [Self::F32s; CHUNK / LANES] {
+    unsafe fn dequantize_chunk<F: Format>(
+        block: &[u8],
+        chunk: usize,
+    ) -> [Self::F32s; CHUNK / LANES] {
         let params = F::params::<Self>(block, chunk);
         let q = F::values(block, chunk);
         std::array::from_fn(|v| {

@@ -39,7 +39,10 @@ pub struct Linear {
 }
 
 /// The `pick`ed weight of every part; None if one has another kind.
-fn collect<'a, T>(parts: &'a [Linear], pick: impl Fn(&'a Weight) -> Option<&'a T>) -> Option<Vec<&'a T>> {
+fn collect<'a, T>(
+    parts: &'a [Linear],
+    pick: impl Fn(&'a Weight) -> Option<&'a T>,
+) -> Option<Vec<&'a T>> {
     parts.iter().map(|p| pick(&p.weight)).collect()
 }
 
@@ -133,7 +136,9 @@ impl Linear {
     #[cfg(feature = "cuda")]
     pub fn gemv_weight(&self, x: &Tensor) -> Result<Option<&Tensor>> {
         match &self.weight {
-            Weight::Candle(QMatMul::Tensor(w)) if self.bias.is_none() && Self::takes_gemv(x, w)? => {
+            Weight::Candle(QMatMul::Tensor(w))
+                if self.bias.is_none() && Self::takes_gemv(x, w)? =>
+            {
                 Ok(Some(w))
             }
             _ => Ok(None),
@@ -233,7 +238,10 @@ mod tests {
             let batched = linear.forward(&x)?;
             let expected = x.matmul(&dense.t()?)?;
             let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
-            let diff = (&batched - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (&batched - expected)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert!(diff < 1e-5 * scale, "{dtype:?}: {diff} vs {scale}");
             for row in [0, 5, 10] {
                 let alone = linear.forward(&x.narrow(0, row, 1)?)?.flatten_all()?;
@@ -292,7 +300,10 @@ mod tests {
         let parts = [quantized(GgmlDType::Q8_0)?, quantized(GgmlDType::Q8_0)?];
         let fused = Linear::concat_outputs(&parts)?.expect("blocks of one format concatenate");
         let expected = Tensor::cat(&[parts[0].forward(&x)?, parts[1].forward(&x)?], 1)?;
-        assert_eq!(fused.forward(&x)?.to_vec2::<f32>()?, expected.to_vec2::<f32>()?);
+        assert_eq!(
+            fused.forward(&x)?.to_vec2::<f32>()?,
+            expected.to_vec2::<f32>()?
+        );
         Ok(())
     }
 
