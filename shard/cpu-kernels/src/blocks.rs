@@ -120,6 +120,25 @@ pub(crate) trait Format {
         let values = Self::values(block, chunk);
         _mm256_loadu_si256(values.as_ptr().cast())
     }
+    /// `values` widened to 32 bits, 8 to a register, in order: formats whose values
+    /// sit in whole bytes, or nibbles, are widened straight from memory.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values_avx2_i32(block: &[u8], chunk: usize) -> [__m256i; CHUNK / 8] {
+        let q = Self::values_avx2(block, chunk);
+        let (low, high) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+        [
+            low,
+            _mm_srli_si128::<8>(low),
+            high,
+            _mm_srli_si128::<8>(high),
+        ]
+        .map(|eighth| _mm256_cvtepi8_epi32(eighth))
+    }
 }
 
 /// An instruction set's conversion of IEEE halves (the blocks' scales) to f32.
@@ -173,6 +192,23 @@ unsafe fn nibbles_split_avx2(qs: &[u8]) -> __m256i {
     _mm256_set_m128i(high, low)
 }
 
+/// `nibbles_split` widened to 32 bits from memory (`Format::values_avx2_i32`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles_split_avx2_i32(qs: &[u8]) -> [__m256i; CHUNK / 8] {
+    debug_assert!(qs.len() >= 16);
+    let widen = |at: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs[at..].as_ptr().cast()));
+    let (first, second) = (widen(0), widen(8));
+    let mask = _mm256_set1_epi32(0xF);
+    [
+        _mm256_and_si256(first, mask),
+        _mm256_and_si256(second, mask),
+        _mm256_srli_epi32::<4>(first),
+        _mm256_srli_epi32::<4>(second),
+    ]
+}
+
 /// Bit `i` of `bits` as bit 4 of byte `i` (the fifth bit of Q5_0/Q5_1 weights).
 #[cfg(target_arch = "x86_64")]
 #[inline]
@@ -219,7 +255,8 @@ fn to_i8<const N: usize>(values: [u8; N], minus: u8) -> [i8; N] {
     values.map(|v| v.wrapping_sub(minus) as i8)
 }
 
-/// Q4_0: `d: f16, qs: [u8; 16]`; `w = (q - 8) * d`.
+/// Q4_0: `d: f16, qs: [u8; 16]`; `w = (q - 8) * d`, computed as `q * d - 8d` (the same
+/// value: `8d` is exact and the multiply-add rounds once).
 pub(crate) struct Q4_0;
 
 impl Format for Q4_0 {
@@ -227,16 +264,23 @@ impl Format for Q4_0 {
     const BLOCK_BYTES: usize = 18;
     #[inline(always)]
     unsafe fn params<H: HalfToF32>(block: &[u8], _: usize) -> ChunkParams {
-        ChunkParams::uniform(f16_at::<H>(block, 0), 0.)
+        let d = f16_at::<H>(block, 0);
+        ChunkParams::uniform(d, -8. * d)
     }
     fn values(block: &[u8], _: usize) -> [i8; CHUNK] {
-        to_i8(nibbles_split(&block[2..]), 8)
+        to_i8(nibbles_split(&block[2..]), 0)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn values_avx2(block: &[u8], _: usize) -> __m256i {
-        _mm256_sub_epi8(nibbles_split_avx2(&block[2..]), _mm256_set1_epi8(8))
+        nibbles_split_avx2(&block[2..])
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values_avx2_i32(block: &[u8], _: usize) -> [__m256i; CHUNK / 8] {
+        nibbles_split_avx2_i32(&block[2..])
     }
 }
 
@@ -258,6 +302,12 @@ impl Format for Q4_1 {
     #[target_feature(enable = "avx2")]
     unsafe fn values_avx2(block: &[u8], _: usize) -> __m256i {
         nibbles_split_avx2(&block[4..])
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values_avx2_i32(block: &[u8], _: usize) -> [__m256i; CHUNK / 8] {
+        nibbles_split_avx2_i32(&block[4..])
     }
 }
 
@@ -341,6 +391,14 @@ impl Format for Q8_0 {
     #[target_feature(enable = "avx2")]
     unsafe fn values_avx2(block: &[u8], _: usize) -> __m256i {
         _mm256_loadu_si256(block[2..34].as_ptr().cast())
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values_avx2_i32(block: &[u8], _: usize) -> [__m256i; CHUNK / 8] {
+        std::array::from_fn(|i| {
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(block[2 + 8 * i..].as_ptr().cast()))
+        })
     }
 }
 
@@ -766,13 +824,26 @@ pub(crate) mod tests {
                 if crate::simd::avx2::available() {
                     use crate::simd::avx2::Avx2;
                     let mut simd = [0i8; CHUNK];
-                    // SAFETY: AVX2 is available; the store is of 32 bytes into 32.
+                    let mut widened = [0i32; CHUNK];
+                    // SAFETY: AVX2 is available; the stores are of 32 bytes into 32.
                     let simd_params = unsafe {
                         let v = F::values_avx2(self.block, chunk);
                         _mm256_storeu_si256(simd.as_mut_ptr().cast(), v);
+                        for (i, v) in F::values_avx2_i32(self.block, chunk)
+                            .into_iter()
+                            .enumerate()
+                        {
+                            _mm256_storeu_si256(widened[8 * i..].as_mut_ptr().cast(), v);
+                        }
                         F::params::<Avx2>(self.block, chunk)
                     };
                     assert_eq!(simd, values, "{} chunk {chunk}", std::any::type_name::<F>());
+                    assert_eq!(
+                        widened,
+                        values.map(i32::from),
+                        "{} chunk {chunk}",
+                        std::any::type_name::<F>()
+                    );
                     assert_eq!(
                         simd_params,
                         params,

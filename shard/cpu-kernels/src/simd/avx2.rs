@@ -63,21 +63,14 @@ impl Simd for Avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dequantize_chunk<F: Format>(block: &[u8], chunk: usize) -> [__m256; CHUNK / LANES] {
         let params = F::params::<Self>(block, chunk);
-        let q = F::values_avx2(block, chunk);
-        let (low, high) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-        let eighths = [
-            low,
-            _mm_srli_si128::<8>(low),
-            high,
-            _mm_srli_si128::<8>(high),
-        ];
+        let q = F::values_avx2_i32(block, chunk);
         let (scale, offset) = (
             params.scale.map(|s| _mm256_set1_ps(s)),
             params.offset.map(|o| _mm256_set1_ps(o)),
         );
         std::array::from_fn(|i| {
             let half = i * LANES / (CHUNK / 2);
-            let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eighths[i]));
+            let q = _mm256_cvtepi32_ps(q[i]);
             _mm256_fmadd_ps(q, scale[half], offset[half])
         })
     }
