@@ -101,7 +101,7 @@ impl QuantMatrix {
         self.in_features
     }
 
-    fn row_bytes(&self) -> usize {
+    pub(crate) fn row_bytes(&self) -> usize {
         self.in_features / self.format.block_elems() * self.format.block_bytes()
     }
 

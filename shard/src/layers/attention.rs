@@ -446,8 +446,9 @@ enum QkvProj {
         k: Linear,
         v: Linear,
     },
-    /// Rows `[q | k | v]` of one projection (a CUDA device, dense weights): one GEMM,
-    /// whose output's column ranges are q, k and v (views: the kernels read strided rows).
+    /// Rows `[q | k | v]` of one projection (dense weights on CUDA, GGUF weights on CPU):
+    /// one product, whose output's column ranges are q, k and v (views: the CUDA kernels
+    /// read strided rows, candle's reshapes copy them).
     Fused {
         qkv: Linear,
         dims: [usize; 3],
@@ -549,13 +550,14 @@ impl Attention {
                 .map(|eps| RmsNorm::load(&w.pp(name), cfg.head_dim, eps))
                 .transpose()
         };
-        // Each rank fuses its own share of the heads.
+        // Each rank fuses its own share of the heads: on CUDA for the kernels that read
+        // strided rows, for GGUF weights on CPU to run one parallel product, not three.
         Ok(Self {
             qkv_proj: QkvProj::new(
                 column("q_proj", q_dim, &shares.heads)?,
                 column("k_proj", kv_dim, &shares.kv_heads)?,
                 column("v_proj", kv_dim, &shares.kv_heads)?,
-                w.device().is_cuda(),
+                w.device().is_cuda() || w.is_gguf(),
             )?,
             o_proj: RowParallelLinear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, comm)?,
             q_norm: qk_norm("q_norm")?,

@@ -47,6 +47,12 @@ impl Simd for Avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.cast())
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn mul_add(a: __m256, b: __m256, acc: __m256) -> __m256 {
         _mm256_fmadd_ps(a, b, acc)
     }

@@ -20,6 +20,8 @@ pub(crate) trait Simd: Copy + HalfToF32 {
     unsafe fn zero() -> Self::F32s;
     unsafe fn load(p: *const f32) -> Self::F32s;
     unsafe fn store(p: *mut f32, v: Self::F32s);
+    /// Asks for the cache line holding `p` ahead of its use (any address: never faults).
+    unsafe fn prefetch(p: *const u8);
     /// `a * b + acc`, rounded once.
     unsafe fn mul_add(a: Self::F32s, b: Self::F32s, acc: Self::F32s) -> Self::F32s;
     /// The sum of the lanes, as `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.

@@ -34,6 +34,9 @@ impl Simd for Portable {
     }
 
     #[inline(always)]
+    unsafe fn prefetch(_: *const u8) {}
+
+    #[inline(always)]
     unsafe fn mul_add(a: Self::F32s, b: Self::F32s, acc: Self::F32s) -> Self::F32s {
         std::array::from_fn(|i| a[i].mul_add(b[i], acc[i]))
     }
