@@ -54,25 +54,47 @@ wait_ready() { # URL PID
     return 1
 }
 
-# NAME URL: load.py's two levels against the server at URL, into $out/NAME.json.
+# load.py on a fresh connection per request: llama-server drops kept-alive connections
+# after a streamed answer, which aiohttp reuses ("Can not write request body").
+load() {
+    "$python" -c 'import functools, runpy, sys, aiohttp
+aiohttp.TCPConnector = functools.partial(aiohttp.TCPConnector, force_close=True)
+sys.argv = ["load.py"] + sys.argv[1:]
+runpy.run_path("benchmark/load.py", run_name="__main__")' "$@"
+}
+
+# NAME URL: load.py's two levels against the server at URL, into $out/NAME-{1,8}.json.
 run_load() {
     local common=(--url "$2" --tokenizer "$out/tokenizer.json" --prompt-tokens 128 --max-tokens 64)
-    "$python" benchmark/load.py "${common[@]}" --concurrency 1 --requests "${REQUESTS_1:-8}" --out "$out/$1-1.json" >&2
-    "$python" benchmark/load.py "${common[@]}" --concurrency 8 --requests "${REQUESTS_8:-32}" --out "$out/$1-8.json" >&2
+    load "${common[@]}" --concurrency 1 --requests "${REQUESTS_1:-8}" --out "$out/$1-1.json" >&2
+    load "${common[@]}" --concurrency 8 --requests "${REQUESTS_8:-32}" --out "$out/$1-8.json" >&2
 }
+
+server_pid=
+stop_server() {
+    if [ -n "$server_pid" ]; then
+        kill -INT "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+        server_pid=
+    fi
+}
+trap stop_server EXIT
 
 # NAME URL COMMAND...: starts COMMAND, times how long until URL answers, loads it, stops it.
 bench_server() {
     local name=$1 url=$2
     shift 2
+    if curl -sf "$url/health" >/dev/null 2>&1; then
+        echo "cpu_vs_llamacpp.sh: something already serves $url" >&2
+        return 1
+    fi
     local start=$SECONDS
     "$@" >"$out/$name.log" 2>&1 &
-    local pid=$!
-    wait_ready "$url" "$pid"
+    server_pid=$!
+    wait_ready "$url" "$server_pid"
     echo "$((SECONDS - start))" >"$out/$name-ready-s"
     run_load "$name" "$url"
-    kill -INT "$pid"
-    wait "$pid" || true
+    stop_server
 }
 
 build_llama_server
