@@ -7,12 +7,15 @@
 //! the dequantized weights up to summation order, and each row's result is the same
 //! bits whatever rows are computed with it (see `matmul`). AVX2+FMA where the CPU has
 //! it, the same operations in portable code otherwise; threads over output features
-//! through rayon's current pool.
+//! through rayon's current pool. Also decode attention over a paged KV cache, read in
+//! place (`decode_attention`).
 
+mod attention;
 mod blocks;
 mod matmul;
 mod simd;
 
+pub use attention::{decode_attention, AttentionShape};
 pub use blocks::BlockFormat;
 
 use blocks::{Format, FormatVisitor};
