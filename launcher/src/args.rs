@@ -112,6 +112,11 @@ pub struct Args {
     #[arg(long, env, default_value_t = 0.95)]
     pub cuda_memory_fraction: f32,
 
+    /// CPU threads of each shard's model (its rayon pool, candle's included). The shard's
+    /// default: the machine's cores, less one for the router above 4 cores.
+    #[arg(long, env)]
+    pub num_threads: Option<usize>,
+
     /// Batch sizes whose decode steps the shards capture as CUDA graphs
     /// (comma-separated); 0 for none. The shard's default: 1,2,4,8,16,24,32,48,64,96,128,192,256.
     #[arg(long, env, value_delimiter = ',')]
@@ -183,6 +188,9 @@ impl Args {
         }
         if self.max_batch_size == Some(0) {
             bail!("`--max-batch-size` must be at least 1");
+        }
+        if self.num_threads == Some(0) {
+            bail!("`--num-threads` must be at least 1");
         }
         if self.waiting_served_ratio.is_nan() || self.waiting_served_ratio < 0.0 {
             bail!("`--waiting-served-ratio` must be >= 0, got {}", self.waiting_served_ratio);
@@ -375,6 +383,7 @@ mod tests {
         let err = |flags: &[&str]| parse(flags).validate().unwrap_err().to_string();
         assert!(err(&["--quantize", "gptq"]).contains("`--quantize gptq` is not supported"));
         assert!(err(&["--cuda-memory-fraction", "0"]).contains("--cuda-memory-fraction"));
+        assert!(err(&["--num-threads", "0"]).contains("`--num-threads` must be at least 1"));
         assert!(err(&["--max-concurrent-requests", "0"]).contains("--max-concurrent-requests"));
         assert!(err(&["--cuda-graphs", "0,8"]).contains("--cuda-graphs"));
         assert!(err(&["--max-top-n-tokens", "33"]).contains("`--max-top-n-tokens` must be at most 32"));

@@ -281,6 +281,9 @@ fn shard_spec(args: &Args, rank: usize, num_shard: usize, model_path: &Path, pro
         let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
         flags.extend(["--cuda-graphs".into(), sizes.join(",")]);
     }
+    if let Some(threads) = args.num_threads {
+        flags.extend(["--num-threads".into(), threads.to_string()]);
+    }
     if args.json_output {
         flags.push("--json-output".into());
     }
@@ -395,8 +398,11 @@ mod tests {
 
     #[test]
     fn shard_gets_its_rank_and_passthrough_flags() {
-        let args = args(&["--dtype", "bfloat16", "--shard-uds-path", "/tmp/x", "--master-port", "1234"]);
+        let args = args(&["--dtype", "bfloat16", "--shard-uds-path", "/tmp/x", "--master-port", "1234", "--num-threads", "3"]);
         let spec = shard_spec(&args, 1, 2, Path::new("/m.gguf"), Path::new("/bin/shard"));
+        assert_eq!(flag(&spec, "--num-threads"), Some("3"));
+        let default_threads = shard_spec(&self::args(&[]), 0, 1, Path::new("/m.gguf"), Path::new("/bin/shard"));
+        assert_eq!(flag(&default_threads, "--num-threads"), None);
         assert_eq!(spec.name, "shard-1");
         assert_eq!(flag(&spec, "--model-path"), Some("/m.gguf"));
         assert_eq!(flag(&spec, "--uds-path"), Some("/tmp/x"));

@@ -1,10 +1,9 @@
 //! `text-generation-shard`: serves one shard of a model to the router (see `server`).
 
 use clap::Parser;
-use text_generation_shard::server::{run, ShardArgs};
+use text_generation_shard::server::{run, use_cpu_threads, ShardArgs};
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = ShardArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -14,7 +13,15 @@ async fn main() {
     } else {
         logs.init();
     }
-    if let Err(e) = run(args).await {
+    // Before the async runtime's threads exist: this sets RAYON_NUM_THREADS.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = args.cpu_threads(cores);
+    let started = use_cpu_threads(threads).and_then(|()| {
+        tracing::info!(threads, cores, "CPU threads");
+        Ok(tokio::runtime::Runtime::new()?)
+    });
+    let result = started.and_then(|runtime| runtime.block_on(run(args)));
+    if let Err(e) = result {
         tracing::error!("{e:#}");
         std::process::exit(1);
     }

@@ -13,7 +13,8 @@ use super::uses_cuda_kernels;
 use crate::dist::{even_split, Comm, Communicator};
 use crate::models::ForwardBatch;
 use crate::weights::Weights;
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor};
+use text_generation_cpu_kernels::{decode_attention, AttentionShape};
 use std::ops::Range;
 
 /// Shape and options of one attention layer.
@@ -57,6 +58,9 @@ struct QueryChunk {
 /// A decode step (one new token per sequence): all sequences attend in one batched
 /// matmul over their keys padded to the longest.
 struct DecodeKeys {
+    /// Each sequence's key slots, oldest first (for the CPU kernel, which reads the
+    /// cache where it lies).
+    seq_slots: Vec<Vec<u32>>,
     /// `[num_seqs * max_keys]` u32: each sequence's key slots, oldest first, padded.
     slots: Tensor,
     max_keys: usize,
@@ -236,6 +240,7 @@ impl DecodeKeys {
             None
         };
         Ok(Self {
+            seq_slots: per_seq.to_vec(),
             slots: Tensor::new(slots, device)?,
             max_keys,
             mask,
@@ -252,6 +257,17 @@ impl DecodeKeys {
     ) -> Result<Tensor> {
         let (num_seqs, num_heads, head_dim) = q.dims3()?;
         let num_kv_heads = key_cache.dim(1)?;
+        if q.device().is_cpu() && [q, key_cache, value_cache].iter().all(|t| t.dtype() == DType::F32) {
+            // In place: the gathered copies below moved the batch's whole KV history
+            // through memory twice per layer and step.
+            let q = q.contiguous()?;
+            let slots: Vec<&[u32]> = self.seq_slots.iter().map(Vec::as_slice).collect();
+            let shape = AttentionShape { num_heads, num_kv_heads, head_dim };
+            let out = with_cpu_f32(&[&q, key_cache, value_cache], |data| {
+                decode_attention(data[0], data[1], data[2], &slots, shape, scale as f32)
+            })?;
+            return Tensor::from_vec(out, (num_seqs, num_heads * head_dim), q.device());
+        }
         let group = num_heads / num_kv_heads;
         // [seqs * keys, Hkv, D] -> [seqs, Hkv, keys, D]
         let gather = |cache: &Tensor| {
@@ -277,6 +293,19 @@ impl DecodeKeys {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         probs.matmul(&v)?.reshape((num_seqs, num_heads * head_dim))
     }
+}
+
+/// `f` of the elements of contiguous f32 CPU tensors, without copying them.
+fn with_cpu_f32<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let data = guards
+        .iter()
+        .map(|(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => Ok(&data[start..end]),
+            _ => bail!("expected a contiguous f32 CPU tensor, got {:?}", layout.shape()),
+        })
+        .collect::<Result<Vec<&[f32]>>>()?;
+    Ok(f(&data))
 }
 
 /// Rotates the new tokens' queries (`[tokens, heads * head_dim]`) and keys
@@ -446,8 +475,9 @@ enum QkvProj {
         k: Linear,
         v: Linear,
     },
-    /// Rows `[q | k | v]` of one projection (a CUDA device, dense weights): one GEMM,
-    /// whose output's column ranges are q, k and v (views: the kernels read strided rows).
+    /// Rows `[q | k | v]` of one projection (dense weights on CUDA, GGUF weights on CPU):
+    /// one product, whose output's column ranges are q, k and v (views: the CUDA kernels
+    /// read strided rows, candle's reshapes copy them).
     Fused {
         qkv: Linear,
         dims: [usize; 3],
@@ -549,13 +579,14 @@ impl Attention {
                 .map(|eps| RmsNorm::load(&w.pp(name), cfg.head_dim, eps))
                 .transpose()
         };
-        // Each rank fuses its own share of the heads.
+        // Each rank fuses its own share of the heads: on CUDA for the kernels that read
+        // strided rows, for GGUF weights on CPU to run one parallel product, not three.
         Ok(Self {
             qkv_proj: QkvProj::new(
                 column("q_proj", q_dim, &shares.heads)?,
                 column("k_proj", kv_dim, &shares.kv_heads)?,
                 column("v_proj", kv_dim, &shares.kv_heads)?,
-                w.device().is_cuda(),
+                w.device().is_cuda() || w.is_gguf(),
             )?,
             o_proj: RowParallelLinear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, comm)?,
             q_norm: qk_norm("q_norm")?,
@@ -790,10 +821,10 @@ mod tests {
         let dev = Device::Cpu;
         let (hidden, q_dim, kv_dim) = (16, 8, 4);
         let linear = |out: usize| -> Result<Linear> {
-            Ok(Linear::new(
+            Linear::new(
                 QMatMul::Tensor(Tensor::randn(0f32, 1., (out, hidden), &dev)?),
                 Some(Tensor::randn(0f32, 1., out, &dev)?),
-            ))
+            )
         };
         let split = QkvProj::new(linear(q_dim)?, linear(kv_dim)?, linear(kv_dim)?, false)?;
         let QkvProj::Split { q, k, v } = split else {

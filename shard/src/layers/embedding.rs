@@ -64,17 +64,17 @@ impl VocabParallelLmHead {
             linear: Linear::new(
                 w.matmul_weight_part(name, (vocab, hidden), part.as_ref())?,
                 None,
-            ),
+            )?,
             comm: comm.clone(),
         })
     }
 
     /// Tied to `embedding`'s (dense) rows.
-    pub fn tied(embedding: &VocabParallelEmbedding) -> Self {
-        Self {
-            linear: Linear::new(QMatMul::Tensor(embedding.weight.clone()), None),
+    pub fn tied(embedding: &VocabParallelEmbedding) -> Result<Self> {
+        Ok(Self {
+            linear: Linear::new(QMatMul::Tensor(embedding.weight.clone()), None)?,
             comm: embedding.comm.clone(),
-        }
+        })
     }
 
     /// `x`: `[tokens, hidden]` -> `[tokens, vocab]` logits, the same on every rank.

@@ -3,7 +3,8 @@
 //! On a CUDA device with dense bf16/f16 weights, gate and up are one `[2 * intermediate, hidden]`
 //! projection whose output the fused `silu_mul` kernel reads in one pass (one GEMM and
 //! one kernel instead of two GEMMs and three elementwise ops); a single row (decode at
-//! batch 1) gets the activation inside the GEMV.
+//! batch 1) gets the activation inside the GEMV. Quantized weights on CPU are one
+//! projection too (one parallel product instead of two).
 
 use super::linear::{Linear, RowParallelLinear};
 #[cfg(feature = "cuda")]
@@ -12,7 +13,7 @@ use crate::dist::{even_split, Comm};
 use crate::weights::{Part, Weights};
 #[cfg(feature = "cuda")]
 use candle_core::quantized::QMatMul;
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 
 enum GateUp {
     Split {
@@ -20,7 +21,6 @@ enum GateUp {
         up: Linear,
     },
     /// Rows `[gate | up]` of one projection.
-    #[cfg(feature = "cuda")]
     Fused(Linear),
 }
 
@@ -54,12 +54,23 @@ impl Mlp {
                 if uses_cuda_kernels(gate.device(), w.dtype()) && gate.dim(0)? % 8 == 0 =>
             {
                 let fused = Tensor::cat(&[&gate, &up], 0)?;
-                GateUp::Fused(Linear::new(QMatMul::Tensor(fused), None))
+                GateUp::Fused(Linear::new(QMatMul::Tensor(fused), None)?)
             }
-            (gate, up) => GateUp::Split {
-                gate: Linear::new(gate, None),
-                up: Linear::new(up, None),
-            },
+            (gate, up) => {
+                let parts = [Linear::new(gate, None)?, Linear::new(up, None)?];
+                let fused = if w.device().is_cpu() && w.is_gguf() {
+                    Linear::concat_outputs(&parts)?
+                } else {
+                    None
+                };
+                match fused {
+                    Some(fused) => GateUp::Fused(fused),
+                    None => {
+                        let [gate, up] = parts;
+                        GateUp::Split { gate, up }
+                    }
+                }
+            }
         };
         Ok(Self {
             gate_up,
@@ -76,11 +87,18 @@ impl Mlp {
         let activated = match &self.gate_up {
             GateUp::Split { gate, up } => (gate.forward(x)?.silu()? * up.forward(x)?)?,
             #[cfg(feature = "cuda")]
-            GateUp::Fused(gate_up) => match gate_up.gemv_weight(x)? {
-                // A single row: SwiGLU inside the projection's kernel.
-                Some(w) => text_generation_kernels::gemv_silu_mul(&x.contiguous()?, w)?,
-                None => text_generation_kernels::silu_mul(&gate_up.forward(x)?)?,
-            },
+            GateUp::Fused(gate_up) if uses_cuda_kernels(x.device(), x.dtype()) => {
+                match gate_up.gemv_weight(x)? {
+                    // A single row: SwiGLU inside the projection's kernel.
+                    Some(w) => text_generation_kernels::gemv_silu_mul(&x.contiguous()?, w)?,
+                    None => text_generation_kernels::silu_mul(&gate_up.forward(x)?)?,
+                }
+            }
+            GateUp::Fused(gate_up) => {
+                let y = gate_up.forward(x)?;
+                let half = y.dim(D::Minus1)? / 2;
+                (y.narrow(D::Minus1, 0, half)?.silu()? * y.narrow(D::Minus1, half, half)?)?
+            }
         };
         self.down_proj.forward(&activated)
     }

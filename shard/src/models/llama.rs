@@ -336,7 +336,7 @@ impl Llama {
         let norm = RmsNorm::load(&model.pp("norm"), hidden, cfg.rms_norm_eps)?;
         let tied = cfg.tie_word_embeddings || !weights.contains("lm_head.weight");
         let lm_head = if tied && !weights.is_gguf() {
-            VocabParallelLmHead::tied(&embed_tokens)
+            VocabParallelLmHead::tied(&embed_tokens)?
         } else {
             // GGUF: the (quantized) embedding matrix itself serves as the tied lm_head.
             let name = if tied {

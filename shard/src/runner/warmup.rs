@@ -6,7 +6,7 @@ use super::Runner;
 use crate::cache::KvCache;
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
-use proto::v3::{Batch, WarmupRequest, WarmupResponse};
+use proto::v3::{Batch, Request, WarmupRequest, WarmupResponse};
 
 /// Where the KV cache's memory budget comes from when the router does not fix its size.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +21,12 @@ pub struct KvMemory {
 /// activations next to it: it is shrunk and the warmup batch re-run this many times at most.
 const CUDA_SHRINK_ATTEMPTS: usize = 8;
 
+/// Prompt tokens of the warmup prefill on CPU. There the pass proves that the model
+/// runs, not that the largest prefill fits (the cache has a fixed size, and nothing is
+/// compiled or captured): a few hundred tokens take well under a second on two cores,
+/// where the router's largest prefill (4,145 tokens by default) took over a minute.
+const CPU_WARMUP_TOKENS: usize = 256;
+
 impl Runner {
     pub fn warmup(&mut self, request: WarmupRequest) -> Result<WarmupResponse> {
         self.batches.clear();
@@ -32,9 +38,14 @@ impl Runner {
         }
         self.cache = None;
         let block_size = self.block_size;
-        let batch = request.batch.unwrap_or_default();
+        let full_batch = request.batch.unwrap_or_default();
         // Block 0 is reserved, so the smallest useful cache has two blocks.
-        let min_blocks = blocks_used(&batch, block_size).max(2);
+        let min_blocks = blocks_used(&full_batch, block_size).max(2);
+        let batch = if self.device.is_cpu() {
+            prompt_prefix(&full_batch, CPU_WARMUP_TOKENS)
+        } else {
+            full_batch
+        };
         let num_blocks = match request.max_batch_total_tokens {
             Some(tokens) => {
                 let num_blocks = (tokens as usize).div_ceil(block_size) + 1;
@@ -136,6 +147,30 @@ impl Runner {
     }
 }
 
+/// The batch's first `max_tokens` prompt tokens: its first requests, the last of them
+/// cut short (in the same slots).
+fn prompt_prefix(batch: &Batch, max_tokens: usize) -> Batch {
+    let mut left = max_tokens;
+    let requests: Vec<Request> = batch
+        .requests
+        .iter()
+        .map_while(|request| {
+            let take = request.input_ids.len().min(left);
+            left -= take;
+            (take > 0).then(|| Request {
+                input_ids: request.input_ids[..take].to_vec(),
+                slots: request.slots[..take.min(request.slots.len())].to_vec(),
+                ..request.clone()
+            })
+        })
+        .collect();
+    Batch {
+        size: requests.len() as u32,
+        requests,
+        ..batch.clone()
+    }
+}
+
 /// Blocks the batch addresses: enough for its highest block and its highest slot.
 fn blocks_used(batch: &Batch, block_size: usize) -> usize {
     batch
@@ -186,7 +221,31 @@ fn free_device_memory(device: &Device) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::v3::Request;
+
+    #[test]
+    fn prompt_prefix_keeps_the_first_tokens_in_their_slots() {
+        let request = |id: u64, len: u32| Request {
+            id,
+            input_ids: vec![0; len as usize],
+            slots: (100 * id as u32..).take(len as usize).collect(),
+            blocks: vec![id as u32],
+            ..Default::default()
+        };
+        let batch = Batch {
+            id: 7,
+            requests: vec![request(1, 5), request(2, 5), request(3, 5)],
+            size: 3,
+            max_tokens: 15,
+            max_blocks: 3,
+        };
+        let prefix = prompt_prefix(&batch, 8);
+        assert_eq!((prefix.id, prefix.size), (7, 2));
+        assert_eq!(prefix.requests[0], batch.requests[0]);
+        assert_eq!(prefix.requests[1].input_ids.len(), 3);
+        assert_eq!(prefix.requests[1].slots, vec![200, 201, 202]);
+        assert_eq!(prefix.requests[1].blocks, vec![2]);
+        assert_eq!(prompt_prefix(&batch, 100), batch);
+    }
 
     #[test]
     fn blocks_used_covers_blocks_and_slots() {

@@ -61,7 +61,16 @@ impl RunnerHandle {
                 let _ = ready.send(Ok(polls));
                 while let Some(job) = next_job(&receiver, polls) {
                     worker_status.busy.store(true, Ordering::SeqCst);
-                    job(&mut runner);
+                    if polls {
+                        job(&mut runner);
+                    } else {
+                        // On CPU the job runs on a thread of the model's pool, which then
+                        // takes its share of each parallel product itself: handing every
+                        // product over from this thread and sleeping until it is done
+                        // cost two thread wake-ups per product (a few ms per decode step).
+                        let cpu_job = CpuJob(&mut runner, job);
+                        rayon::scope(move |_| cpu_job.run());
+                    }
                     worker_status
                         .has_cache
                         .store(runner.has_cache(), Ordering::SeqCst);
@@ -146,6 +155,22 @@ fn next_job(receiver: &mpsc::Receiver<Job>, polls: bool) -> Option<Job> {
         }
     }
     receiver.recv().ok()
+}
+
+/// A job and the runner, lent to a thread of the CPU pool while the runner thread
+/// waits for the job to finish.
+struct CpuJob<'a>(&'a mut Runner, Job);
+
+// SAFETY: only made when the model runs on the CPU (the runner does not poll), where the
+// runner holds no thread-bound state (CUDA contexts and graphs exist on CUDA only); the
+// runner thread waits in `rayon::scope` until the job is done, so one thread at a time
+// uses the runner.
+unsafe impl Send for CpuJob<'_> {}
+
+impl CpuJob<'_> {
+    fn run(self) {
+        (self.1)(self.0)
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

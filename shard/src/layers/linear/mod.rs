@@ -2,21 +2,57 @@
 //! tensor-parallel forms: column-parallel (a share of the outputs) and row-parallel
 //! (a share of the inputs, summed over the group).
 
+mod cpu_quant;
+
 use crate::dist::{even_split, Comm};
 use crate::weights::{Part, Weights};
 use candle_core::quantized::QMatMul;
 use candle_core::{bail, DType, Module, Result, Tensor};
+use cpu_quant::CpuQuantWeight;
 use std::ops::Range;
 
+/// `[out, in]`.
+enum Weight {
+    /// Dense weights anywhere, quantized ones on CUDA: candle's products.
+    Candle(QMatMul),
+    /// Quantized on CPU: our batch-invariant kernels over the GGUF blocks.
+    CpuQuant(CpuQuantWeight),
+    /// Quantized on CPU in a format those kernels lack: dequantized to f32 once, at load.
+    Dequantized(Tensor),
+}
+
+impl Weight {
+    fn new(weight: QMatMul) -> Result<Self> {
+        Ok(match weight {
+            QMatMul::QTensor(q) if q.device().is_cpu() => match CpuQuantWeight::from_qtensor(&q)? {
+                Some(w) => Self::CpuQuant(w),
+                None => Self::Dequantized(q.dequantize(&q.device())?),
+            },
+            weight => Self::Candle(weight),
+        })
+    }
+}
+
 pub struct Linear {
-    /// `[out, in]`.
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
+/// The `pick`ed weight of every part; None if one has another kind.
+fn collect<'a, T>(
+    parts: &'a [Linear],
+    pick: impl Fn(&'a Weight) -> Option<&'a T>,
+) -> Option<Vec<&'a T>> {
+    parts.iter().map(|p| pick(&p.weight)).collect()
+}
+
 impl Linear {
-    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    /// Quantized weights on CPU are converted here, once.
+    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight: Weight::new(weight)?,
+            bias,
+        })
     }
 
     /// `{prefix}.weight` (and `{prefix}.bias` when `bias`).
@@ -40,37 +76,47 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self::new(weight, bias))
+        Self::new(weight, bias)
     }
 
     /// One layer whose outputs are those of `parts` side by side (weight rows and biases
-    /// concatenated), so that one GEMM replaces several; None when a weight is quantized
-    /// (its blocks are kept as loaded).
+    /// concatenated), so that one product replaces several; None unless the weights are
+    /// all dense, or all CPU blocks of one format (other quantized weights are kept as
+    /// loaded).
     pub fn concat_outputs(parts: &[Linear]) -> Result<Option<Self>> {
-        let mut weights = Vec::with_capacity(parts.len());
-        for part in parts {
-            match &part.weight {
-                QMatMul::Tensor(w) => weights.push(w),
-                _ => return Ok(None),
+        let weight = if let Some(dense) = collect(parts, |w| match w {
+            Weight::Candle(QMatMul::Tensor(w)) => Some(w),
+            _ => None,
+        }) {
+            Weight::Candle(QMatMul::Tensor(Tensor::cat(&dense, 0)?))
+        } else if let Some(blocks) = collect(parts, |w| match w {
+            Weight::CpuQuant(w) => Some(w),
+            _ => None,
+        }) {
+            match CpuQuantWeight::concat_outputs(&blocks) {
+                Some(w) => Weight::CpuQuant(w),
+                None => return Ok(None),
             }
-        }
+        } else {
+            return Ok(None);
+        };
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.len() {
             0 => None,
             n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
             n => bail!("{n} of {} concatenated layers have a bias", parts.len()),
         };
-        Ok(Some(Self::new(
-            QMatMul::Tensor(Tensor::cat(&weights, 0)?),
-            bias,
-        )))
+        Ok(Some(Self { weight, bias }))
     }
 
     /// The number of output features (weights are `[out, in]`).
     pub fn out_dim(&self) -> usize {
         match &self.weight {
-            QMatMul::QTensor(q) => q.shape().dims()[0],
-            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => w.dims()[0],
+            Weight::Candle(QMatMul::QTensor(q)) => q.shape().dims()[0],
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) | Weight::Dequantized(w) => {
+                w.dims()[0]
+            }
+            Weight::CpuQuant(w) => w.out_dim(),
         }
     }
 
@@ -90,7 +136,11 @@ impl Linear {
     #[cfg(feature = "cuda")]
     pub fn gemv_weight(&self, x: &Tensor) -> Result<Option<&Tensor>> {
         match &self.weight {
-            QMatMul::Tensor(w) if self.bias.is_none() && Self::takes_gemv(x, w)? => Ok(Some(w)),
+            Weight::Candle(QMatMul::Tensor(w))
+                if self.bias.is_none() && Self::takes_gemv(x, w)? =>
+            {
+                Ok(Some(w))
+            }
             _ => Ok(None),
         }
     }
@@ -98,30 +148,27 @@ impl Linear {
     /// `x`: `[tokens, in]` -> `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            // On CPU, and for f32 activations anywhere, a quantized weight is dequantized
-            // for every product, whatever the rows: candle's quantized kernels also
-            // quantize the activations to 8 bits, so on CPU, where they serve few rows
-            // only, a sequence's tokens would depend on the size of its batch (and per row
-            // they cost about as much as dequantizing the whole matrix: prefill of 512
-            // tokens on SmolLM2 ~30x faster this way); and f32 on CUDA is the exact path
-            // that matches the CPU.
-            QMatMul::QTensor(q) if x.device().is_cpu() || x.dtype() == DType::F32 => {
-                let w = q.dequantize(x.device())?;
-                x.to_dtype(DType::F32)?
-                    .matmul(&w.t()?)?
-                    .to_dtype(x.dtype())?
+            Weight::CpuQuant(w) => w.forward(x)?,
+            Weight::Dequantized(w) => x
+                .to_dtype(DType::F32)?
+                .matmul(&w.t()?)?
+                .to_dtype(x.dtype())?,
+            // f32 activations on CUDA: the weight dequantized for every product, the exact
+            // path that matches the CPU (candle's quantized kernels quantize the
+            // activations to 8 bits, so a sequence's tokens would depend on its batch).
+            Weight::Candle(QMatMul::QTensor(q)) if x.dtype() == DType::F32 => {
+                x.matmul(&q.dequantize(x.device())?.t()?)?
             }
             // A single decode row: our bandwidth-bound kernel instead of cuBLAS.
             #[cfg(feature = "cuda")]
-            QMatMul::Tensor(w) if Self::takes_gemv(x, w)? => {
+            Weight::Candle(QMatMul::Tensor(w)) if Self::takes_gemv(x, w)? => {
                 text_generation_kernels::gemv(&x.contiguous()?, w)?
             }
             // candle's quantized matmul takes f32 activations.
-            QMatMul::QTensor(_) => self
-                .weight
-                .forward(&x.to_dtype(DType::F32)?)?
-                .to_dtype(x.dtype())?,
-            _ => self.weight.forward(x)?,
+            Weight::Candle(w @ QMatMul::QTensor(_)) => {
+                w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            }
+            Weight::Candle(w) => w.forward(x)?,
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
@@ -148,7 +195,7 @@ impl RowParallelLinear {
         .map(|range| Part { dim: 1, range });
         let weight = w.matmul_weight_part("weight", (out_dim, in_dim), part.as_ref())?;
         Ok(Self {
-            linear: Linear::new(weight, None),
+            linear: Linear::new(weight, None)?,
             comm: comm.clone(),
         })
     }
@@ -165,27 +212,46 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
-    /// On CPU a quantized weight gives the dense product of its dequantized values, and
-    /// a row's result does not depend on the rows beside it (batch invariance).
+    /// On CPU a quantized weight, in each format of GGUF weights, gives the dense
+    /// product of candle's dequantization of it, and a row's result is the same bits
+    /// alone or batched (batch invariance).
     #[test]
     fn quantized_rows_match_the_dense_product_alone_or_batched() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1., (64, 256), &dev)?;
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-        let dense = q.dequantize(&dev)?;
-        let linear = Linear::new(QMatMul::from_qtensor(q)?, None);
-        let x = Tensor::randn(0f32, 1., (11, 256), &dev)?;
-        let batched = linear.forward(&x)?;
-        let expected = x.matmul(&dense.t()?)?;
-        let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
-        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-        };
-        assert!(max_diff(&batched, &expected)? < 1e-5 * scale);
-        for row in [0, 5, 10] {
-            let alone = linear.forward(&x.narrow(0, row, 1)?)?;
-            let diff = max_diff(&alone, &batched.narrow(0, row, 1)?)?;
-            assert!(diff < 1e-5 * scale, "row {row}: {diff} vs {scale}");
+        let w = Tensor::randn(0f32, 1., (40, 512), &dev)?;
+        let x = Tensor::randn(0f32, 1., (11, 512), &dev)?;
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype)?;
+            let dense = q.dequantize(&dev)?;
+            let linear = Linear::new(QMatMul::from_qtensor(q)?, None)?;
+            let batched = linear.forward(&x)?;
+            let expected = x.matmul(&dense.t()?)?;
+            let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (&batched - expected)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5 * scale, "{dtype:?}: {diff} vs {scale}");
+            for row in [0, 5, 10] {
+                let alone = linear.forward(&x.narrow(0, row, 1)?)?.flatten_all()?;
+                let in_batch = batched.narrow(0, row, 1)?.flatten_all()?;
+                assert_eq!(
+                    alone.to_vec1::<f32>()?,
+                    in_batch.to_vec1::<f32>()?,
+                    "{dtype:?} row {row}"
+                );
+            }
         }
         Ok(())
     }
@@ -201,10 +267,10 @@ mod tests {
             } else {
                 None
             };
-            Ok(Linear::new(
+            Linear::new(
                 QMatMul::Tensor(Tensor::randn(0f32, 1., (out, 32), &dev)?),
                 b,
-            ))
+            )
         };
         let x = Tensor::randn(0f32, 1., (3, 32), &dev)?;
         for bias in [false, true] {
@@ -224,9 +290,20 @@ mod tests {
             assert!(diff < 1e-5, "bias {bias}: {diff}");
         }
         assert!(Linear::concat_outputs(&[part(4, true)?, part(4, false)?]).is_err());
-        let q = QTensor::quantize(&Tensor::randn(0f32, 1., (4, 32), &dev)?, GgmlDType::Q8_0)?;
-        let quantized = Linear::new(QMatMul::from_qtensor(q)?, None);
-        assert!(Linear::concat_outputs(&[part(4, false)?, quantized])?.is_none());
+        let quantized = |dtype: GgmlDType| -> Result<Linear> {
+            let q = QTensor::quantize(&Tensor::randn(0f32, 1., (4, 32), &dev)?, dtype)?;
+            Linear::new(QMatMul::from_qtensor(q)?, None)
+        };
+        assert!(Linear::concat_outputs(&[part(4, false)?, quantized(GgmlDType::Q8_0)?])?.is_none());
+        let mixed = [quantized(GgmlDType::Q8_0)?, quantized(GgmlDType::Q4_0)?];
+        assert!(Linear::concat_outputs(&mixed)?.is_none());
+        let parts = [quantized(GgmlDType::Q8_0)?, quantized(GgmlDType::Q8_0)?];
+        let fused = Linear::concat_outputs(&parts)?.expect("blocks of one format concatenate");
+        let expected = Tensor::cat(&[parts[0].forward(&x)?, parts[1].forward(&x)?], 1)?;
+        assert_eq!(
+            fused.forward(&x)?.to_vec2::<f32>()?,
+            expected.to_vec2::<f32>()?
+        );
         Ok(())
     }
 
@@ -234,7 +311,7 @@ mod tests {
     fn dense_with_bias() -> Result<()> {
         let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu)?;
         let b = Tensor::new(&[1f32, 0., -1.], &Device::Cpu)?;
-        let linear = Linear::new(QMatMul::Tensor(w), Some(b));
+        let linear = Linear::new(QMatMul::Tensor(w), Some(b))?;
         let y = linear.forward(&Tensor::new(&[[1f32, 1.]], &Device::Cpu)?)?;
         assert_eq!(y.to_vec2::<f32>()?, vec![vec![4., 7., 10.]]);
         Ok(())
