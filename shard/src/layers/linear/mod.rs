@@ -256,6 +256,24 @@ mod tests {
         Ok(())
     }
 
+    /// A GGUF format the kernels lack (Q8_1, ggml's activation format) is dequantized
+    /// once at load and gives the dense product.
+    #[test]
+    fn formats_the_kernels_lack_are_dequantized_once() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = QTensor::quantize(&Tensor::randn(0f32, 1., (8, 64), &dev)?, GgmlDType::Q8_1)?;
+        let dense = q.dequantize(&dev)?;
+        let linear = Linear::new(QMatMul::from_qtensor(q)?, None)?;
+        assert!(matches!(linear.weight, Weight::Dequantized(_)));
+        let x = Tensor::randn(0f32, 1., (3, 64), &dev)?;
+        let diff = (linear.forward(&x)? - x.matmul(&dense.t()?)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        Ok(())
+    }
+
     /// The concatenated layer computes each part's outputs, in order; quantized parts
     /// and a bias on only some parts are not concatenated.
     #[test]
