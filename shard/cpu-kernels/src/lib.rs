@@ -50,7 +50,7 @@ impl QuantMatrix {
         in_features: usize,
         blocks: Vec<u8>,
     ) -> Result<Self, ShapeError> {
-        if in_features == 0 || in_features % format.block_elems() != 0 {
+        if in_features == 0 || !in_features.is_multiple_of(format.block_elems()) {
             return Err(ShapeError(format!(
                 "{in_features} input features are not whole {format:?} blocks of {}",
                 format.block_elems()

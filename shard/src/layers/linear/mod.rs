@@ -39,7 +39,7 @@ pub struct Linear {
 }
 
 /// The `pick`ed weight of every part; None if one has another kind.
-fn collect<'a, T>(
+fn weights_of<'a, T>(
     parts: &'a [Linear],
     pick: impl Fn(&'a Weight) -> Option<&'a T>,
 ) -> Option<Vec<&'a T>> {
@@ -84,12 +84,12 @@ impl Linear {
     /// all dense, or all CPU blocks of one format (other quantized weights are kept as
     /// loaded).
     pub fn concat_outputs(parts: &[Linear]) -> Result<Option<Self>> {
-        let weight = if let Some(dense) = collect(parts, |w| match w {
+        let weight = if let Some(dense) = weights_of(parts, |w| match w {
             Weight::Candle(QMatMul::Tensor(w)) => Some(w),
             _ => None,
         }) {
             Weight::Candle(QMatMul::Tensor(Tensor::cat(&dense, 0)?))
-        } else if let Some(blocks) = collect(parts, |w| match w {
+        } else if let Some(blocks) = weights_of(parts, |w| match w {
             Weight::CpuQuant(w) => Some(w),
             _ => None,
         }) {
