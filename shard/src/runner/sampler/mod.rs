@@ -133,18 +133,23 @@ pub fn choose_tokens(
     if logits.device().is_cuda() {
         return device::choose_tokens(&logits, choosers);
     }
-    // The CPU: plain rows take the batch's argmax, the others the host sampler.
-    let (greedy_ids, greedy_logprobs) = greedy_rows(&logits)?;
+    // The CPU: plain rows take the batch's argmax (only computed when there are some),
+    // the others the host sampler.
     let host_rows: Vec<usize> = (0..rows).filter(|&r| !plain(choosers[r])).collect();
+    let (greedy_ids, greedy_logprobs) = if host_rows.len() < rows {
+        greedy_rows(&logits)?
+    } else {
+        (vec![], vec![])
+    };
     let host_logits = logits
         .index_select(&Tensor::new(host_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), logits.device())?, 0)?
         .to_vec2::<f32>()?;
-    let mut host_choices: Vec<Choice> = host_rows
+    let host_choices: Vec<Choice> = host_rows
         .par_iter()
         .zip(host_logits.par_iter())
         .map(|(&row, logits)| choosers[row].choose_on_host(logits))
         .collect();
-    let mut host_choices = host_choices.drain(..);
+    let mut host_choices = host_choices.into_iter();
     Ok((0..rows)
         .map(|row| {
             if plain(choosers[row]) {
