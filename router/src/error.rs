@@ -62,6 +62,7 @@ impl ApiError {
             ApiError::Infer(InferError::Overloaded) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Infer(InferError::GenerationError(_)) => StatusCode::FAILED_DEPENDENCY,
             ApiError::Infer(InferError::IncompleteGeneration) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Infer(InferError::ShardStuck(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

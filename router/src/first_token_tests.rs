@@ -85,7 +85,7 @@ async fn the_first_token_is_not_held_back_on_a_kept_alive_connection() {
         max_input_tokens: 1024,
         max_total_tokens: 2048,
     };
-    let (infer, _) = Infer::connect(&shard.path(), scheduler).await.unwrap();
+    let (infer, _) = Infer::connect(&shard.path(), scheduler, crate::client::Deadlines::default()).await.unwrap();
     let model = format!(
         "{}/../models/SmolLM2-135M-Instruct",
         env!("CARGO_MANIFEST_DIR")

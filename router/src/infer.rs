@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::batching::{batching_task, BatchingConfig, Entry, GenerationHealth, Queue};
-use crate::client::ShardedClient;
+use crate::client::{Deadlines, ShardedClient, StuckCall};
 use crate::infer_types::{InferError, InferResponse, InferStreamResponse, ValidGenerateRequest};
 use crate::kv::BlockAllocator;
 
@@ -56,9 +56,10 @@ impl Infer {
     pub async fn connect(
         master_shard_uds_path: &str,
         config: SchedulerConfig,
+        deadlines: Deadlines,
     ) -> anyhow::Result<(Infer, ShardSummary)> {
         validate_config(&config)?;
-        let client = ShardedClient::connect(master_shard_uds_path)
+        let client = ShardedClient::connect(master_shard_uds_path, deadlines)
             .await
             .with_context(|| format!("connecting to the shards at {master_shard_uds_path}"))?;
         let info = client.info().await.context("asking the shards for Info")?;
@@ -155,6 +156,9 @@ impl Infer {
         ),
         InferError,
     > {
+        if let Some(stuck) = self.client.stuck() {
+            return Err(InferError::ShardStuck(stuck.to_string()));
+        }
         let permit = Arc::clone(&self.limit_concurrent_requests)
             .try_acquire_owned()
             .map_err(|_| InferError::Overloaded)?;
@@ -223,18 +227,30 @@ impl Infer {
         Err(InferError::IncompleteGeneration)
     }
 
-    /// Real shard health: Health RPC to every shard (TGI semantics: if a generation succeeded recently it is healthy).
+    /// Shard health without waiting on a busy shard (TGI semantics: a generation that
+    /// succeeded recently, or a step still inside its deadline, vouches for the shards;
+    /// otherwise a bounded Health probe). A stuck group is unhealthy at once.
     pub async fn health(&self) -> bool {
-        if self.health.recently_healthy() {
+        if self.client.stuck().is_some() {
+            return false;
+        }
+        if self.health.recently_healthy() || self.client.step_in_flight() {
             return true;
         }
         match self.client.health().await {
             Ok(()) => true,
+            // The probe may have waited behind a step that started meanwhile.
+            Err(_) if self.client.step_in_flight() => true,
             Err(err) => {
                 tracing::warn!("shard health check failed: {err}");
                 false
             }
         }
+    }
+
+    /// Resolves once a shard misses a deadline (see [`ShardedClient`]).
+    pub async fn wait_stuck(&self) -> StuckCall {
+        self.client.wait_stuck().await
     }
 }
 

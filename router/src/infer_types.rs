@@ -140,6 +140,19 @@ pub enum InferError {
     /// The stream ended without an End message (HTTP 500).
     #[error("Incomplete generation")]
     IncompleteGeneration,
+    /// A shard missed a call's deadline: nothing is served until the group restarts
+    /// (HTTP 503).
+    #[error("Model is unavailable: {0}")]
+    ShardStuck(String),
+}
+
+impl From<crate::client::ClientError> for InferError {
+    fn from(error: crate::client::ClientError) -> Self {
+        match error {
+            crate::client::ClientError::Stuck(stuck) => InferError::ShardStuck(stuck.to_string()),
+            other => InferError::GenerationError(other.to_string()),
+        }
+    }
 }
 
 impl InferError {
@@ -150,6 +163,7 @@ impl InferError {
             InferError::Overloaded => "overloaded",
             InferError::ValidationError(_) => "validation",
             InferError::IncompleteGeneration => "incomplete_generation",
+            InferError::ShardStuck(_) => "shard_stuck",
         }
     }
 }

@@ -16,6 +16,7 @@ mod validation;
 mod first_token_tests;
 
 use anyhow::{ensure, Context};
+use client::Deadlines;
 use api::generate::Info;
 use clap::Parser;
 use http::metrics::prometheus_builder;
@@ -82,6 +83,26 @@ struct Args {
     /// Threads tokenizing prompts (default: the number of CPUs, at most 4).
     #[arg(long, env)]
     tokenizer_workers: Option<usize>,
+    /// Seconds a shard may take to answer a decode step before the shard group is
+    /// declared stuck (a step gets 10 ms more per token it computes); the router then
+    /// fails every request and exits, and the launcher stops the group.
+    #[arg(long, env, default_value_t = 30.0, value_parser = positive_seconds)]
+    shard_timeout: f64,
+    /// Seconds the shards' warmup may take (the largest prefill, CUDA graphs, the KV
+    /// cache's allocation).
+    #[arg(long, env, default_value_t = 1800.0, value_parser = positive_seconds)]
+    warmup_timeout: f64,
+}
+
+/// How long the router keeps answering 503 once the shard group is stuck, before it
+/// exits: the failed requests' answers reach their clients first.
+const STUCK_GRACE: Duration = Duration::from_secs(2);
+
+fn positive_seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err(format!("`{value}` is not a positive number of seconds")),
+    }
 }
 
 #[tokio::main]
@@ -144,7 +165,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_input_tokens: args.max_input_tokens,
         max_total_tokens: args.max_total_tokens,
     };
-    let (infer, shards) = Infer::connect(&args.master_shard_uds_path, scheduler)
+    let deadlines = Deadlines::new(
+        Duration::from_secs_f64(args.shard_timeout),
+        Duration::from_secs_f64(args.warmup_timeout),
+    );
+    let (infer, shards) = Infer::connect(&args.master_shard_uds_path, scheduler, deadlines)
         .await
         .with_context(|| format!("cannot reach the shard at {}", args.master_shard_uds_path))?;
     tracing::info!(
@@ -212,6 +237,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sha: option_env!("GIT_SHA"),
         docker_label: option_env!("DOCKER_LABEL"),
     };
+    let stuck_watch = infer.clone();
     let state = AppState {
         backend: Arc::new(infer),
         validation: Arc::new(validation),
@@ -229,7 +255,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.hostname, args.port))?;
     tracing::info!("Listening on {}", listener.local_addr()?);
-    http::server::serve(listener, app, shutdown_signal()).await?;
+    // A stuck shard group is never served again: fail fast, then exit so that the
+    // launcher stops the group and exits non-zero (the orchestrator restarts the pod).
+    let stuck = async {
+        let call = stuck_watch.wait_stuck().await;
+        tracing::error!("{call}; every request fails with 503 until the router exits in {STUCK_GRACE:?}");
+        tokio::time::sleep(STUCK_GRACE).await;
+        call
+    };
+    tokio::select! {
+        served = http::server::serve(listener, app, shutdown_signal()) => served?,
+        call = stuck => anyhow::bail!("stopping: {call}"),
+    }
     tracing::info!("Shut down");
     Ok(())
 }

@@ -11,6 +11,7 @@ use super::queue::tests::request;
 use crate::client::fake_shard::{
     FakeShard, FakeShardConfig, ShardCall, FIRST_TOKEN, POISON_DECODE, POISON_PREFILL,
 };
+use crate::client::Deadlines;
 use crate::infer::{Infer, SchedulerConfig, ShardSummary};
 use crate::infer_types::{FinishReason, InferError, InferStreamResponse, ValidGenerateRequest};
 
@@ -37,7 +38,7 @@ async fn start(kv_blocks: u32, config: SchedulerConfig) -> (Infer, ShardSummary,
         prefill_delay: Duration::ZERO,
     })
     .await;
-    let (infer, summary) = Infer::connect(&shard.path(), config).await.unwrap();
+    let (infer, summary) = Infer::connect(&shard.path(), config, Deadlines::default()).await.unwrap();
     (infer, summary, shard)
 }
 
@@ -508,7 +509,7 @@ async fn max_batch_total_tokens_goes_to_warmup_and_sizes_the_allocator() {
 
 #[tokio::test]
 async fn connecting_to_a_missing_socket_fails_clearly() {
-    let error = Infer::connect("/nonexistent/shard.sock", config())
+    let error = Infer::connect("/nonexistent/shard.sock", config(), Deadlines::default())
         .await
         .err()
         .expect("no shard listens there");
@@ -524,7 +525,7 @@ async fn inconsistent_limits_are_refused_before_connecting() {
         max_batch_prefill_tokens: 32,
         ..config()
     };
-    let error = Infer::connect("/nonexistent/shard.sock", config)
+    let error = Infer::connect("/nonexistent/shard.sock", config, Deadlines::default())
         .await
         .err()
         .expect("prompts of 64 tokens would never fit a prefill of 32");
@@ -532,4 +533,46 @@ async fn inconsistent_limits_are_refused_before_connecting() {
         error.to_string().contains("--max-batch-prefill-tokens"),
         "{error}"
     );
+}
+
+/// A shard slower than its deadline makes the group stuck: the request in flight ends
+/// with an error naming the shard and the call, health is false at once (no probe),
+/// and new requests are refused without reaching the shard.
+#[tokio::test]
+async fn a_shard_past_its_deadline_makes_the_group_stuck() {
+    let shard = FakeShard::start(FakeShardConfig {
+        block_size: BLOCK_SIZE,
+        kv_capacity_tokens: 64 * BLOCK_SIZE,
+        decode_delay: Duration::from_millis(800),
+        prefill_delay: Duration::ZERO,
+    })
+    .await;
+    let deadlines = Deadlines::new(Duration::from_millis(200), Duration::from_secs(10));
+    let (infer, _) = Infer::connect(&shard.path(), config(), deadlines).await.unwrap();
+    assert!(infer.health().await, "healthy before any step");
+
+    let started = std::time::Instant::now();
+    let (_permit, stream) = infer.generate_stream(with_input(vec![10, 11], 4)).unwrap();
+    let responses: Vec<_> = within_seconds(stream.collect()).await;
+    assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+    assert!(matches!(responses[0], Ok(InferStreamResponse::Intermediate { .. })), "{responses:?}");
+    match responses.last() {
+        Some(Err(InferError::ShardStuck(message))) => {
+            assert!(message.contains("Decode"), "{message}");
+            assert!(message.contains(&shard.path()), "{message}");
+        }
+        other => panic!("the stream should end stuck: {other:?}"),
+    }
+    let stuck = within_seconds(infer.wait_stuck()).await;
+    assert_eq!(stuck.call, "Decode");
+
+    let calls = shard.calls().len();
+    let probe = std::time::Instant::now();
+    assert!(!infer.health().await);
+    assert!(probe.elapsed() < Duration::from_millis(50));
+    assert!(matches!(
+        infer.generate_stream(with_input(vec![10], 2)),
+        Err(InferError::ShardStuck(_))
+    ));
+    assert_eq!(shard.calls().len(), calls, "nothing more reaches a stuck group");
 }

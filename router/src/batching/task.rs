@@ -175,10 +175,13 @@ async fn step(
             health.record(false);
             metrics::counter!("tgi_batch_inference_failure", "method" => method).increment(1);
             tracing::error!("{method} failed: {err}");
-            if let Err(clear_err) = client.clear_cache(cache_to_clear).await {
-                tracing::error!("clearing the shards' cache after a failed {method}: {clear_err}");
+            // A stuck group answers nothing more; there is no cache to clear.
+            if !matches!(err, client::ClientError::Stuck(_)) {
+                if let Err(clear_err) = client.clear_cache(cache_to_clear).await {
+                    tracing::error!("clearing the shards' cache after a failed {method}: {clear_err}");
+                }
             }
-            let error = InferError::GenerationError(err.to_string());
+            let error = InferError::from(err);
             for (_, entry) in entries.drain() {
                 // The client may be gone already; nothing more to do then.
                 let _ = entry.response_tx.send(Err(error.clone()));

@@ -1,6 +1,7 @@
 //! gRPC access to the shards: one client per shard socket, and a sharded client
 //! that sends every call to all shards of the model.
 
+mod deadlines;
 mod shard;
 mod sharded;
 
@@ -8,7 +9,8 @@ mod sharded;
 pub mod fake_shard;
 
 pub use shard::{ShardClient, StepTimings};
-pub use sharded::ShardedClient;
+pub use deadlines::Deadlines;
+pub use sharded::{ShardedClient, StuckCall};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -18,6 +20,8 @@ pub enum ClientError {
     Call(String),
     #[error("no shard to call")]
     NoShard,
+    #[error("{0}")]
+    Stuck(StuckCall),
 }
 
 impl From<tonic::Status> for ClientError {

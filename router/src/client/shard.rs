@@ -29,6 +29,8 @@ pub type StepResult = (Vec<Generation>, Option<CachedBatch>, StepTimings);
 #[derive(Debug, Clone)]
 pub struct ShardClient {
     stub: TextGenerationServiceClient<Channel>,
+    /// The socket, as errors name the shard.
+    url: String,
 }
 
 impl ShardClient {
@@ -53,11 +55,16 @@ impl ShardClient {
             .await
             .map_err(|err| connection_error(transport_error_message(&err)))?;
         Ok(Self {
+            url: url.to_string(),
             stub: TextGenerationServiceClient::new(channel)
                 // Warmup batches and long prompts exceed tonic's 4 MiB default.
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
         })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     pub async fn service_discovery(&mut self) -> Result<Vec<String>> {

@@ -1,23 +1,74 @@
 //! Every shard of a model takes part in every step (tensor parallelism), so each
 //! call goes to all of them at once and the master's answer is used.
+//!
+//! Every call has a deadline ([`Deadlines`]). A shard that misses one makes the group
+//! stuck: the call fails naming the shards and the call, and every later call fails
+//! at once without reaching the shards (a stuck group never answers again in a way
+//! the router could trust: a collective may be half done).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::join_all;
 use proto::v3::{Batch, CachedBatch, InfoResponse, WarmupRequest};
+use tokio::sync::watch;
 
+use super::deadlines::Deadlines;
 use super::shard::StepResult;
 use super::{ClientError, Result, ShardClient};
+
+/// The call a stuck shard group did not answer in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckCall {
+    /// Sockets of the shards past the deadline (with tensor parallelism the healthy
+    /// ranks wait in a collective for the stuck one, so all of them may be).
+    pub shards: Vec<String>,
+    pub call: &'static str,
+    pub deadline: Duration,
+}
+
+impl std::fmt::Display for StuckCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "shard {} did not answer {} within {:.1} s: the shard group is stuck",
+            self.shards.join(", "),
+            self.call,
+            self.deadline.as_secs_f64()
+        )
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ShardedClient {
     /// The master first: its answers are the ones returned.
     clients: Vec<ShardClient>,
+    deadlines: Deadlines,
+    stuck: Arc<watch::Sender<Option<StuckCall>>>,
+    steps_in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a Prefill or Decode as in flight while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ShardedClient {
     /// Connects to the master shard and, through its ServiceDiscovery, to all the others.
-    pub async fn connect(master_url: &str) -> Result<Self> {
+    pub async fn connect(master_url: &str, deadlines: Deadlines) -> Result<Self> {
         let mut master = ShardClient::connect(master_url).await?;
         let urls = master.service_discovery().await?;
         let master_path = master_url.strip_prefix("unix://").unwrap_or(master_url);
@@ -28,41 +79,131 @@ impl ShardedClient {
                 clients.push(ShardClient::connect(&url).await?);
             }
         }
-        Ok(Self { clients })
+        Ok(Self {
+            clients,
+            deadlines,
+            stuck: Arc::new(watch::channel(None).0),
+            steps_in_flight: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
     pub fn shard_count(&self) -> usize {
         self.clients.len()
     }
 
-    /// Runs `call` on every shard concurrently; any shard's error fails the call.
-    async fn on_all_shards<T, F, Fut>(&self, call: F) -> Result<T>
+    /// The call that made the group stuck, if one did.
+    pub fn stuck(&self) -> Option<StuckCall> {
+        self.stuck.borrow().clone()
+    }
+
+    /// Resolves once the group is stuck.
+    pub async fn wait_stuck(&self) -> StuckCall {
+        let mut stuck = self.stuck.subscribe();
+        let found = stuck.wait_for(Option::is_some).await;
+        found
+            .ok()
+            .and_then(|call| call.clone())
+            .expect("the sender lives as long as self")
+    }
+
+    /// A Prefill or Decode is running on the shards (and will meet its deadline or
+    /// make the group stuck).
+    pub fn step_in_flight(&self) -> bool {
+        self.steps_in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Runs `call` on every shard concurrently, each bounded by `deadline`, and returns
+    /// their answers, the master's first; any shard's error fails the call, a missed
+    /// deadline makes the group stuck.
+    async fn on_all_shards<T, F, Fut>(
+        &self,
+        name: &'static str,
+        deadline: Duration,
+        call: F,
+    ) -> Result<Vec<T>>
     where
         F: Fn(ShardClient) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let results = join_all(self.clients.iter().cloned().map(call)).await;
-        let mut first = None;
-        for result in results {
-            let value = result?;
-            first.get_or_insert(value);
+        if let Some(stuck) = self.stuck() {
+            return Err(ClientError::Stuck(stuck));
         }
-        first.ok_or(ClientError::NoShard)
+        let results = join_all(self.clients.iter().cloned().map(|client| {
+            let url = client.url().to_string();
+            let answer = tokio::time::timeout(deadline, call(client));
+            async move { answer.await.map_err(|_elapsed| url) }
+        }))
+        .await;
+        let late: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        if !late.is_empty() {
+            return Err(ClientError::Stuck(self.declare_stuck(late, name, deadline)));
+        }
+        let answers = results.into_iter().flatten().collect::<Result<Vec<T>>>()?;
+        if answers.is_empty() {
+            return Err(ClientError::NoShard);
+        }
+        Ok(answers)
+    }
+
+    /// The master's answer of [`Self::on_all_shards`].
+    async fn master_answer<T, F, Fut>(&self, name: &'static str, deadline: Duration, call: F) -> Result<T>
+    where
+        F: Fn(ShardClient) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let answers = self.on_all_shards(name, deadline, call).await?;
+        answers.into_iter().next().ok_or(ClientError::NoShard)
+    }
+
+    /// Records the first call that made the group stuck; later ones fail with it too.
+    fn declare_stuck(&self, shards: Vec<String>, call: &'static str, deadline: Duration) -> StuckCall {
+        let stuck = StuckCall {
+            shards,
+            call,
+            deadline,
+        };
+        tracing::error!(shards = ?stuck.shards, call, "{stuck}");
+        metrics::counter!("tgi_shard_stuck_total", "call" => call).increment(1);
+        self.stuck.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(stuck.clone());
+            true
+        });
+        stuck
     }
 
     pub async fn info(&self) -> Result<InfoResponse> {
-        self.on_all_shards(|mut client| async move { client.info().await })
-            .await
+        self.master_answer("Info", self.deadlines.control, |mut client| async move {
+            client.info().await
+        })
+        .await
     }
 
+    /// Bounded, but a late answer does not make the group stuck: a probe can arrive
+    /// just as a long prefill starts and wait behind it. Steps have their own deadlines.
     pub async fn health(&self) -> Result<()> {
-        self.on_all_shards(|mut client| async move { client.health().await })
-            .await
+        if let Some(stuck) = self.stuck() {
+            return Err(ClientError::Stuck(stuck));
+        }
+        let probes = join_all(self.clients.iter().cloned().map(|mut client| async move {
+            client.health().await
+        }));
+        match tokio::time::timeout(self.deadlines.control, probes).await {
+            Ok(results) => results.into_iter().collect(),
+            Err(_) => Err(ClientError::Call(format!(
+                "a shard did not answer Health within {:.1} s",
+                self.deadlines.control.as_secs_f64()
+            ))),
+        }
     }
 
     pub async fn clear_cache(&self, id: Option<u64>) -> Result<()> {
-        self.on_all_shards(|mut client| async move { client.clear_cache(id).await })
-            .await
+        self.master_answer("ClearCache", self.deadlines.control, |mut client| async move {
+            client.clear_cache(id).await
+        })
+        .await
     }
 
     pub async fn filter_batch(
@@ -70,7 +211,7 @@ impl ShardedClient {
         batch_id: u64,
         request_ids: Vec<u64>,
     ) -> Result<Option<CachedBatch>> {
-        self.on_all_shards(|mut client| {
+        self.master_answer("FilterBatch", self.deadlines.control, |mut client| {
             let request_ids = request_ids.clone();
             async move { client.filter_batch(batch_id, request_ids).await }
         })
@@ -79,17 +220,13 @@ impl ShardedClient {
 
     /// The smallest KV capacity over the shards: every shard must hold every token.
     pub async fn warmup(&self, request: WarmupRequest) -> Result<u32> {
-        let results = join_all(self.clients.iter().cloned().map(|mut client| {
-            let request = request.clone();
-            async move { client.warmup(request).await }
-        }))
-        .await;
-        let mut capacity: Option<u32> = None;
-        for result in results {
-            let tokens = result?;
-            capacity = Some(capacity.map_or(tokens, |c| c.min(tokens)));
-        }
-        capacity.ok_or(ClientError::NoShard)
+        let capacities = self
+            .on_all_shards("Warmup", self.deadlines.warmup, |mut client| {
+                let request = request.clone();
+                async move { client.warmup(request).await }
+            })
+            .await?;
+        capacities.into_iter().min().ok_or(ClientError::NoShard)
     }
 
     /// See [`ShardClient::prefill`]: with `cached_batch`, a mixed step.
@@ -98,7 +235,11 @@ impl ShardedClient {
         batch: Batch,
         cached_batch: Option<CachedBatch>,
     ) -> Result<StepResult> {
-        self.on_all_shards(|mut client| {
+        // Prompt tokens bound the work from above (cached prefixes only shorten it).
+        let tokens = batch.requests.iter().map(|r| r.input_ids.len()).sum::<usize>()
+            + cached_batch.as_ref().map_or(0, |c| c.size as usize);
+        let _in_flight = InFlight::new(&self.steps_in_flight);
+        self.master_answer("Prefill", self.deadlines.step(tokens), |mut client| {
             let batch = batch.clone();
             let cached_batch = cached_batch.clone();
             async move { client.prefill(batch, cached_batch).await }
@@ -107,7 +248,9 @@ impl ShardedClient {
     }
 
     pub async fn decode(&self, batches: Vec<CachedBatch>, run_ahead: bool) -> Result<StepResult> {
-        self.on_all_shards(|mut client| {
+        let rows = batches.iter().map(|b| b.size as usize).sum();
+        let _in_flight = InFlight::new(&self.steps_in_flight);
+        self.master_answer("Decode", self.deadlines.step(rows), |mut client| {
             let batches = batches.clone();
             async move { client.decode(batches, run_ahead).await }
         })
@@ -139,7 +282,7 @@ mod tests {
         let master = fake_shard(1024).await;
         let other = fake_shard(512).await;
         master.add_peer(&other);
-        let client = ShardedClient::connect(&master.url()).await.unwrap();
+        let client = ShardedClient::connect(&master.url(), Deadlines::default()).await.unwrap();
         (client, master, other)
     }
 
@@ -209,7 +352,7 @@ mod tests {
         use crate::client::fake_shard::FIRST_TOKEN;
 
         let shard = fake_shard(1024).await;
-        let client = ShardedClient::connect(&shard.url()).await.unwrap();
+        let client = ShardedClient::connect(&shard.url(), Deadlines::default()).await.unwrap();
         let (_, running, _) = client
             .prefill(one_request_batch(5, 1, 4), None)
             .await
@@ -245,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_shard_is_named_in_the_error() {
-        let error = ShardedClient::connect("unix:///nonexistent/shard-0")
+        let error = ShardedClient::connect("unix:///nonexistent/shard-0", Deadlines::default())
             .await
             .unwrap_err();
         let message = error.to_string();
