@@ -145,6 +145,16 @@ pub struct Args {
     /// Seconds to wait for every shard to load its model and listen.
     #[arg(long, env, default_value_t = 600)]
     pub shard_startup_timeout: u64,
+
+    /// Seconds a shard may take to answer a decode step before the shard group is
+    /// declared stuck (a step gets 10 ms more per token it computes): every request
+    /// then fails with 503, and the launcher stops the group and exits non-zero.
+    #[arg(long, env, default_value_t = 30.0)]
+    pub shard_timeout: f64,
+
+    /// Seconds the shards' warmup may take before the group is declared stuck.
+    #[arg(long, env, default_value_t = 1800.0)]
+    pub warmup_timeout: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -205,6 +215,11 @@ impl Args {
         }
         if self.payload_limit == 0 {
             bail!("`--payload-limit` must be at least 1 byte");
+        }
+        for (flag, seconds) in [("--shard-timeout", self.shard_timeout), ("--warmup-timeout", self.warmup_timeout)] {
+            if !(seconds.is_finite() && seconds > 0.0) {
+                bail!("`{flag}` must be a positive number of seconds, got {seconds}");
+            }
         }
         if self.max_top_n_tokens > MAX_TOP_N_TOKENS {
             bail!(
@@ -385,6 +400,8 @@ mod tests {
         assert!(err(&["--cuda-memory-fraction", "0"]).contains("--cuda-memory-fraction"));
         assert!(err(&["--num-threads", "0"]).contains("`--num-threads` must be at least 1"));
         assert!(err(&["--max-concurrent-requests", "0"]).contains("--max-concurrent-requests"));
+        assert!(err(&["--shard-timeout", "0"]).contains("`--shard-timeout` must be a positive"));
+        assert!(err(&["--warmup-timeout=-1"]).contains("`--warmup-timeout` must be a positive"));
         assert!(err(&["--cuda-graphs", "0,8"]).contains("--cuda-graphs"));
         assert!(err(&["--max-top-n-tokens", "33"]).contains("`--max-top-n-tokens` must be at most 32"));
         assert!(parse(&["--max-top-n-tokens", "32"]).validate().is_ok());

@@ -318,6 +318,8 @@ fn router_spec(args: &Args, model_path: &Path, limits: &TokenLimits, program: &P
         ("--waiting-served-ratio", args.waiting_served_ratio.to_string()),
         ("--max-waiting-tokens", args.max_waiting_tokens.to_string()),
         ("--payload-limit", args.payload_limit.to_string()),
+        ("--shard-timeout", args.shard_timeout.to_string()),
+        ("--warmup-timeout", args.warmup_timeout.to_string()),
     ]
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
@@ -425,6 +427,8 @@ mod tests {
         assert_eq!(flag(&spec, "--max-batch-prefill-tokens"), Some("2097"));
         assert_eq!(flag(&spec, "--max-batch-total-tokens"), None);
         assert_eq!(flag(&spec, "--port"), Some("8080"));
+        assert_eq!(flag(&spec, "--shard-timeout"), Some("30"));
+        assert_eq!(flag(&spec, "--warmup-timeout"), Some("1800"));
         assert_eq!(spec.args.iter().filter(|a| *a == "--cors-allow-origin").count(), 2);
         assert!(!spec.args.contains(&"--json-output".to_string()));
         assert!(spec.envs.is_empty());
