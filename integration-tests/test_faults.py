@@ -41,6 +41,18 @@ def left_processes(launcher: Launcher) -> dict[int, str]:
     return found
 
 
+def finish(stream_events) -> str:
+    """How a stream whose shard failed ended: an error event, or the connection closing."""
+    try:
+        for event in stream_events:
+            if "error" in event:
+                return event["error"]
+            assert event.get("generated_text") is None, "a stream finished although its shard failed"
+    except requests.exceptions.RequestException as error:
+        return f"connection: {type(error).__name__}"
+    return "closed"
+
+
 def test_shard_killed_mid_generation_fails_requests_and_launcher():
     launcher = Launcher(*SMALL)
     launcher.wait_healthy()
@@ -52,17 +64,6 @@ def test_shard_killed_mid_generation_fails_requests_and_launcher():
         next(stream_events)
 
     os.kill(shard, signal.SIGKILL)
-
-    def finish(stream_events) -> str:
-        """How the stream ended: an error event, or the connection closing."""
-        try:
-            for event in stream_events:
-                if "error" in event:
-                    return event["error"]
-                assert event.get("generated_text") is None, "a stream finished although its shard died"
-        except requests.exceptions.RequestException as error:
-            return f"connection: {type(error).__name__}"
-        return "closed"
 
     # Each in-flight stream ends (the requests' read timeout bounds a hang at 60 s).
     with ThreadPoolExecutor(max_workers=len(streams)) as pool:
@@ -79,6 +80,45 @@ def test_shard_killed_mid_generation_fails_requests_and_launcher():
     assert "shard-0 exited unexpectedly (killed by signal SIGKILL)" in launcher.output(), launcher.tail()
     assert_all_gone(children, launcher)
     assert "panicked" not in launcher.output(), launcher.tail()
+
+
+def test_stopped_shard_is_declared_stuck_and_the_group_torn_down():
+    """SIGSTOP of the shard mid-stream: the step misses its deadline (--shard-timeout 3
+    plus 10 ms a token), the stream ends with an error naming the shard and the call,
+    /health and new requests get 503 at once, and the launcher stops the group (the
+    stopped shard included) and exits non-zero."""
+    launcher = Launcher(*SMALL, "--shard-timeout", "3")
+    launcher.wait_healthy()
+    children = descendants(launcher.process.pid)
+    shard = next(p for p in children if "text-generation-shard" in cmdline(p))
+    events = sse_events(open_stream(launcher.url, 400))
+    next(events)
+
+    os.kill(shard, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        ending = finish(events)
+        ended_after = time.monotonic() - stopped
+        assert "did not answer Decode within 3.0 s" in ending and launcher.uds_path in ending, ending
+        assert ended_after < 6, ended_after
+
+        asked = time.monotonic()
+        health = requests.get(f"{launcher.url}/health", timeout=5)
+        assert health.status_code == 503 and time.monotonic() - asked < 1, health.text
+        refused = requests.post(f"{launcher.url}/generate", json={"inputs": PROMPT}, timeout=5)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error_type"] == "shard_stuck", refused.text
+
+        status = launcher.wait_exit()
+        exited_after = time.monotonic() - stopped
+    finally:
+        if alive(shard):
+            os.kill(shard, signal.SIGCONT)
+    assert status != 0, launcher.tail()
+    assert exited_after < 20, exited_after
+    print(f"stopped shard: stream ended after {ended_after:.1f} s, launcher exited after {exited_after:.1f} s")
+    assert "the shard group is stuck" in launcher.output(), launcher.tail()
+    assert_all_gone(children, launcher)
 
 
 def test_sigterm_drains_requests_in_flight():

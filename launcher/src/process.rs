@@ -134,11 +134,14 @@ impl ManagedProcess {
 }
 
 /// Stops `processes` together: SIGTERM, then SIGKILL for those still running after `grace`.
+/// SIGCONT follows SIGTERM: a stopped child (SIGSTOP, a debugger) would otherwise hold
+/// its SIGTERM pending for the whole grace period.
 pub async fn stop_all(processes: &mut [ManagedProcess], grace: Duration) {
     let running: Vec<&mut ManagedProcess> = processes.iter_mut().filter(|p| !p.has_exited()).collect();
     for process in &running {
         tracing::info!("Stopping {}", process.name);
         process.signal(Signal::SIGTERM);
+        process.signal(Signal::SIGCONT);
     }
     let deadline = Instant::now() + grace;
     for process in running {

@@ -14,10 +14,14 @@ pub struct Deadlines {
     pub step_base: Duration,
     /// Warmup: the largest prefill, CUDA graph capture, the KV cache's allocation.
     pub warmup: Duration,
-    /// Info, Health, ClearCache, FilterBatch: no forward pass of their own, but the
-    /// shard answers them after the step it is running.
+    /// Info, ClearCache, FilterBatch: no forward pass of their own, but the shard
+    /// answers them after the step it is running.
     pub control: Duration,
+    /// A /health probe of idle shards: below the 5 s timeout of Kubernetes probes.
+    pub health: Duration,
 }
+
+const HEALTH_PROBE: Duration = Duration::from_secs(2);
 
 impl Deadlines {
     pub fn new(step_base: Duration, warmup: Duration) -> Self {
@@ -25,6 +29,7 @@ impl Deadlines {
             step_base,
             warmup,
             control: step_base,
+            health: step_base.min(HEALTH_PROBE),
         }
     }
 
@@ -50,5 +55,6 @@ mod tests {
         assert_eq!(deadlines.step(1), Duration::from_millis(5010));
         assert_eq!(deadlines.step(8192), Duration::from_millis(5000 + 81_920));
         assert_eq!(deadlines.control, Duration::from_secs(5));
+        assert_eq!(deadlines.health, Duration::from_secs(2));
     }
 }

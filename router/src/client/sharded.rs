@@ -134,7 +134,10 @@ impl ShardedClient {
             async move { answer.await.map_err(|_elapsed| url) }
         }))
         .await;
-        let late: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        let late: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().cloned())
+            .collect();
         if !late.is_empty() {
             return Err(ClientError::Stuck(self.declare_stuck(late, name, deadline)));
         }
@@ -146,7 +149,12 @@ impl ShardedClient {
     }
 
     /// The master's answer of [`Self::on_all_shards`].
-    async fn master_answer<T, F, Fut>(&self, name: &'static str, deadline: Duration, call: F) -> Result<T>
+    async fn master_answer<T, F, Fut>(
+        &self,
+        name: &'static str,
+        deadline: Duration,
+        call: F,
+    ) -> Result<T>
     where
         F: Fn(ShardClient) -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -156,7 +164,12 @@ impl ShardedClient {
     }
 
     /// Records the first call that made the group stuck; later ones fail with it too.
-    fn declare_stuck(&self, shards: Vec<String>, call: &'static str, deadline: Duration) -> StuckCall {
+    fn declare_stuck(
+        &self,
+        shards: Vec<String>,
+        call: &'static str,
+        deadline: Duration,
+    ) -> StuckCall {
         let stuck = StuckCall {
             shards,
             call,
@@ -187,22 +200,27 @@ impl ShardedClient {
         if let Some(stuck) = self.stuck() {
             return Err(ClientError::Stuck(stuck));
         }
-        let probes = join_all(self.clients.iter().cloned().map(|mut client| async move {
-            client.health().await
-        }));
-        match tokio::time::timeout(self.deadlines.control, probes).await {
+        let probes = join_all(
+            self.clients
+                .iter()
+                .cloned()
+                .map(|mut client| async move { client.health().await }),
+        );
+        match tokio::time::timeout(self.deadlines.health, probes).await {
             Ok(results) => results.into_iter().collect(),
             Err(_) => Err(ClientError::Call(format!(
                 "a shard did not answer Health within {:.1} s",
-                self.deadlines.control.as_secs_f64()
+                self.deadlines.health.as_secs_f64()
             ))),
         }
     }
 
     pub async fn clear_cache(&self, id: Option<u64>) -> Result<()> {
-        self.master_answer("ClearCache", self.deadlines.control, |mut client| async move {
-            client.clear_cache(id).await
-        })
+        self.master_answer(
+            "ClearCache",
+            self.deadlines.control,
+            |mut client| async move { client.clear_cache(id).await },
+        )
         .await
     }
 
@@ -236,7 +254,11 @@ impl ShardedClient {
         cached_batch: Option<CachedBatch>,
     ) -> Result<StepResult> {
         // Prompt tokens bound the work from above (cached prefixes only shorten it).
-        let tokens = batch.requests.iter().map(|r| r.input_ids.len()).sum::<usize>()
+        let tokens = batch
+            .requests
+            .iter()
+            .map(|r| r.input_ids.len())
+            .sum::<usize>()
             + cached_batch.as_ref().map_or(0, |c| c.size as usize);
         let _in_flight = InFlight::new(&self.steps_in_flight);
         self.master_answer("Prefill", self.deadlines.step(tokens), |mut client| {
@@ -282,7 +304,9 @@ mod tests {
         let master = fake_shard(1024).await;
         let other = fake_shard(512).await;
         master.add_peer(&other);
-        let client = ShardedClient::connect(&master.url(), Deadlines::default()).await.unwrap();
+        let client = ShardedClient::connect(&master.url(), Deadlines::default())
+            .await
+            .unwrap();
         (client, master, other)
     }
 
@@ -352,7 +376,9 @@ mod tests {
         use crate::client::fake_shard::FIRST_TOKEN;
 
         let shard = fake_shard(1024).await;
-        let client = ShardedClient::connect(&shard.url(), Deadlines::default()).await.unwrap();
+        let client = ShardedClient::connect(&shard.url(), Deadlines::default())
+            .await
+            .unwrap();
         let (_, running, _) = client
             .prefill(one_request_batch(5, 1, 4), None)
             .await
