@@ -71,7 +71,7 @@ def cmdline(pid: int) -> str:
 class Launcher:
     """One launcher process, its combined output captured in a file."""
 
-    def __init__(self, *extra_args: str, model: Path | str = MODEL):
+    def __init__(self, *extra_args: str, model: Path | str = MODEL, env: dict[str, str] | None = None):
         self.model_id = str(model)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,7 +87,9 @@ class Launcher:
             *extra_args,
         ]
         assert LAUNCHER.is_file(), f"{LAUNCHER} is missing: run `cargo build --release` first"
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.process = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")

@@ -121,6 +121,33 @@ def test_stopped_shard_is_declared_stuck_and_the_group_torn_down():
     assert_all_gone(children, launcher)
 
 
+def test_out_of_memory_step_fails_only_its_requests():
+    """The third step after warmup fails as a CUDA out-of-memory error would (the shard's
+    debug knob DEBUG_FAIL_STEPS): that step's request gets an error, its KV blocks are
+    freed (a request needing every block of the cache is served next), and the
+    server keeps serving."""
+    kv_tokens = 1024
+    launcher = Launcher(
+        "--max-input-tokens", "128", "--max-batch-prefill-tokens", "128",
+        "--max-total-tokens", str(kv_tokens), "--max-batch-total-tokens", str(kv_tokens),
+        env={"DEBUG_FAIL_STEPS": "3"},
+    )
+    launcher.wait_healthy()
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, **SAMPLED}}
+    failed = requests.post(f"{launcher.url}/generate", json=body, timeout=60)
+    assert failed.status_code == 424, failed.text
+    assert "out of memory" in failed.json()["error"], failed.text
+
+    prompt_tokens = len(requests.post(f"{launcher.url}/tokenize", json={"inputs": PROMPT}, timeout=10).json())
+    # Admitted only if no block is held; it stops at its first space, so it runs briefly.
+    whole_cache = {"inputs": PROMPT, "parameters": {"max_new_tokens": kv_tokens - prompt_tokens, "stop": [" "]}}
+    served = requests.post(f"{launcher.url}/generate", json=whole_cache, timeout=120)
+    assert served.status_code == 200, served.text
+    assert requests.get(f"{launcher.url}/health", timeout=5).status_code == 200
+    launcher.process.send_signal(signal.SIGTERM)
+    assert launcher.wait_exit() == 0, launcher.tail()
+
+
 def test_sigterm_drains_requests_in_flight():
     launcher = Launcher(*SMALL)
     launcher.wait_healthy()

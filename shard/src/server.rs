@@ -91,6 +91,10 @@ pub struct ShardArgs {
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+    /// Debugging: the Prefill/Decode calls (1-based, comma-separated) that fail as a
+    /// CUDA out-of-memory error would, to test recovery.
+    #[arg(long, env = "DEBUG_FAIL_STEPS", value_delimiter = ',', hide = true)]
+    pub debug_fail_steps: Vec<u64>,
 }
 
 impl ShardArgs {
@@ -190,6 +194,7 @@ fn load_runner(args: &ShardArgs) -> Result<Runner> {
         rank: args.rank,
         world_size: args.world_size,
         cuda_graph_batch_sizes: cuda_graph_batch_sizes(&args.cuda_graphs)?,
+        debug_fail_steps: args.debug_fail_steps.clone(),
     };
     Runner::new(model, device, &files, config)
 }

@@ -5,6 +5,7 @@
 pub mod batch;
 #[cfg(feature = "cuda")]
 pub mod decode_graphs;
+mod injected_failures;
 mod output;
 pub mod sampler;
 pub mod stopping;
@@ -15,6 +16,7 @@ use crate::cache::KvCache;
 use crate::models::{ForwardBatch, Model, SequenceInput};
 use anyhow::{bail, ensure, Context, Result};
 use batch::{BatchState, RequestState};
+use injected_failures::InjectedFailures;
 use candle_core::{DType, Device, Tensor};
 use model_store::ModelFiles;
 use output::TokenOutput;
@@ -49,6 +51,7 @@ pub struct Runner {
     batches: HashMap<u64, BatchState>,
     /// The next decode step's forward pass, started before the last step answered.
     ahead: Option<RunAhead>,
+    injected_failures: InjectedFailures,
 }
 
 /// Logits of a decode step computed ahead (`DecodeRequest.run_ahead`): started as soon
@@ -112,6 +115,8 @@ pub struct RunnerConfig {
     pub world_size: u32,
     /// Batch sizes to capture decode graphs for on CUDA; empty for none.
     pub cuda_graph_batch_sizes: Vec<usize>,
+    /// Steps to fail on purpose (`--debug-fail-steps`); empty in service.
+    pub debug_fail_steps: Vec<u64>,
 }
 
 impl Runner {
@@ -153,6 +158,7 @@ impl Runner {
                 .and_then(|v| v.parse().ok()),
             batches: HashMap::new(),
             ahead: None,
+            injected_failures: InjectedFailures::new(&config.debug_fail_steps),
         })
     }
 
@@ -233,7 +239,10 @@ impl Runner {
         };
         #[cfg(feature = "cuda")]
         let _profiled = self.profiler(state.requests.len())?;
-        let step = self.step(&mut state.requests, ahead, false);
+        let step = self
+            .injected_failures
+            .next_step()
+            .and_then(|()| self.step(&mut state.requests, ahead, false));
         // As after a decode, what was cached stays cached when the step failed: the
         // router decides to clear it.
         let cached_state = self.keep(state);
@@ -262,7 +271,10 @@ impl Runner {
         #[cfg(feature = "cuda")]
         let _profiled = self.profiler(state.requests.len())?;
         let ahead = self.take_ahead(&state.requests)?;
-        let step = self.step(&mut state.requests, ahead, run_ahead);
+        let step = self
+            .injected_failures
+            .next_step()
+            .and_then(|()| self.step(&mut state.requests, ahead, run_ahead));
         // The batch stays cached even when the step failed: the router decides to clear it.
         let cached = self.keep(state);
         let step = step?;
