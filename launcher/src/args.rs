@@ -152,6 +152,15 @@ pub struct Args {
     #[arg(long, env, default_value_t = 30.0)]
     pub shard_timeout: f64,
 
+    /// Open HTTP connections at most (idle kept-alive ones included); more are answered
+    /// 503 and closed.
+    #[arg(long, env, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a client has to send a whole request head before its connection is closed.
+    #[arg(long, env, default_value_t = 10.0)]
+    pub header_timeout: f64,
+
     /// Seconds the shards' warmup may take before the group is declared stuck.
     #[arg(long, env, default_value_t = 1800.0)]
     pub warmup_timeout: f64,
@@ -216,7 +225,11 @@ impl Args {
         if self.payload_limit == 0 {
             bail!("`--payload-limit` must be at least 1 byte");
         }
-        for (flag, seconds) in [("--shard-timeout", self.shard_timeout), ("--warmup-timeout", self.warmup_timeout)] {
+        for (flag, seconds) in [
+            ("--shard-timeout", self.shard_timeout),
+            ("--warmup-timeout", self.warmup_timeout),
+            ("--header-timeout", self.header_timeout),
+        ] {
             if !(seconds.is_finite() && seconds > 0.0) {
                 bail!("`{flag}` must be a positive number of seconds, got {seconds}");
             }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use crate::api::generate::Info;
 use crate::client::fake_shard::{FakeShard, FakeShardConfig};
 use crate::http::metrics::prometheus_builder;
-use crate::http::server::{app, serve, AppState, ServerConfig};
+use crate::http::listener::{serve, ConnectionLimits};
+use crate::http::server::{app, AppState, ServerConfig};
 use crate::infer::{Infer, SchedulerConfig};
 use crate::validation::{Validation, ValidationLimits};
 
@@ -118,7 +119,11 @@ async fn the_first_token_is_not_held_back_on_a_kept_alive_connection() {
         .await
         .unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(serve(listener, router, std::future::pending()));
+    let limits = ConnectionLimits {
+        max_connections: 16,
+        header_timeout: std::time::Duration::from_secs(10),
+    };
+    tokio::spawn(serve(listener, router, limits, std::future::pending()));
 
     let prompt = ["the quick brown fox jumps over the lazy dog"; 14].join(" ");
     let runs = 10;

@@ -88,6 +88,14 @@ struct Args {
     /// fails every request and exits, and the launcher stops the group.
     #[arg(long, env, default_value_t = 30.0, value_parser = positive_seconds)]
     shard_timeout: f64,
+    /// Open HTTP connections at most; more are answered 503 and closed (idle keep-alive
+    /// connections count too).
+    #[arg(long, env, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Seconds a client has to send a whole request head (on a new connection, or the
+    /// next request of a kept-alive one) before its connection is closed.
+    #[arg(long, env, default_value_t = 10.0, value_parser = positive_seconds)]
+    header_timeout: f64,
     /// Seconds the shards' warmup may take (the largest prefill, CUDA graphs, the KV
     /// cache's allocation).
     #[arg(long, env, default_value_t = 1800.0, value_parser = positive_seconds)]
@@ -255,6 +263,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.hostname, args.port))?;
     tracing::info!("Listening on {}", listener.local_addr()?);
+    let connection_limits = http::listener::ConnectionLimits {
+        max_connections: args.max_connections as usize,
+        header_timeout: Duration::from_secs_f64(args.header_timeout),
+    }
+    .fit_open_file_limit();
     // A stuck shard group is never served again: fail fast, then exit so that the
     // launcher stops the group and exits non-zero (the orchestrator restarts the pod).
     let stuck = async {
@@ -264,7 +277,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         call
     };
     tokio::select! {
-        served = http::server::serve(listener, app, shutdown_signal()) => served?,
+        served = http::listener::serve(listener, app, connection_limits, shutdown_signal()) => served?,
         call = stuck => anyhow::bail!("stopping: {call}"),
     }
     tracing::info!("Shut down");

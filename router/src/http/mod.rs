@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod generate;
 pub mod info;
+pub mod listener;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;

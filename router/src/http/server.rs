@@ -11,10 +11,8 @@ use axum::http::{header, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::future::Future;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -66,26 +64,6 @@ pub fn app(state: AppState, config: &ServerConfig) -> Router {
         app = app.layer(cors(&config.cors_allow_origin));
     }
     app
-}
-
-/// Serves `app` on `listener` until `shutdown` completes.
-///
-/// Every connection gets TCP_NODELAY: a streamed response is written as small
-/// pieces (the headers, then one event per token), and with Nagle's algorithm
-/// the kernel holds each piece until the client acknowledges the previous one.
-/// Clients that keep their connection alive delay that acknowledgement (up to
-/// 40 ms on Linux), which would hold back the first token by as much.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = listener.tap_io(|stream| {
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::warn!("could not set TCP_NODELAY on a connection: {err}");
-        }
-    });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
