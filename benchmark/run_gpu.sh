@@ -17,7 +17,8 @@
 # step, e.g. greedy,t0.7-p0.9), SHARD_BENCH_ARGS, and STEPS, the parts to run
 # (default "scenario sweep shard"; "sampling" only when named): to stay under a time
 # limit per command, run STEPS=scenario, then STEPS=sweep, then STEPS=shard, then
-# STEPS=sampling; the model and the results of earlier steps stay in /tmp while the
+# STEPS=sampling ("tp-one-gpu": two shards on one GPU against one, greedy; only when
+# named); the model and the results of earlier steps stay in /tmp while the
 # machine does, and every table so far is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -142,9 +143,20 @@ if has_step shard; then
     stop_server
 fi
 
+# Tensor parallelism's sharded loading and layer math on CUDA, on a machine with one GPU:
+# two shards on GPU 0 joined over TCP (the shard's TENSOR_PARALLEL_ON_ONE_GPU) against one
+# shard, greedy; bf16 rounding differs with the split, so leading tokens are compared.
+if has_step tp-one-gpu; then
+    tp_limits=(--dtype "$DTYPE" --max-input-tokens 512 --max-total-tokens 1024 --max-batch-prefill-tokens 1024)
+    run_step tp-one-gpu bash -c "python3 benchmark/greedy_check.py '$MODEL_DIR' '$RESULTS_DIR/tp1.json' -- ${tp_limits[*]} \
+        >'$RESULTS_DIR/tp1.log' 2>&1 && TENSOR_PARALLEL_ON_ONE_GPU=1 python3 benchmark/greedy_check.py '$MODEL_DIR' \
+        '$RESULTS_DIR/tp2.json' --compare '$RESULTS_DIR/tp1.json' -- ${tp_limits[*]} --num-shard 2 \
+        --cuda-memory-fraction 0.4 2>'$RESULTS_DIR/tp2.log'"
+fi
+
 echo
 echo "## Results ($PRESET, $DTYPE, $(head -n 1 "$RESULTS_DIR/gpu.txt"))"
-for table in scenario sweep shard sampling; do
+for table in scenario sweep shard sampling tp-one-gpu; do
     if [ -f "$RESULTS_DIR/$table.md" ]; then echo; echo "### $table"; cat "$RESULTS_DIR/$table.md"; fi
 done
 exit "$status"

@@ -91,6 +91,12 @@ pub struct ShardArgs {
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+    /// Testing: every rank of a tensor-parallel group on GPU 0, joined by the TCP
+    /// communicator (CUDA tensors through host memory) instead of NCCL, and without
+    /// decode CUDA graphs (those collectives cannot be captured). It checks sharded
+    /// loading and layer math on CUDA on a machine with one GPU; far too slow to serve.
+    #[arg(long, env = "TENSOR_PARALLEL_ON_ONE_GPU", hide = true)]
+    pub tensor_parallel_on_one_gpu: bool,
     /// Debugging: the Prefill/Decode calls (1-based, comma-separated) that fail as a
     /// CUDA out-of-memory error would, to test recovery.
     #[arg(long, env = "DEBUG_FAIL_STEPS", value_delimiter = ',', hide = true)]
@@ -161,7 +167,8 @@ pub async fn run(args: ShardArgs) -> Result<()> {
 
 /// Opens the model files, loads the weights and sets up the runner (on the runner thread).
 fn load_runner(args: &ShardArgs) -> Result<Runner> {
-    let device = select_device(args.device, args.rank as usize)?;
+    let one_gpu = args.tensor_parallel_on_one_gpu;
+    let device = select_device(args.device, if one_gpu { 0 } else { args.rank as usize })?;
     let dtype = args.dtype.map(DType::from).unwrap_or(if device.is_cuda() {
         DType::BF16
     } else {
@@ -176,10 +183,16 @@ fn load_runner(args: &ShardArgs) -> Result<Runner> {
         master_port,
         timeout: RENDEZVOUS_TIMEOUT,
     });
+    let communicator = if one_gpu {
+        dist::Transport::Tcp
+    } else {
+        dist::Transport::for_device(&device)
+    };
     let comm = dist::connect(
         args.rank as usize,
         args.world_size as usize,
         rendezvous.as_ref(),
+        communicator,
         &device,
     )?;
     tracing::info!(path = %files.path().display(), ?device, ?dtype, "loading model");
@@ -193,7 +206,11 @@ fn load_runner(args: &ShardArgs) -> Result<Runner> {
         },
         rank: args.rank,
         world_size: args.world_size,
-        cuda_graph_batch_sizes: cuda_graph_batch_sizes(&args.cuda_graphs)?,
+        cuda_graph_batch_sizes: if one_gpu && args.world_size > 1 {
+            vec![]
+        } else {
+            cuda_graph_batch_sizes(&args.cuda_graphs)?
+        },
         debug_fail_steps: args.debug_fail_steps.clone(),
     };
     Runner::new(model, device, &files, config)

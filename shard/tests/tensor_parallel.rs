@@ -92,7 +92,7 @@ fn generate_sharded(path: &Path, world_size: usize, prompt: &[u32]) -> Vec<Gener
                 let rendezvous = rendezvous.clone();
                 scope.spawn(move || {
                     let comm =
-                        dist::connect(rank, world_size, Some(&rendezvous), &Device::Cpu).unwrap();
+                        dist::connect(rank, world_size, Some(&rendezvous), dist::Transport::Tcp, &Device::Cpu).unwrap();
                     let files = ModelFiles::open(path).unwrap();
                     let model = load_model_shard(&files, &Device::Cpu, DType::F32, &comm)
                         .unwrap_or_else(|e| {
@@ -199,7 +199,7 @@ fn load_errors(path: &Path, world_size: usize) -> Vec<String> {
                 let rendezvous = rendezvous.clone();
                 scope.spawn(move || {
                     let comm =
-                        dist::connect(rank, world_size, Some(&rendezvous), &Device::Cpu).unwrap();
+                        dist::connect(rank, world_size, Some(&rendezvous), dist::Transport::Tcp, &Device::Cpu).unwrap();
                     let files = ModelFiles::open(path).unwrap();
                     match load_model_shard(&files, &Device::Cpu, DType::F32, &comm) {
                         Ok(_) => panic!("rank {rank} loaded {}", path.display()),

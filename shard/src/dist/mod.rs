@@ -93,12 +93,33 @@ pub struct Rendezvous {
     pub timeout: Duration,
 }
 
-/// Joins the group of `world_size` ranks as `rank`: nothing to join for one rank, NCCL
-/// for CUDA devices (built with the `nccl` feature), TCP through rank 0 on CPU.
+/// How the ranks of a group exchange tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Through rank 0 over TCP, in host memory (CUDA tensors are copied there and back).
+    Tcp,
+    /// NCCL between the GPUs (a build with the `nccl` feature).
+    Nccl,
+}
+
+impl Transport {
+    /// NCCL for CUDA devices, TCP on CPU.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cuda() {
+            Self::Nccl
+        } else {
+            Self::Tcp
+        }
+    }
+}
+
+/// Joins the group of `world_size` ranks as `rank` over `transport` (nothing to join
+/// for one rank); NCCL's communicator runs on `device`'s stream.
 pub fn connect(
     rank: usize,
     world_size: usize,
     rendezvous: Option<&Rendezvous>,
+    transport: Transport,
     device: &Device,
 ) -> anyhow::Result<Comm> {
     ensure!(
@@ -111,13 +132,16 @@ pub fn connect(
     let rendezvous =
         rendezvous.context("a tensor-parallel group needs MASTER_ADDR and MASTER_PORT")?;
     let group = TcpGroup::connect(rank, world_size, rendezvous)?;
-    if device.is_cuda() {
+    match transport {
+        Transport::Tcp => Ok(Arc::new(group)),
         #[cfg(feature = "nccl")]
-        return Ok(Arc::new(nccl::NcclComm::new(&group, device)?));
+        Transport::Nccl => Ok(Arc::new(nccl::NcclComm::new(&group, device)?)),
         #[cfg(not(feature = "nccl"))]
-        anyhow::bail!("tensor parallelism on CUDA needs a build with the `nccl` feature");
+        Transport::Nccl => {
+            let _ = device;
+            anyhow::bail!("tensor parallelism on CUDA needs a build with the `nccl` feature")
+        }
     }
-    Ok(Arc::new(group))
 }
 
 #[cfg(test)]
@@ -172,10 +196,10 @@ mod tests {
 
     #[test]
     fn one_rank_needs_no_rendezvous() {
-        let comm = connect(0, 1, None, &Device::Cpu).unwrap();
+        let comm = connect(0, 1, None, Transport::Tcp, &Device::Cpu).unwrap();
         assert_eq!((comm.rank(), comm.world_size()), (0, 1));
-        assert!(connect(2, 2, None, &Device::Cpu).is_err());
-        let err = connect(0, 2, None, &Device::Cpu).err().unwrap().to_string();
+        assert!(connect(2, 2, None, Transport::Tcp, &Device::Cpu).is_err());
+        let err = connect(0, 2, None, Transport::Tcp, &Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("MASTER_ADDR"), "{err}");
     }
 }
