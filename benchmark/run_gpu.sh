@@ -149,7 +149,7 @@ fi
 if has_step tp-one-gpu; then
     tp_limits=(--dtype "$DTYPE" --max-input-tokens 512 --max-total-tokens 1024 --max-batch-prefill-tokens 1024)
     run_step tp-one-gpu bash -c "python3 benchmark/greedy_check.py '$MODEL_DIR' '$RESULTS_DIR/tp1.json' -- ${tp_limits[*]} \
-        >'$RESULTS_DIR/tp1.log' 2>&1 && TENSOR_PARALLEL_ON_ONE_GPU=1 python3 benchmark/greedy_check.py '$MODEL_DIR' \
+        >'$RESULTS_DIR/tp1.log' 2>&1 && TENSOR_PARALLEL_ON_ONE_GPU=true python3 benchmark/greedy_check.py '$MODEL_DIR' \
         '$RESULTS_DIR/tp2.json' --compare '$RESULTS_DIR/tp1.json' -- ${tp_limits[*]} --num-shard 2 \
         --cuda-memory-fraction 0.4 2>'$RESULTS_DIR/tp2.log'"
 fi
