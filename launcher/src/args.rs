@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Parser, ValueEnum};
+use model_store::quantization::QuantizeArg;
 
 /// Longest default context: TGI's default cap on `--max-total-tokens`.
 const DEFAULT_MAX_TOTAL_TOKENS: usize = 4096;
@@ -33,10 +34,12 @@ pub struct Args {
     #[arg(long, env)]
     pub num_shard: Option<usize>,
 
-    /// On-the-fly weight quantization. Not supported: weights are served as stored;
-    /// serve a quantized GGUF file instead.
-    #[arg(long, env)]
-    pub quantize: Option<String>,
+    /// Weight quantization (TGI's values): the checkpoint's own format (awq, gptq,
+    /// marlin, fp8; detected from config.json's quantization_config without the flag),
+    /// or a bf16/f16 checkpoint quantized at load (fp8, bitsandbytes-nf4,
+    /// bitsandbytes-fp4, bitsandbytes for int8).
+    #[arg(long, env, value_enum)]
+    pub quantize: Option<QuantizeArg>,
 
     /// Data type of the weights and activations (the shard's default when absent).
     #[arg(long, env, value_enum)]
@@ -196,12 +199,6 @@ pub struct TokenLimits {
 impl Args {
     /// Checks that need nothing but the flags.
     pub fn validate(&self) -> Result<()> {
-        if let Some(method) = &self.quantize {
-            bail!(
-                "`--quantize {method}` is not supported: the shards serve weights as stored. \
-                 Serve a quantized GGUF file (e.g. `--model-id model.Q4_K_M.gguf`) instead"
-            );
-        }
         if self.max_concurrent_requests == 0 {
             bail!("`--max-concurrent-requests` must be at least 1");
         }
@@ -409,7 +406,6 @@ mod tests {
     #[test]
     fn unsupported_values_are_refused() {
         let err = |flags: &[&str]| parse(flags).validate().unwrap_err().to_string();
-        assert!(err(&["--quantize", "gptq"]).contains("`--quantize gptq` is not supported"));
         assert!(err(&["--cuda-memory-fraction", "0"]).contains("--cuda-memory-fraction"));
         assert!(err(&["--num-threads", "0"]).contains("`--num-threads` must be at least 1"));
         assert!(err(&["--max-concurrent-requests", "0"]).contains("--max-concurrent-requests"));
@@ -421,6 +417,9 @@ mod tests {
         assert!(parse(&["--cuda-graphs", "0"]).validate().is_ok());
         assert_eq!(parse(&["--cuda-graphs", "1,4"]).cuda_graphs, Some(vec![1, 4]));
         assert!(Args::try_parse_from(["launcher", "--dtype", "int3"]).is_err());
+        let unknown = Args::try_parse_from(["launcher", "--quantize", "eetq"]).unwrap_err().to_string();
+        assert!(unknown.contains("--quantize") && unknown.contains("bitsandbytes-nf4"), "{unknown}");
+        assert_eq!(parse(&["--quantize", "bitsandbytes-nf4"]).quantize, Some(QuantizeArg::BitsandbytesNf4));
         assert_eq!(flag_value(&Dtype::Bfloat16), "bfloat16");
     }
 

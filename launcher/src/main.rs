@@ -66,7 +66,10 @@ async fn run(args: Args) -> Result<()> {
     let files = ModelFiles::open(&model_path)
         .with_context(|| format!("`--model-id` {}: not a servable model", args.model_id))?;
     let limits = args.token_limits(files.max_position_embeddings()?)?;
+    // The shards check it too; here the error comes before anything starts.
+    let quantization = files.quantization(args.quantize)?;
     tracing::info!(
+        quantization = %quantization.map_or_else(|| "none".to_string(), |q| q.to_string()),
         num_shard,
         limits.max_input_tokens,
         limits.max_total_tokens,
@@ -277,6 +280,9 @@ fn shard_spec(args: &Args, rank: usize, num_shard: usize, model_path: &Path, pro
     if let Some(device) = &args.device {
         flags.extend(["--device".into(), flag_value(device)]);
     }
+    if let Some(quantize) = &args.quantize {
+        flags.extend(["--quantize".into(), flag_value(quantize)]);
+    }
     if let Some(sizes) = &args.cuda_graphs {
         let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
         flags.extend(["--cuda-graphs".into(), sizes.join(",")]);
@@ -402,7 +408,7 @@ mod tests {
 
     #[test]
     fn shard_gets_its_rank_and_passthrough_flags() {
-        let args = args(&["--dtype", "bfloat16", "--shard-uds-path", "/tmp/x", "--master-port", "1234", "--num-threads", "3"]);
+        let args = args(&["--dtype", "bfloat16", "--shard-uds-path", "/tmp/x", "--master-port", "1234", "--num-threads", "3", "--quantize", "bitsandbytes-fp4"]);
         let spec = shard_spec(&args, 1, 2, Path::new("/m.gguf"), Path::new("/bin/shard"));
         assert_eq!(flag(&spec, "--num-threads"), Some("3"));
         let default_threads = shard_spec(&self::args(&[]), 0, 1, Path::new("/m.gguf"), Path::new("/bin/shard"));
@@ -412,6 +418,7 @@ mod tests {
         assert_eq!(flag(&spec, "--uds-path"), Some("/tmp/x"));
         assert_eq!(flag(&spec, "--dtype"), Some("bfloat16"));
         assert_eq!(flag(&spec, "--device"), None);
+        assert_eq!(flag(&spec, "--quantize"), Some("bitsandbytes-fp4"));
         assert!(spec.envs.contains(&("RANK".into(), "1".into())));
         assert!(spec.envs.contains(&("WORLD_SIZE".into(), "2".into())));
         assert!(spec.envs.contains(&("MASTER_PORT".into(), "1234".into())));

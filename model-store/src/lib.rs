@@ -4,6 +4,8 @@
 //! chat template. Downloading from the Hub happens before this (in the launcher);
 //! everything here reads local files only.
 
+pub mod quantization;
+
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
@@ -99,6 +101,23 @@ impl ModelFiles {
             .with_context(|| format!("opening {}", self.path.display()))?;
         gguf_file::Content::read(&mut file)
             .map_err(|e| anyhow::anyhow!("reading GGUF {}: {e}", self.path.display()))
+    }
+
+    /// The linear weights' format served with `--quantize` `flag`: the checkpoint's own
+    /// (config.json's quantization_config, which the flag must agree with), or dense
+    /// weights quantized at load; None for weights served as stored.
+    pub fn quantization(
+        &self,
+        flag: Option<quantization::QuantizeArg>,
+    ) -> Result<Option<quantization::Quantization>> {
+        match (&self.layout, flag) {
+            (Layout::HuggingFace, flag) => quantization::resolve(&self.config_json()?, flag),
+            (Layout::Gguf, None) => Ok(None),
+            (Layout::Gguf, Some(flag)) => bail!(
+                "`--quantize {flag}` applies to safetensors checkpoints: a GGUF file is served in \
+                 the formats its tensors are stored in; leave --quantize out"
+            ),
+        }
     }
 
     /// config.json as JSON (HF layout only).

@@ -9,7 +9,9 @@ tokenizer.json, tokenizer_config.json, generation_config.json) and expected.safe
 reference (llama_ref.py). OUTDIR/llama3_gguf/ holds the Llama 3 one converted to GGUF
 as llama.cpp does (f32 tensors, Q/K rows permuted, llama3 scaling as rope_freqs), with
 its expected logits read back through the reference's GGUF loader. With --gguf, OUTDIR/smollm2/expected.safetensors holds the
-reference logits of a short prompt on the GGUF's dequantized weights.
+reference logits of a short prompt on the GGUF's dequantized weights. The quantized
+checkpoints of make_quantized.py (AWQ, GPTQ, FP8, and a bf16 one for --quantize at load)
+go into OUTDIR too.
 
 Then run: SHARD_FIXTURES=OUTDIR SHARD_GGUF=<gguf path> cargo test --release -p text-generation-shard --test model_reference
 
@@ -297,6 +299,9 @@ def main():
     for seed, (name, overrides) in enumerate(MODELS.items()):
         write_tiny_model(args.out_dir, name, overrides, seed, sharded=name in SHARDED)
         print(f"wrote {os.path.join(args.out_dir, name)}")
+    import make_quantized  # here: it imports this module's helpers
+
+    make_quantized.write_all(args.out_dir)
     write_gguf_model(args.out_dir, "llama3_gqa_tied", "llama3_gguf")
     print(f"wrote {os.path.join(args.out_dir, 'llama3_gguf')}")
     gguf_path = args.gguf or os.path.normpath(default_gguf)

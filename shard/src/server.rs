@@ -9,6 +9,7 @@ use crate::runner::{Runner, RunnerConfig, DEFAULT_CUDA_GRAPH_BATCH_SIZES};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
+use model_store::quantization::QuantizeArg;
 use model_store::ModelFiles;
 use proto::v3::text_generation_service_server::{
     TextGenerationService, TextGenerationServiceServer,
@@ -66,6 +67,11 @@ pub struct ShardArgs {
     /// Activation and KV cache dtype; bfloat16 on CUDA and float32 on CPU by default.
     #[arg(long, env = "DTYPE", value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// Weight quantization (TGI's values): the checkpoint's own format (awq, gptq,
+    /// marlin, fp8: checked against config.json's quantization_config), or dense weights
+    /// quantized at load (fp8, bitsandbytes-nf4, bitsandbytes-fp4, bitsandbytes).
+    #[arg(long, env = "QUANTIZE", value_enum)]
+    pub quantize: Option<QuantizeArg>,
     /// cuda when built with CUDA and a GPU is present, else cpu.
     #[arg(long, env = "DEVICE", value_enum)]
     pub device: Option<DeviceArg>,
@@ -196,7 +202,7 @@ fn load_runner(args: &ShardArgs) -> Result<Runner> {
         &device,
     )?;
     tracing::info!(path = %files.path().display(), ?device, ?dtype, "loading model");
-    let model = load_model_shard(&files, &device, dtype, &comm)
+    let model = load_model_shard(&files, &device, dtype, args.quantize, &comm)
         .with_context(|| format!("loading model {}", files.path().display()))?;
     let config = RunnerConfig {
         block_size: args.block_size,

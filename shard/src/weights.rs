@@ -2,12 +2,14 @@
 //! by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`) whatever the
 //! file format. Safetensors are memory-mapped (single file or sharded through
 //! `model.safetensors.index.json`); GGUF names are translated (`blk.0.attn_q.weight`)
-//! and quantized matrices stay quantized behind `QMatMul`.
+//! and quantized matrices stay quantized behind `QMatMul`. Packed formats (AWQ, GPTQ,
+//! FP8) are read as stored (`stored_part`) for the linear layers to decode.
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+use model_store::quantization::Quantization;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,8 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// The linear layers' format; None for dense (or GGUF) weights.
+    quantization: Option<Arc<Quantization>>,
 }
 
 impl Weights {
@@ -68,7 +72,20 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            quantization: None,
         }
+    }
+
+    /// The same checkpoint, its linear layers read as `quantization` says.
+    pub fn with_quantization(self, quantization: Option<Quantization>) -> Self {
+        Self {
+            quantization: quantization.map(Arc::new),
+            ..self
+        }
+    }
+
+    pub fn quantization(&self) -> Option<&Quantization> {
+        self.quantization.as_deref()
     }
 
     /// The same checkpoint with `name` appended to the prefix (`pp("model").pp("layers")`).
@@ -104,7 +121,8 @@ impl Weights {
         }
     }
 
-    fn full_name(&self, name: &str) -> String {
+    /// `name` under the prefix, as error messages name tensors.
+    pub fn full_name(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_string()
         } else {
@@ -177,6 +195,30 @@ impl Weights {
             }
         };
         tensor.to_dtype(self.dtype)
+    }
+
+    /// `part` of the tensor `name` of shape `dims`, in its stored dtype (packed int32,
+    /// FP8, f16 scales) on the CPU, for the formats the shard decodes itself.
+    pub fn stored_part(&self, name: &str, dims: &[usize], part: Option<&Part>) -> Result<Tensor> {
+        let Checkpoint::Safetensors(st) = &*self.checkpoint else {
+            bail!("{}: packed weights are read from safetensors checkpoints", self.full_name(name))
+        };
+        let view = st.get(&self.file_name(name)?)?;
+        self.check_shape(name, &Shape::from(view.shape()), &Shape::from(dims))?;
+        let dtype = DType::try_from(view.dtype())?;
+        let (bytes, dims) = match part {
+            None => (view.data().to_vec(), dims.to_vec()),
+            Some(part) => part.of_bytes(name, view.data(), dims, 1, dtype.size_in_bytes())?,
+        };
+        Tensor::from_raw_buffer(&bytes, dtype, &dims, &Device::Cpu)
+    }
+
+    /// The dims of the stored tensor `name`.
+    pub fn stored_dims(&self, name: &str) -> Result<Vec<usize>> {
+        match &*self.checkpoint {
+            Checkpoint::Safetensors(st) => Ok(st.get(&self.file_name(name)?)?.shape().to_vec()),
+            Checkpoint::Gguf { .. } => Ok(self.qtensor(name)?.shape().dims().to_vec()),
+        }
     }
 
     /// The weight of a linear layer, `[out, in]`: quantized GGUF tensors stay quantized.

@@ -11,7 +11,10 @@ use model_store::ModelFiles;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use text_generation_shard::cache::KvCache;
-use text_generation_shard::models::{load_model, ForwardBatch, Model, SequenceInput};
+use model_store::quantization::QuantizeArg;
+use std::sync::Arc;
+use text_generation_shard::dist::{Comm, SingleRank};
+use text_generation_shard::models::{load_model_shard, ForwardBatch, Model, SequenceInput};
 
 /// HF-layout models, and `llama3_gguf`: the Llama 3 one converted to GGUF (f32) as llama.cpp does.
 const TINY_MODELS: &[&str] = &[
@@ -38,15 +41,39 @@ fn fixtures_dir() -> PathBuf {
     dir
 }
 
+/// Quantized checkpoints of shard/reference/make_quantized.py (written by make_fixtures.py).
+const QUANTIZED_MODELS: &[(&str, &str)] = &[
+    ("awq_g64", "awq:4bit-g64"),
+    ("awq_g128_qwen2", "awq:4bit-g128"),
+    ("gptq_4bit_g32_act_order_asym", "gptq:4bit-g32-act-order-asym"),
+    ("gptq_4bit_g128_sym", "gptq:4bit-g128-sym"),
+    ("gptq_8bit_g64_act_order_sym", "gptq:8bit-g64-act-order-sym"),
+    ("gptq_4bit_per_column_v2", "gptq:4bit-g-1-asym"),
+    ("fp8_channel", "fp8:compressed-tensors"),
+    ("fp8_tensor", "fp8:compressed-tensors"),
+    ("fbgemm_fp8", "fp8:fbgemm"),
+];
+
+/// `--quantize` values applied at load to the bf16 `dense_bf16`, and the spec's name.
+const AT_LOAD: &[(QuantizeArg, &str)] = &[
+    (QuantizeArg::Fp8, "fp8:at-load"),
+    (QuantizeArg::BitsandbytesNf4, "bitsandbytes-nf4"),
+    (QuantizeArg::BitsandbytesFp4, "bitsandbytes-fp4"),
+    (QuantizeArg::Bitsandbytes, "bitsandbytes"),
+];
+
 /// The reference's sequences and logits: `(token ids, [len, vocab] logits)`.
 fn expected(model_dir: &std::path::Path) -> Vec<(Vec<u32>, Tensor)> {
-    let file = model_dir.join("expected.safetensors");
+    expected_in(&model_dir.join("expected.safetensors"))
+}
+
+fn expected_in(file: &std::path::Path) -> Vec<(Vec<u32>, Tensor)> {
     assert!(
         file.is_file(),
         "{} missing: regenerate the fixtures with shard/reference/make_fixtures.py",
         file.display()
     );
-    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&file, &Device::Cpu)
+    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(file, &Device::Cpu)
         .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
     (0..)
         .map_while(|i| {
@@ -70,8 +97,17 @@ fn load(path: &std::path::Path) -> (Box<dyn Model>, KvCache) {
 }
 
 fn load_as(path: &std::path::Path, dtype: DType) -> (Box<dyn Model>, KvCache) {
+    load_quantized(path, dtype, None)
+}
+
+fn load_quantized(
+    path: &std::path::Path,
+    dtype: DType,
+    quantize: Option<QuantizeArg>,
+) -> (Box<dyn Model>, KvCache) {
     let files = ModelFiles::open(path).unwrap();
-    let model = load_model(&files, &Device::Cpu, dtype)
+    let comm: Comm = Arc::new(SingleRank);
+    let model = load_model_shard(&files, &Device::Cpu, dtype, quantize, &comm)
         .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
     let cache = KvCache::new(model.spec(), NUM_BLOCKS, BLOCK_SIZE, &Device::Cpu).unwrap();
     (model, cache)
@@ -196,11 +232,53 @@ fn tiny_models_match_the_numpy_reference() {
     }
 }
 
+/// Every quantized format on the CPU: the weights dequantized exactly, so the logits are
+/// the reference's over the weights the packed tensors stand for.
+#[test]
+fn quantized_checkpoints_match_the_numpy_reference() {
+    let dir = fixtures_dir();
+    for (name, format) in QUANTIZED_MODELS {
+        let model_dir = dir.join(name);
+        let (model, mut cache) = load(&model_dir);
+        assert_eq!(model.spec().quantization, *format, "{name}");
+        for (i, (ids, reference)) in expected(&model_dir).into_iter().enumerate() {
+            let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
+            step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+            let err = max_relative_error(&all_logits(&seq[0]), &reference);
+            assert!(err < 1e-3, "{name} sequence {i}: relative error {err}");
+        }
+    }
+}
+
+/// A bf16 checkpoint quantized at load by each `--quantize` that does so: the
+/// reference quantizes it the same way.
+#[test]
+fn checkpoints_quantized_at_load_match_the_numpy_reference() {
+    let model_dir = fixtures_dir().join("dense_bf16");
+    for (flag, format) in AT_LOAD {
+        let (model, mut cache) = load_quantized(&model_dir, DType::F32, Some(*flag));
+        assert_eq!(model.spec().quantization, *format);
+        let file = model_dir.join(format!("expected.{flag}.safetensors"));
+        for (i, (ids, reference)) in expected_in(&file).into_iter().enumerate() {
+            let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
+            step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+            let err = max_relative_error(&all_logits(&seq[0]), &reference);
+            assert!(err < 1e-3, "--quantize {flag} sequence {i}: relative error {err}");
+        }
+    }
+    // Served as stored, the bf16 weights are not the quantized reference's.
+    let (model, mut cache) = load(&model_dir);
+    let (ids, nf4) = expected_in(&model_dir.join("expected.bitsandbytes-nf4.safetensors")).remove(0);
+    let mut seq = [PagedSequence::new(ids.clone(), ids.len(), 0, 1)];
+    step(model.as_ref(), &mut cache, &mut seq, |s| s.tokens.len());
+    assert!(max_relative_error(&all_logits(&seq[0]), &nf4) > 1e-2);
+}
+
 /// bf16 activations and KV cache (as on GPUs): close to the reference, f32 logits out.
 #[test]
 fn tiny_models_run_in_bf16() {
     let dir = fixtures_dir();
-    for name in ["llama3_gqa_tied", "qwen2_bias", "llama3_gguf"] {
+    for name in ["llama3_gqa_tied", "qwen2_bias", "llama3_gguf", "awq_g64", "fp8_channel"] {
         let model_dir = dir.join(name);
         let (model, mut cache) = load_as(&model_dir, DType::BF16);
         for (i, (ids, reference)) in expected(&model_dir).into_iter().enumerate() {
@@ -221,7 +299,12 @@ fn tiny_models_run_in_bf16() {
 #[test]
 fn ragged_batches_with_cached_prefixes_and_decode_match_single_sequences() {
     let dir = fixtures_dir();
-    for name in ["llama3_gqa_tied", "mistral_window"] {
+    for name in [
+        "llama3_gqa_tied",
+        "mistral_window",
+        "awq_g64",
+        "gptq_4bit_g32_act_order_asym",
+    ] {
         let model_dir = dir.join(name);
         let (model, mut cache) = load(&model_dir);
         let expected = expected(&model_dir);

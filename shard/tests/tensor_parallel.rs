@@ -9,6 +9,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use model_store::quantization::QuantizeArg;
 use model_store::ModelFiles;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -80,7 +81,12 @@ fn free_port() -> u16 {
 }
 
 /// Runs `generate` on every rank of a group of `world_size` threads; results in rank order.
-fn generate_sharded(path: &Path, world_size: usize, prompt: &[u32]) -> Vec<Generation> {
+fn generate_sharded(
+    path: &Path,
+    world_size: usize,
+    quantize: Option<QuantizeArg>,
+    prompt: &[u32],
+) -> Vec<Generation> {
     let rendezvous = Rendezvous {
         master_addr: "127.0.0.1".into(),
         master_port: free_port(),
@@ -94,7 +100,7 @@ fn generate_sharded(path: &Path, world_size: usize, prompt: &[u32]) -> Vec<Gener
                     let comm =
                         dist::connect(rank, world_size, Some(&rendezvous), dist::Transport::Tcp, &Device::Cpu).unwrap();
                     let files = ModelFiles::open(path).unwrap();
-                    let model = load_model_shard(&files, &Device::Cpu, DType::F32, &comm)
+                    let model = load_model_shard(&files, &Device::Cpu, DType::F32, quantize, &comm)
                         .unwrap_or_else(|e| {
                             panic!("rank {rank} loading {}: {e:#}", path.display())
                         });
@@ -120,8 +126,18 @@ fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
 
 /// The group's ranks agree bit for bit, and with one rank up to summation order.
 fn assert_matches_one_rank(path: &Path, world_size: usize, prompt: &[u32], tolerance: f32) {
-    let single = generate_sharded(path, 1, prompt).remove(0);
-    let ranks = generate_sharded(path, world_size, prompt);
+    assert_quantized_matches_one_rank(path, None, world_size, prompt, tolerance)
+}
+
+fn assert_quantized_matches_one_rank(
+    path: &Path,
+    quantize: Option<QuantizeArg>,
+    world_size: usize,
+    prompt: &[u32],
+    tolerance: f32,
+) {
+    let single = generate_sharded(path, 1, quantize, prompt).remove(0);
+    let ranks = generate_sharded(path, world_size, quantize, prompt);
     let name = path.display();
     for (rank, generation) in ranks.iter().enumerate() {
         // Step by step: logits first, so a failure says how far they were apart.
@@ -171,6 +187,29 @@ fn tiny_models_on_two_ranks_match_one_rank() {
     }
 }
 
+/// Quantized weights split along whole packed words and groups: AWQ with a group
+/// wider than a rank's inputs (o_proj), act-order GPTQ (each rank's rows read the groups
+/// their g_idx names), 8-bit GPTQ, FP8 per-channel scales, and NF4 blocks quantized whole
+/// at load then cut.
+#[test]
+fn quantized_models_on_two_ranks_match_one_rank() {
+    for name in [
+        "awq_g128_qwen2",
+        "gptq_4bit_g32_act_order_asym",
+        "gptq_8bit_g64_act_order_sym",
+        "fp8_channel",
+    ] {
+        assert_matches_one_rank(&fixture(name), 2, TINY_PROMPT, 1e-4);
+    }
+    assert_quantized_matches_one_rank(
+        &fixture("dense_bf16"),
+        Some(QuantizeArg::BitsandbytesNf4),
+        2,
+        TINY_PROMPT,
+        1e-4,
+    );
+}
+
 /// Four ranks over two KV heads: each KV head lives on two ranks.
 #[test]
 fn kv_heads_are_replicated_when_fewer_than_ranks() {
@@ -201,7 +240,7 @@ fn load_errors(path: &Path, world_size: usize) -> Vec<String> {
                     let comm =
                         dist::connect(rank, world_size, Some(&rendezvous), dist::Transport::Tcp, &Device::Cpu).unwrap();
                     let files = ModelFiles::open(path).unwrap();
-                    match load_model_shard(&files, &Device::Cpu, DType::F32, &comm) {
+                    match load_model_shard(&files, &Device::Cpu, DType::F32, None, &comm) {
                         Ok(_) => panic!("rank {rank} loaded {}", path.display()),
                         Err(e) => format!("{e:#}"),
                     }

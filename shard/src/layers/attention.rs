@@ -580,13 +580,13 @@ impl Attention {
                 .transpose()
         };
         // Each rank fuses its own share of the heads: on CUDA for the kernels that read
-        // strided rows, for GGUF weights on CPU to run one parallel product, not three.
+        // strided rows, for quantized weights on CPU to run one parallel product, not three.
         Ok(Self {
             qkv_proj: QkvProj::new(
                 column("q_proj", q_dim, &shares.heads)?,
                 column("k_proj", kv_dim, &shares.kv_heads)?,
                 column("v_proj", kv_dim, &shares.kv_heads)?,
-                w.device().is_cuda() || w.is_gguf(),
+                w.device().is_cuda() || w.is_gguf() || w.quantization().is_some(),
             )?,
             o_proj: RowParallelLinear::load(&w.pp("o_proj"), q_dim, cfg.hidden_size, comm)?,
             q_norm: qk_norm("q_norm")?,

@@ -3,16 +3,14 @@
 //! On a CUDA device with dense bf16/f16 weights, gate and up are one `[2 * intermediate, hidden]`
 //! projection whose output the fused `silu_mul` kernel reads in one pass (one GEMM and
 //! one kernel instead of two GEMMs and three elementwise ops); a single row (decode at
-//! batch 1) gets the activation inside the GEMV. Quantized weights on CPU are one
-//! projection too (one parallel product instead of two).
+//! batch 1) gets the activation inside the GEMV (quantized formats too: they are
+//! dequantized at load). Quantized weights on CPU are one projection too (one parallel
+//! product instead of two).
 
 use super::linear::{Linear, RowParallelLinear};
-#[cfg(feature = "cuda")]
 use super::uses_cuda_kernels;
 use crate::dist::{even_split, Comm};
-use crate::weights::{Part, Weights};
-#[cfg(feature = "cuda")]
-use candle_core::quantized::QMatMul;
+use crate::weights::Weights;
 use candle_core::{Result, Tensor, D};
 
 enum GateUp {
@@ -38,38 +36,25 @@ impl Mlp {
         intermediate_size: usize,
         comm: &Comm,
     ) -> Result<Self> {
-        let shape = (intermediate_size, hidden_size);
-        let part = even_split(&**comm, intermediate_size, "the MLP's intermediate size")?
-            .map(|range| Part { dim: 0, range });
-        let gate = w
-            .pp("gate_proj")
-            .matmul_weight_part("weight", shape, part.as_ref())?;
-        let up = w
-            .pp("up_proj")
-            .matmul_weight_part("weight", shape, part.as_ref())?;
-        let gate_up = match (gate, up) {
-            // The kernel reads rows in 16-byte vectors: 8 half-precision elements.
-            #[cfg(feature = "cuda")]
-            (QMatMul::Tensor(gate), QMatMul::Tensor(up))
-                if uses_cuda_kernels(gate.device(), w.dtype()) && gate.dim(0)? % 8 == 0 =>
-            {
-                let fused = Tensor::cat(&[&gate, &up], 0)?;
-                GateUp::Fused(Linear::new(QMatMul::Tensor(fused), None)?)
-            }
-            (gate, up) => {
-                let parts = [Linear::new(gate, None)?, Linear::new(up, None)?];
-                let fused = if w.device().is_cpu() && w.is_gguf() {
-                    Linear::concat_outputs(&parts)?
-                } else {
-                    None
-                };
-                match fused {
-                    Some(fused) => GateUp::Fused(fused),
-                    None => {
-                        let [gate, up] = parts;
-                        GateUp::Split { gate, up }
-                    }
-                }
+        let part = even_split(&**comm, intermediate_size, "the MLP's intermediate size")?;
+        let column = |name: &str| {
+            Linear::load_column_parallel(&w.pp(name), hidden_size, intermediate_size, false, part.clone())
+        };
+        let parts = [column("gate_proj")?, column("up_proj")?];
+        // CUDA kernels read rows in 16-byte vectors: 8 half-precision elements. On the
+        // CPU, quantized weights make one parallel product instead of two.
+        let fuse = (uses_cuda_kernels(w.device(), w.dtype()) && parts[0].out_dim() % 8 == 0)
+            || (w.device().is_cpu() && (w.is_gguf() || w.quantization().is_some()));
+        let fused = if fuse {
+            Linear::concat_outputs(&parts)?
+        } else {
+            None
+        };
+        let gate_up = match fused {
+            Some(fused) => GateUp::Fused(fused),
+            None => {
+                let [gate, up] = parts;
+                GateUp::Split { gate, up }
             }
         };
         Ok(Self {

@@ -367,7 +367,9 @@ impl Llama {
             dtype,
             quantization: match weights.gguf_dtype("model.layers.0.self_attn.q_proj.weight") {
                 Some(q) => format!("gguf:{q}"),
-                None => "none".to_string(),
+                None => weights
+                    .quantization()
+                    .map_or_else(|| "none".to_string(), ToString::to_string),
             },
         };
         Ok(Self {

@@ -11,6 +11,7 @@ use crate::dist::{Comm, SingleRank};
 use crate::weights::Weights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
+use model_store::quantization::QuantizeArg;
 use model_store::{Layout, ModelFiles};
 use std::sync::Arc;
 
@@ -19,20 +20,22 @@ const HF_LLAMA_FAMILY: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 /// GGUF `general.architecture`s served by `llama::Llama`.
 const GGUF_LLAMA_FAMILY: &[&str] = &["llama", "qwen2", "qwen3"];
 
-/// Loads the model at `files` onto `device`, computing in `dtype`.
+/// Loads the model at `files` onto `device`, computing in `dtype`, its weights as stored.
 pub fn load_model(
     files: &ModelFiles,
     device: &Device,
     dtype: DType,
 ) -> anyhow::Result<Box<dyn Model>> {
-    load_model_shard(files, device, dtype, &(Arc::new(SingleRank) as Comm))
+    load_model_shard(files, device, dtype, None, &(Arc::new(SingleRank) as Comm))
 }
 
-/// Loads this rank's share of the model (tensor parallelism over `comm`'s group).
+/// Loads this rank's share of the model (tensor parallelism over `comm`'s group);
+/// `quantize` is `--quantize` (checked against the checkpoint's own format).
 pub fn load_model_shard(
     files: &ModelFiles,
     device: &Device,
     dtype: DType,
+    quantize: Option<QuantizeArg>,
     comm: &Comm,
 ) -> anyhow::Result<Box<dyn Model>> {
     match files.layout() {
@@ -47,11 +50,14 @@ pub fn load_model_shard(
                     HF_LLAMA_FAMILY.join(", ")
                 )
             }
+            let quantization = files.quantization(quantize)?;
             let config = llama::LlamaConfig::from_json(&config)?;
-            let weights = Weights::from_safetensors_dir(files.path(), dtype, device)?;
+            let weights = Weights::from_safetensors_dir(files.path(), dtype, device)?
+                .with_quantization(quantization);
             Ok(Box::new(llama::Llama::from_hf(config, &weights, comm)?))
         }
         Layout::Gguf => {
+            files.quantization(quantize)?;
             let content = files.gguf_content()?;
             let arch = content
                 .metadata
@@ -94,7 +100,7 @@ pub struct ModelSpec {
     pub sliding_window: Option<usize>,
     /// Activations and KV cache dtype.
     pub dtype: DType,
-    /// "none", or e.g. "gguf:Q4_1".
+    /// "none", or e.g. "gguf:Q4_1", "awq:4bit-g128" (`Quantization`'s display).
     pub quantization: String,
 }
 

@@ -1,8 +1,15 @@
-//! A linear layer over dense or quantized (GGUF) weights, with an optional bias, and its
-//! tensor-parallel forms: column-parallel (a share of the outputs) and row-parallel
-//! (a share of the inputs, summed over the group).
+//! A linear layer over dense or quantized weights (GGUF blocks, AWQ, GPTQ, FP8,
+//! bitsandbytes), with an optional bias, and its tensor-parallel forms: column-parallel
+//! (a share of the outputs) and row-parallel (a share of the inputs, summed over the
+//! group). `factory` reads each layer in the checkpoint's format; one module per format.
 
+mod awq;
+mod bnb;
 mod cpu_quant;
+mod factory;
+mod fp8;
+mod gptq;
+mod groups;
 
 use crate::dist::{even_split, Comm};
 use crate::weights::{Part, Weights};
@@ -17,8 +24,15 @@ enum Weight {
     Candle(QMatMul),
     /// Quantized on CPU: our batch-invariant kernels over the GGUF blocks.
     CpuQuant(CpuQuantWeight),
-    /// Quantized on CPU in a format those kernels lack: dequantized to f32 once, at load.
+    /// Quantized on CPU in a format those kernels lack (GGUF ones, AWQ, GPTQ, FP8,
+    /// bitsandbytes): dequantized to f32 once, at load.
     Dequantized(Tensor),
+}
+
+/// A quantized format's weights of one layer (a rank's share), as loaded.
+trait QuantizedWeight {
+    /// `[out, in]` f32 on the CPU: exactly the values its codes and scales stand for.
+    fn dequantize(&self) -> Result<Tensor>;
 }
 
 impl Weight {
@@ -55,7 +69,7 @@ impl Linear {
         })
     }
 
-    /// `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    /// `{prefix}.weight`, or the tensors of its quantized format (and `{prefix}.bias` when `bias`).
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         Self::load_column_parallel(w, in_dim, out_dim, bias, None)
     }
@@ -70,25 +84,30 @@ impl Linear {
         outputs: Option<Range<usize>>,
     ) -> Result<Self> {
         let part = outputs.map(|range| Part { dim: 0, range });
-        let weight = w.matmul_weight_part("weight", (out_dim, in_dim), part.as_ref())?;
+        let weight = factory::load(w, (out_dim, in_dim), part.as_ref())?;
         let bias = if bias {
             Some(w.tensor_part("bias", out_dim, part.as_ref())?)
         } else {
             None
         };
-        Self::new(weight, bias)
+        Ok(Self { weight, bias })
     }
 
     /// One layer whose outputs are those of `parts` side by side (weight rows and biases
     /// concatenated), so that one product replaces several; None unless the weights are
-    /// all dense, or all CPU blocks of one format (other quantized weights are kept as
-    /// loaded).
+    /// all dense, all dequantized on the CPU, or all CPU blocks of one format (other
+    /// quantized weights are kept as loaded).
     pub fn concat_outputs(parts: &[Linear]) -> Result<Option<Self>> {
         let weight = if let Some(dense) = weights_of(parts, |w| match w {
             Weight::Candle(QMatMul::Tensor(w)) => Some(w),
             _ => None,
         }) {
             Weight::Candle(QMatMul::Tensor(Tensor::cat(&dense, 0)?))
+        } else if let Some(dequantized) = weights_of(parts, |w| match w {
+            Weight::Dequantized(w) => Some(w),
+            _ => None,
+        }) {
+            Weight::Dequantized(Tensor::cat(&dequantized, 0)?)
         } else if let Some(blocks) = weights_of(parts, |w| match w {
             Weight::CpuQuant(w) => Some(w),
             _ => None,
@@ -185,7 +204,7 @@ pub struct RowParallelLinear {
 }
 
 impl RowParallelLinear {
-    /// `{prefix}.weight` of `[out_dim, in_dim]`, this rank's columns.
+    /// The `[out_dim, in_dim]` layer at `w`, this rank's columns.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, comm: &Comm) -> Result<Self> {
         let part = even_split(
             &**comm,
@@ -193,9 +212,11 @@ impl RowParallelLinear {
             "the input features of a row-parallel layer",
         )?
         .map(|range| Part { dim: 1, range });
-        let weight = w.matmul_weight_part("weight", (out_dim, in_dim), part.as_ref())?;
         Ok(Self {
-            linear: Linear::new(weight, None)?,
+            linear: Linear {
+                weight: factory::load(w, (out_dim, in_dim), part.as_ref())?,
+                bias: None,
+            },
             comm: comm.clone(),
         })
     }
