@@ -68,3 +68,47 @@ def test_tiny_model_is_written_in_hugging_face_layout(tmp_path):
     assert q.dtype == torch.bfloat16 and tuple(q.shape) == (256, 256)
     assert 0.015 < q.float().std().item() < 0.025
     assert torch.all(loaded["model.norm.weight"] == 1)
+
+
+def test_70b_preset_has_llama_3_1_70b_parameter_count():
+    specs = m.tensor_specs(m.PRESETS["llama-3.1-70b"])
+    # Llama-3.1-70B: 70,553,706,496 parameters.
+    assert sum(spec.nbytes for spec in specs) == 70_553_706_496 * 2
+
+
+@pytest.mark.parametrize("quantize", ["awq", "gptq"])
+def test_int4_layouts_take_a_quarter_of_the_linear_bytes(quantize):
+    config = m.PRESETS["llama-3.1-8b"]
+    dense = {s.name: s for s in m.tensor_specs(config)}
+    packed = {s.name: s for s in m.tensor_specs(config, quantize)}
+    q = "model.layers.0.self_attn.q_proj"
+    assert f"{q}.weight" not in packed
+    qweight = packed[f"{q}.qweight"]
+    assert qweight.shape == ((4096, 512) if quantize == "awq" else (512, 4096))
+    assert qweight.nbytes * 4 == dense[f"{q}.weight"].nbytes
+    assert packed[f"{q}.scales"].shape == (32, 4096)
+    assert packed["lm_head.weight"] == dense["lm_head.weight"]
+
+
+def test_quantized_tiny_model_is_written_with_its_config(tmp_path):
+    torch = pytest.importorskip("torch")
+    safetensors = pytest.importorskip("safetensors.torch")
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    for name in m.TOKENIZER_FILES:
+        (tokenizer_dir / name).write_text("{}")
+    for quantize in ["awq", "gptq", "fp8"]:
+        out = tmp_path / quantize
+        m.make_model(out, "tiny", tokenizer_dir, 0.02, 0, 5.0, "cpu", quantize)
+        config = json.loads((out / "config.json").read_text())
+        assert config["quantization_config"] == m.QUANTIZATION_CONFIGS[quantize]
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        loaded = {}
+        for file in sorted(set(index["weight_map"].values())):
+            loaded.update(safetensors.load_file(str(out / file)))
+        q = "model.layers.0.self_attn.q_proj"
+        if quantize == "fp8":
+            assert loaded[f"{q}.weight"].dtype == torch.float8_e4m3fn
+        else:
+            assert loaded[f"{q}.qweight"].dtype == torch.int32
+            assert loaded[f"{q}.scales"].dtype == torch.float16
