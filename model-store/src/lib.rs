@@ -111,7 +111,22 @@ impl ModelFiles {
         flag: Option<quantization::QuantizeArg>,
     ) -> Result<Option<quantization::Quantization>> {
         match (&self.layout, flag) {
-            (Layout::HuggingFace, flag) => quantization::resolve(&self.config_json()?, flag),
+            (Layout::HuggingFace, flag) => {
+                let mut config = self.config_json()?;
+                // Older AutoGPTQ and AutoAWQ checkpoints keep it in their tool's own file.
+                if config.get("quantization_config").is_none_or(Value::is_null) {
+                    for (file, method) in [("quantize_config.json", "gptq"), ("quant_config.json", "awq")] {
+                        if let Some(mut own) = self.read_json(file)? {
+                            if own.get("quant_method").is_none() {
+                                own["quant_method"] = method.into();
+                            }
+                            config["quantization_config"] = own;
+                            break;
+                        }
+                    }
+                }
+                quantization::resolve(&config, flag)
+            }
             (Layout::Gguf, None) => Ok(None),
             (Layout::Gguf, Some(flag)) => bail!(
                 "`--quantize {flag}` applies to safetensors checkpoints: a GGUF file is served in \
@@ -371,6 +386,30 @@ mod tests {
         assert!(ModelFiles::open(&dir).is_err());
         std::fs::write(dir.join("x.bin"), b"").unwrap();
         assert!(ModelFiles::open(dir.join("x.bin")).is_err());
+    }
+
+    /// config.json's quantization_config first, else AutoGPTQ's quantize_config.json or
+    /// AutoAWQ's quant_config.json, whose method is implied; --quantize is checked against it.
+    #[test]
+    fn quantization_comes_from_config_json_or_the_tools_own_file() {
+        use quantization::{QuantizeArg, Quantization};
+        let dir = tempfile_dir();
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+        let files = ModelFiles::open(&dir).unwrap();
+        assert_eq!(files.quantization(None).unwrap(), None);
+        std::fs::write(dir.join("quant_config.json"), r#"{"w_bit": 4, "q_group_size": 64, "version": "GEMM"}"#).unwrap();
+        assert_eq!(files.quantization(None).unwrap(), Some(Quantization::Awq { group_size: 64 }));
+        std::fs::write(dir.join("quantize_config.json"), r#"{"bits": 8, "group_size": 32}"#).unwrap();
+        assert!(matches!(files.quantization(None).unwrap(), Some(Quantization::Gptq(g)) if g.bits == 8));
+        let err = files.quantization(Some(QuantizeArg::Awq)).unwrap_err().to_string();
+        assert!(err.contains("`--quantize awq` contradicts"), "{err}");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}"#,
+        )
+        .unwrap();
+        assert_eq!(files.quantization(None).unwrap(), Some(Quantization::Awq { group_size: 128 }));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tempfile_dir() -> PathBuf {

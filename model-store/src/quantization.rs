@@ -225,6 +225,9 @@ fn gptq(qc: &Value) -> Result<Quantization> {
              (\"gptq\" or \"gptq_v2\")"
         ),
     };
+    if bool_field(qc, "lm_head", false)? {
+        bail!("quantization_config.lm_head true (a quantized lm_head) is not supported for GPTQ");
+    }
     Ok(Quantization::Gptq(GptqConfig {
         bits: bits as u32,
         group_size,
@@ -342,6 +345,8 @@ mod tests {
         let e = err(with(json!({"quant_method": "compressed-tensors", "config_groups": {"group_0":
             {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}}})), None);
         assert!(e.contains("config_groups.group_0.weights.strategy"), "{e}");
+        let e = err(with(json!({"quant_method": "gptq", "bits": 4, "lm_head": true})), None);
+        assert!(e.contains("lm_head true"), "{e}");
         let e = err(with(json!({"quant_method": "bitsandbytes"})), None);
         assert!(e.contains("bitsandbytes-nf4"), "{e}");
     }

@@ -8,6 +8,7 @@
 use super::QuantizedWeight;
 use candle_core::{Device, Result, Tensor};
 use model_store::quantization::BNB_BLOCK;
+use rayon::prelude::*;
 
 /// bitsandbytes' NF4 code book (quantiles of a normal distribution).
 pub const NF4: [f32; 16] = [
@@ -64,15 +65,21 @@ pub struct BlockQuantized {
 pub fn quantize_blocks(dense: &Tensor, table: &'static [f32; 16]) -> Result<BlockQuantized> {
     let (out_dim, in_dim) = dense.dims2()?;
     let values = dense.flatten_all()?.to_vec1::<f32>()?;
-    let mut codes = Vec::with_capacity(values.len());
-    let mut absmax = Vec::with_capacity(values.len().div_ceil(BNB_BLOCK));
-    for block in values.chunks(BNB_BLOCK) {
-        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        // bitsandbytes multiplies by the reciprocal.
-        let inverse = if max > 0.0 { 1.0 / max } else { 0.0 };
-        codes.extend(block.iter().map(|v| nearest(table, v * inverse)));
-        absmax.push(max);
-    }
+    let mut codes = vec![0u8; values.len()];
+    let mut absmax = vec![0f32; values.len().div_ceil(BNB_BLOCK)];
+    codes
+        .par_chunks_mut(BNB_BLOCK)
+        .zip(values.par_chunks(BNB_BLOCK))
+        .zip(&mut absmax)
+        .for_each(|((codes, block), absmax)| {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // bitsandbytes multiplies by the reciprocal.
+            let inverse = if max > 0.0 { 1.0 / max } else { 0.0 };
+            for (code, v) in codes.iter_mut().zip(block) {
+                *code = nearest(table, v * inverse);
+            }
+            *absmax = max;
+        });
     Ok(BlockQuantized {
         out_dim,
         in_dim,
@@ -97,7 +104,7 @@ impl QuantizedWeight for BlockQuantized {
     fn dequantize(&self) -> Result<Tensor> {
         let w: Vec<f32> = self
             .codes
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, &c)| self.table[c as usize] * self.absmax[i / BNB_BLOCK])
             .collect();
@@ -131,7 +138,7 @@ impl QuantizedWeight for RowInt8 {
         let in_dim = self.codes.len() / self.absmax.len().max(1);
         let w: Vec<f32> = self
             .codes
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, &c)| c as f32 * (self.absmax[i / in_dim] / 127.0))
             .collect();
