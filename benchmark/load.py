@@ -12,6 +12,8 @@ TTFT, inter-token latency and end-to-end latency (p50/p99), and errors.
     python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json --scenario
     # every sampling preset at 1, 64 and 256 streams, compared with greedy
     python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json --sampling-sweep
+    # prefix caching: a shared system prompt, and multi-turn chats (TTFT of every turn)
+    python3 benchmark/load.py --url http://localhost:8080 --tokenizer MODEL/tokenizer.json --prefix-scenarios
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Level:
     requests: int
     # A key of SAMPLING_PRESETS.
     sampling: str = "greedy"
+    # Every prompt of the level starts with the same this many tokens (a system prompt).
+    shared_prefix_tokens: int = 0
 
 
 # The targets of the issue: single-stream decode, long-prompt prefill, a loaded server.
@@ -79,6 +83,28 @@ SCENARIOS = [
     Level("prefill 2048", concurrency=1, prompt_tokens=2048, max_tokens=1, requests=5),
     Level("64 concurrent 512/128", concurrency=64, prompt_tokens=512, max_tokens=128, requests=128),
 ]
+
+
+# Prefix caching: every prompt starts with the same 1,536 of its 2,048 tokens.
+SHARED_PREFIX_LEVEL = Level(
+    "shared prefix 1536/2048", concurrency=32, prompt_tokens=2048, max_tokens=128, requests=64,
+    shared_prefix_tokens=1536,
+)
+
+
+@dataclass(frozen=True)
+class Chat:
+    """Conversations of `turns` turns, `concurrency` at a time: each turn sends the whole
+    conversation so far (prompts and completions) plus a new message."""
+
+    conversations: int
+    turns: int
+    message_tokens: int
+    max_tokens: int
+
+
+# Turn 8 comes to about 1,800 tokens: within run_gpu.sh's --max-input-tokens 2048.
+CHAT = Chat(conversations=16, turns=8, message_tokens=160, max_tokens=64)
 
 
 class PromptBuilder:
@@ -109,6 +135,14 @@ class PromptBuilder:
             if text is not None:
                 return text
         raise ValueError(f"cannot build a prompt of exactly {n_tokens} tokens with this tokenizer")
+
+    def extend(self, prefix: str, n_tokens: int) -> str:
+        """`prefix` followed by distinct text, `n_tokens` tokens in all."""
+        for _ in range(self.ATTEMPTS):
+            text = self._fit(f"{prefix} {self.rng.randrange(10**6)}. ", self.rng.randrange(len(self.filler)), n_tokens)
+            if text is not None:
+                return text
+        raise ValueError(f"cannot extend a prompt to exactly {n_tokens} tokens with this tokenizer")
 
     def _fit(self, prefix: str, start: int, n_tokens: int) -> str | None:
         length = n_tokens - self.count(prefix)
@@ -162,6 +196,7 @@ async def stream_completion(
                 now = time.perf_counter()
                 if chunk.get("choices"):
                     streamed += 1
+                    result.text += chunk["choices"][0].get("text") or ""
                     if last_token_at is None:
                         result.ttft = now - start
                     else:
@@ -185,7 +220,11 @@ async def stream_completion(
 async def run_level(
     session: aiohttp.ClientSession, url: str, model: str | None, builder: PromptBuilder, level: Level
 ) -> dict:
-    prompts = [builder.build(level.prompt_tokens) for _ in range(level.requests)]
+    if level.shared_prefix_tokens:
+        shared = builder.build(level.shared_prefix_tokens)
+        prompts = [builder.extend(shared, level.prompt_tokens) for _ in range(level.requests)]
+    else:
+        prompts = [builder.build(level.prompt_tokens) for _ in range(level.requests)]
     queue: asyncio.Queue[str] = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
@@ -201,9 +240,49 @@ async def run_level(
     wall = time.perf_counter() - start
     summary = summarize(level.name, level.concurrency, level.prompt_tokens, level.max_tokens, results, wall)
     summary["sampling"] = level.sampling
+    report(summary)
+    return summary
+
+
+async def run_chat(
+    session: aiohttp.ClientSession, url: str, model: str | None, builder: PromptBuilder, chat: Chat, sampling: str
+) -> list[dict]:
+    """One summary per turn: the conversations run concurrently, each turn waiting for the
+    previous one's completion."""
+    turns: list[list[RequestResult]] = [[] for _ in range(chat.turns)]
+
+    async def conversation():
+        history = ""
+        for turn in range(chat.turns):
+            message = builder.build(chat.message_tokens)
+            prompt = f"{history}\n\nUser: {message}\nAssistant:" if history else f"User: {message}\nAssistant:"
+            result = await stream_completion(session, url, model, prompt, chat.max_tokens, sampling)
+            turns[turn].append(result)
+            if not result.ok:
+                return
+            history = prompt + result.text
+
+    start = time.perf_counter()
+    await asyncio.gather(*(conversation() for _ in range(chat.conversations)))
+    wall = time.perf_counter() - start
+    summaries = []
+    for turn, results in enumerate(turns, 1):
+        # The conversation so far grows by about a message and a completion per turn.
+        prompt_tokens = turn * (chat.message_tokens + 8) + (turn - 1) * chat.max_tokens
+        summary = summarize(f"chat turn {turn}", chat.conversations, prompt_tokens, chat.max_tokens, results, wall)
+        summary["sampling"] = sampling
+        # The server counts the conversation exactly; the length above is approximate.
+        summary["prompt_token_mismatches"] = 0
+        report(summary)
+        summaries.append(summary)
+    return summaries
+
+
+def report(summary: dict) -> None:
+    """A level's outcome and warnings, on stderr."""
     print(
-        f"{level.name}: {summary['requests']} requests, {summary['errors']} errors, "
-        f"{summary['output_tokens']} tokens in {wall:.1f}s",
+        f"{summary['name']}: {summary['requests']} requests, {summary['errors']} errors, "
+        f"{summary['output_tokens']} tokens in {summary['wall_s']:.1f}s",
         file=sys.stderr,
     )
     for sample in summary["error_samples"]:
@@ -212,7 +291,6 @@ async def run_level(
         print(f"  warning: {summary['prompt_token_mismatches']} prompts counted differently by the server", file=sys.stderr)
     if summary["short_outputs"]:
         print(f"  warning: {summary['short_outputs']} requests stopped before max_tokens (ignore_eos ignored?)", file=sys.stderr)
-    return summary
 
 
 async def served_model(session: aiohttp.ClientSession, url: str) -> str | None:
@@ -263,6 +341,8 @@ def levels_to_run(args: argparse.Namespace) -> list[Level]:
         return sampling_sweep_levels(args)
     if args.scenario:
         return [replace(level, sampling=args.sampling) for level in SCENARIOS]
+    if args.prefix_scenarios:
+        return [replace(SHARED_PREFIX_LEVEL, sampling=args.sampling)]
     return sweep_levels(args)
 
 
@@ -281,7 +361,10 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
             for sampling in dict.fromkeys(level.sampling for level in levels):
                 warmup = Level(f"warmup {sampling}", 1, prompt_tokens, 16, args.warmup_requests, sampling)
                 await run_level(session, args.url, model, builder, warmup)
-        return [await run_level(session, args.url, model, builder, level) for level in levels]
+        results = [await run_level(session, args.url, model, builder, level) for level in levels]
+        if args.prefix_scenarios:
+            results += await run_chat(session, args.url, model, builder, CHAT, args.sampling)
+        return results
 
 
 def preset_names(text: str) -> list[str]:
@@ -309,6 +392,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="model name to send (default: the first of /v1/models)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--scenario", action="store_true", help="run the issue's three targets instead of the sweep")
+    mode.add_argument(
+        "--prefix-scenarios",
+        action="store_true",
+        help=f"run the prefix caching scenarios: {SHARED_PREFIX_LEVEL.concurrency} streams of "
+        f"{SHARED_PREFIX_LEVEL.prompt_tokens}-token prompts sharing their first {SHARED_PREFIX_LEVEL.shared_prefix_tokens}, "
+        f"then {CHAT.conversations} chats of {CHAT.turns} turns (TTFT of each turn)",
+    )
     mode.add_argument(
         "--sampling-sweep",
         action="store_true",

@@ -19,6 +19,8 @@ class RequestResult:
     output_tokens: int = 0
     # As the server counted them (`usage.prompt_tokens`), when it reports them.
     prompt_tokens: int | None = None
+    # The streamed completion (a chat turn appends it to the conversation).
+    text: str = ""
 
     @property
     def ok(self) -> bool:

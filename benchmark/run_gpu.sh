@@ -7,7 +7,9 @@
 #   3. runs benchmark/load.py: the issue's scenarios, then the concurrency sweep (greedy),
 #      and with STEPS including "sampling" the sampling sweep (every load.py --sampling
 #      preset at 1, 64 and 256 streams beside greedy: about a minute on an 8B model when
-#      sampled requests run at greedy's speed, several per preset when they do not),
+#      sampled requests run at greedy's speed, several per preset when they do not), and
+#      with STEPS including "prefix" the prefix caching scenarios (32 streams sharing a
+#      1,536-token system prompt, multi-turn chats: load.py --prefix-scenarios),
 #   4. stops the launcher, runs the shard microbenchmark on a shard of its own,
 #   5. prints the tables, and copies the JSON results and logs to $OUT when set.
 #
@@ -17,8 +19,8 @@
 # step, e.g. greedy,t0.7-p0.9), SHARD_BENCH_ARGS, and STEPS, the parts to run
 # (default "scenario sweep shard"; "sampling" only when named): to stay under a time
 # limit per command, run STEPS=scenario, then STEPS=sweep, then STEPS=shard, then
-# STEPS=sampling ("tp-one-gpu": two shards on one GPU against one, greedy; only when
-# named); the model and the results of earlier steps stay in /tmp while the
+# STEPS=sampling ("tp-one-gpu": two shards on one GPU against one, greedy; "prefix": the
+# prefix caching scenarios; only when named); the model and the results of earlier steps stay in /tmp while the
 # machine does, and every table so far is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -111,7 +113,7 @@ run_step() {
     echo "run_gpu.sh: $step took $((SECONDS - started))s" >&2
 }
 
-if has_step scenario || has_step sweep || has_step sampling; then
+if has_step scenario || has_step sweep || has_step sampling || has_step prefix; then
     text-generation-launcher --model-id "$MODEL_DIR" --dtype "$DTYPE" --hostname 127.0.0.1 --port "$PORT" \
         "${LIMITS[@]}" --max-concurrent-requests 1024 >"$RESULTS_DIR/launcher.log" 2>&1 &
     server_pid=$!
@@ -127,6 +129,11 @@ if has_step scenario || has_step sweep || has_step sampling; then
     if has_step sampling; then
         run_step sampling "${load[@]}" --sampling-sweep ${SAMPLING_PRESETS:+--sampling-presets "$SAMPLING_PRESETS"} \
             --out "$RESULTS_DIR/sampling.json"
+    fi
+    if has_step prefix; then
+        run_step prefix "${load[@]}" --prefix-scenarios --out "$RESULTS_DIR/prefix.json"
+        http_get "http://127.0.0.1:$PORT/metrics" | grep '^tgi_prefix_cache\|^tgi_prefill_chunked' \
+            >"$RESULTS_DIR/prefix-metrics.txt" || true
     fi
     stop_server
 fi
@@ -156,7 +163,7 @@ fi
 
 echo
 echo "## Results ($PRESET, $DTYPE, $(head -n 1 "$RESULTS_DIR/gpu.txt"))"
-for table in scenario sweep shard sampling tp-one-gpu; do
+for table in scenario sweep shard sampling prefix tp-one-gpu; do
     if [ -f "$RESULTS_DIR/$table.md" ]; then echo; echo "### $table"; cat "$RESULTS_DIR/$table.md"; fi
 done
 exit "$status"

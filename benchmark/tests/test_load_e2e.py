@@ -192,3 +192,27 @@ def test_inconsistent_sampling_options_are_usage_errors(tokenizer_file, extra):
     with pytest.raises(SystemExit) as exit_info:
         load.parse_args(["--tokenizer", str(tokenizer_file), *extra])
     assert exit_info.value.code == 2
+
+
+def test_prefix_scenarios_share_a_system_prompt_then_grow_conversations(serve, tokenizer_file, tmp_path):
+    server = FakeServer(tokenizer_file)
+    out = tmp_path / "results.json"
+    argv = ["--url", serve(server), "--tokenizer", str(tokenizer_file), "--prefix-scenarios",
+            "--warmup-requests", "0", "--out", str(out)]
+    assert load.main(argv) == 0
+    levels = json.loads(out.read_text())["levels"]
+    shared, chat = load.SHARED_PREFIX_LEVEL, load.CHAT
+    assert [level["name"] for level in levels] == [shared.name] + [f"chat turn {t}" for t in range(1, chat.turns + 1)]
+    assert all(level["errors"] == 0 and level["itl_ms_p99"] is not None for level in levels)
+    assert levels[0]["prompt_token_mismatches"] == 0, "prompts of exactly 2048 tokens"
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    prompts = [body["prompt"] for body in server.bodies]
+    system = [tokenizer.encode(p).ids for p in prompts[: shared.requests]]
+    # The seam may tokenize differently; well before it every prompt is the same.
+    assert len({tuple(ids[: shared.shared_prefix_tokens - 8]) for ids in system}) == 1
+    assert len({tuple(ids) for ids in system}) == shared.requests, "distinct after the prefix"
+    turns = prompts[shared.requests:]
+    assert len(turns) == chat.conversations * chat.turns
+    # Every turn after the first continues a conversation: the previous turn and its completion.
+    previous = {p + " x" * chat.max_tokens for p in turns}
+    assert sum(any(p.startswith(q) for q in previous) for p in turns) == chat.conversations * (chat.turns - 1)

@@ -58,10 +58,17 @@ pub struct Args {
     #[arg(long, env)]
     pub max_total_tokens: Option<usize>,
 
-    /// Most prompt tokens prefilled in one forward pass. Default: `--max-input-tokens` + 50,
-    /// at most `--max-batch-total-tokens`.
+    /// Most tokens of one forward pass: the running requests' decode rows and the
+    /// prompts (or chunks of longer prompts) joining them. Default: `--max-input-tokens`
+    /// + 50, at most `--max-batch-total-tokens`.
     #[arg(long, env)]
     pub max_batch_prefill_tokens: Option<usize>,
+
+    /// Keep the KV blocks of finished prompts and reuse them for later prompts that start
+    /// with the same tokens. On by default; `PREFIX_CACHING=0` (or `false`) turns it off.
+    #[arg(long, env, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+        action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub prefix_caching: bool,
 
     /// Most tokens (prompts and generations) of all running requests together.
     /// Default: what the KV cache holds, as the shard reports at warmup.
@@ -290,12 +297,8 @@ impl Args {
                  ({max_total_tokens})"
             );
         }
-        if max_batch_prefill_tokens < max_input_tokens {
-            bail!(
-                "`--max-batch-prefill-tokens` ({max_batch_prefill_tokens}) must be >= \
-                 `--max-input-tokens` ({max_input_tokens})"
-            );
-        }
+        // A smaller prefill budget than the longest prompt is fine: the shards prefill
+        // long prompts in chunks.
         if let Some(batch_total) = self.max_batch_total_tokens {
             if max_batch_prefill_tokens > batch_total {
                 bail!(
@@ -376,8 +379,6 @@ mod tests {
         let err = |flags: &[&str]| parse(flags).token_limits(Some(8192)).unwrap_err().to_string();
         assert!(err(&["--max-input-tokens", "100", "--max-total-tokens", "100"])
             .contains("`--max-input-tokens` (100) must be < `--max-total-tokens` (100)"));
-        assert!(err(&["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"])
-            .contains("`--max-batch-prefill-tokens` (50) must be >="));
         assert!(err(&["--max-batch-prefill-tokens", "4145", "--max-batch-total-tokens", "2000"])
             .contains("`--max-batch-prefill-tokens` (4145) must be <= `--max-batch-total-tokens`"));
         assert!(err(&[
@@ -391,6 +392,19 @@ mod tests {
             "2000"
         ])
         .contains("`--max-total-tokens` (4096) must be <= `--max-batch-total-tokens`"));
+    }
+
+    #[test]
+    fn prefix_caching_is_on_unless_turned_off_with_a_boolish_value() {
+        assert!(parse(&[]).prefix_caching);
+        assert!(parse(&["--prefix-caching"]).prefix_caching);
+        for off in ["0", "false", "False"] {
+            assert!(!parse(&["--prefix-caching", off]).prefix_caching, "{off}");
+        }
+        assert!(parse(&["--prefix-caching", "1"]).prefix_caching);
+        assert!(Args::try_parse_from(["launcher", "--prefix-caching", "maybe"]).is_err());
+        let small_prefill = parse(&["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"]);
+        assert_eq!(small_prefill.token_limits(Some(8192)).unwrap().max_batch_prefill_tokens, 50, "chunked");
     }
 
     #[test]

@@ -328,6 +328,7 @@ fn router_spec(args: &Args, model_path: &Path, limits: &TokenLimits, program: &P
         ("--warmup-timeout", args.warmup_timeout.to_string()),
         ("--max-connections", args.max_connections.to_string()),
         ("--header-timeout", args.header_timeout.to_string()),
+        ("--prefix-caching", args.prefix_caching.to_string()),
     ]
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
@@ -440,6 +441,7 @@ mod tests {
         assert_eq!(flag(&spec, "--warmup-timeout"), Some("1800"));
         assert_eq!(flag(&spec, "--max-connections"), Some("4096"));
         assert_eq!(flag(&spec, "--header-timeout"), Some("10"));
+        assert_eq!(flag(&spec, "--prefix-caching"), Some("true"));
         assert_eq!(spec.args.iter().filter(|a| *a == "--cors-allow-origin").count(), 2);
         assert!(!spec.args.contains(&"--json-output".to_string()));
         assert!(spec.envs.is_empty());

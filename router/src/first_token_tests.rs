@@ -74,6 +74,7 @@ async fn the_first_token_is_not_held_back_on_a_kept_alive_connection() {
         kv_capacity_tokens: 16384,
         decode_delay: Duration::ZERO,
         prefill_delay: Duration::ZERO,
+        support_chunking: false,
     })
     .await;
     let scheduler = SchedulerConfig {
@@ -85,6 +86,7 @@ async fn the_first_token_is_not_held_back_on_a_kept_alive_connection() {
         max_waiting_tokens: 20,
         max_input_tokens: 1024,
         max_total_tokens: 2048,
+        prefix_caching: true,
     };
     let (infer, _) = Infer::connect(&shard.path(), scheduler, crate::client::Deadlines::default()).await.unwrap();
     let model = format!(

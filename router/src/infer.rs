@@ -27,6 +27,8 @@ pub struct SchedulerConfig {
     pub max_waiting_tokens: usize,
     pub max_input_tokens: u32,
     pub max_total_tokens: u32,
+    /// Prompts reuse the KV blocks of earlier prompts' common prefixes.
+    pub prefix_caching: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +51,8 @@ pub struct Infer {
     /// Requests larger than this can never be scheduled.
     max_batch_total_tokens: u32,
     max_batch_prefill_tokens: u32,
+    /// Prompts beyond `max_batch_prefill_tokens` are prefilled in chunks.
+    chunking: bool,
 }
 
 impl Infer {
@@ -63,6 +67,13 @@ impl Infer {
             .await
             .with_context(|| format!("connecting to the shards at {master_shard_uds_path}"))?;
         let info = client.info().await.context("asking the shards for Info")?;
+        anyhow::ensure!(
+            info.support_chunking || config.max_batch_prefill_tokens >= config.max_input_tokens,
+            "--max-batch-prefill-tokens ({}) must be >= --max-input-tokens ({}): the shards \
+             do not prefill in chunks, so longer prompts could never be scheduled",
+            config.max_batch_prefill_tokens,
+            config.max_input_tokens
+        );
         tracing::info!(
             shards = client.shard_count(),
             ?info,
@@ -86,7 +97,7 @@ impl Infer {
             Some(requested) => requested,
             None => warmup_capacity,
         };
-        let allocator = BlockAllocator::new(capacity, info.block_size)
+        let allocator = BlockAllocator::new(capacity, info.block_size, config.prefix_caching)
             .context("sizing the KV block allocator from the shards' Warmup")?;
         let max_batch_total_tokens = allocator.capacity_tokens();
         anyhow::ensure!(
@@ -107,6 +118,7 @@ impl Infer {
             waiting_served_ratio: config.waiting_served_ratio,
             max_waiting_tokens: config.max_waiting_tokens,
             shards_on_gpu: info.device_type == "cuda",
+            chunking: info.support_chunking,
         };
         let infer = Infer::spawn(client, allocator, batching_config, &config);
         let summary = ShardSummary {
@@ -141,6 +153,7 @@ impl Infer {
             health,
             max_batch_total_tokens: batching_config.max_batch_total_tokens,
             max_batch_prefill_tokens: batching_config.max_batch_prefill_tokens,
+            chunking: batching_config.chunking,
         }
     }
 
@@ -170,9 +183,12 @@ impl Infer {
                 self.max_batch_total_tokens
             )));
         }
-        if request.input_length() > self.max_batch_prefill_tokens {
+        // Prompt logprobs need the whole prompt in one pass.
+        let one_pass = !self.chunking || request.decoder_input_details;
+        if one_pass && request.input_length() > self.max_batch_prefill_tokens {
+            let why = if self.chunking { " (prompt logprobs need one prefill)" } else { "" };
             return Err(InferError::ValidationError(format!(
-                "the prompt has {} tokens, more than --max-batch-prefill-tokens {}",
+                "the prompt has {} tokens, more than --max-batch-prefill-tokens {}{why}",
                 request.input_length(),
                 self.max_batch_prefill_tokens
             )));
@@ -265,12 +281,6 @@ fn validate_config(config: &SchedulerConfig) -> anyhow::Result<()> {
         config.max_input_tokens,
         config.max_total_tokens
     );
-    anyhow::ensure!(
-        config.max_batch_prefill_tokens >= config.max_input_tokens,
-        "--max-batch-prefill-tokens ({}) must be >= --max-input-tokens ({}): longer prompts could never be scheduled",
-        config.max_batch_prefill_tokens,
-        config.max_input_tokens
-    );
     if let Some(max_batch_total_tokens) = config.max_batch_total_tokens {
         anyhow::ensure!(
             max_batch_total_tokens >= config.max_total_tokens,
@@ -311,6 +321,7 @@ fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<W
     let placement = BlockAllocator::new(
         config.max_batch_prefill_tokens + prompts * block_size,
         block_size,
+        false,
     )?;
     let mut requests = Vec::new();
     // Held until the batch is built, so that every prompt gets its own blocks.
@@ -325,7 +336,7 @@ fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<W
             .max_input_tokens
             .min(config.max_batch_prefill_tokens - prompt_tokens);
         let allocation = placement
-            .allocate(input_length)
+            .allocate(input_length, &Arc::default(), false)
             .context("placing the warmup prompts in KV blocks")?;
         requests.push(Request {
             id: requests.len() as u64,

@@ -62,6 +62,11 @@ struct Args {
     /// Default: as many as the shards' KV cache holds.
     #[arg(long, env)]
     max_batch_total_tokens: Option<u32>,
+    /// Keep the KV blocks of finished prompts and reuse them for later prompts that
+    /// start with the same tokens (`PREFIX_CACHING=0` or `false` turns it off).
+    #[arg(long, env, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+        action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    prefix_caching: bool,
     #[arg(long, env)]
     max_batch_size: Option<usize>,
     #[arg(long, env, default_value_t = 0.3)]
@@ -172,6 +177,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_waiting_tokens: args.max_waiting_tokens,
         max_input_tokens: args.max_input_tokens,
         max_total_tokens: args.max_total_tokens,
+        prefix_caching: args.prefix_caching,
     };
     let deadlines = Deadlines::new(
         Duration::from_secs_f64(args.shard_timeout),
@@ -238,6 +244,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         validation_workers: validation.workers(),
         world_size: shards.info.world_size,
         block_size: shards.info.block_size,
+        prefix_caching: args.prefix_caching,
         quantization: shards.info.quantization.clone(),
         generation_defaults,
         router: env!("CARGO_PKG_NAME"),

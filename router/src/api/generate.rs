@@ -275,6 +275,8 @@ pub struct Info {
     pub world_size: u32,
     /// Tokens per KV cache block.
     pub block_size: u32,
+    /// Prompts reuse the cached KV blocks of earlier prompts' common prefixes.
+    pub prefix_caching: bool,
     #[schema(example = "gguf:Q4_1")]
     pub quantization: String,
     /// What the unset sampling fields of a request take (on the OpenAI routes, of every

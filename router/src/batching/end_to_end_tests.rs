@@ -27,17 +27,27 @@ fn config() -> SchedulerConfig {
         max_waiting_tokens: 20,
         max_input_tokens: 64,
         max_total_tokens: 128,
+        // Tests of prefix caching turn it on: the prompts of `request` share their tokens.
+        prefix_caching: false,
     }
 }
 
-async fn start(kv_blocks: u32, config: SchedulerConfig) -> (Infer, ShardSummary, FakeShard) {
-    let shard = FakeShard::start(FakeShardConfig {
+fn shard_config(kv_blocks: u32) -> FakeShardConfig {
+    FakeShardConfig {
         block_size: BLOCK_SIZE,
         kv_capacity_tokens: kv_blocks * BLOCK_SIZE,
         decode_delay: Duration::from_millis(5),
         prefill_delay: Duration::ZERO,
-    })
-    .await;
+        support_chunking: false,
+    }
+}
+
+async fn start(kv_blocks: u32, config: SchedulerConfig) -> (Infer, ShardSummary, FakeShard) {
+    start_with(shard_config(kv_blocks), config).await
+}
+
+async fn start_with(shard: FakeShardConfig, config: SchedulerConfig) -> (Infer, ShardSummary, FakeShard) {
+    let shard = FakeShard::start(shard).await;
     let (infer, summary) = Infer::connect(&shard.path(), config, Deadlines::default()).await.unwrap();
     (infer, summary, shard)
 }
@@ -520,12 +530,13 @@ async fn connecting_to_a_missing_socket_fails_clearly() {
 }
 
 #[tokio::test]
-async fn inconsistent_limits_are_refused_before_connecting() {
+async fn a_prefill_budget_below_the_longest_prompt_needs_chunking_shards() {
     let config = SchedulerConfig {
         max_batch_prefill_tokens: 32,
         ..config()
     };
-    let error = Infer::connect("/nonexistent/shard.sock", config, Deadlines::default())
+    let shard = FakeShard::start(shard_config(64)).await;
+    let error = Infer::connect(&shard.path(), config.clone(), Deadlines::default())
         .await
         .err()
         .expect("prompts of 64 tokens would never fit a prefill of 32");
@@ -533,6 +544,75 @@ async fn inconsistent_limits_are_refused_before_connecting() {
         error.to_string().contains("--max-batch-prefill-tokens"),
         "{error}"
     );
+    let chunking = FakeShardConfig {
+        support_chunking: true,
+        ..shard_config(64)
+    };
+    let (infer, _, _shard) = start_with(chunking, config).await;
+    let mut details = request(40, 3);
+    details.decoder_input_details = true;
+    let error = infer.generate_stream(details).err().unwrap();
+    assert!(error.to_string().contains("prompt logprobs need one prefill"), "{error}");
+}
+
+#[tokio::test]
+async fn a_repeated_prompt_is_prefilled_from_its_cached_blocks() {
+    let config = SchedulerConfig {
+        prefix_caching: true,
+        ..config()
+    };
+    let (infer, _, shard) = start(64, config).await;
+    for _ in 0..2 {
+        let response = within_seconds(infer.generate(request(40, 3))).await.unwrap();
+        assert_eq!(response.generated_text.generated_tokens, 3);
+    }
+    let mut details = request(40, 3);
+    details.decoder_input_details = true;
+    within_seconds(infer.generate(details)).await.unwrap();
+    let prompt_tokens: Vec<u32> = shard
+        .calls()
+        .iter()
+        .filter_map(|call| match call {
+            ShardCall::Prefill { prompt_tokens, .. } => Some(*prompt_tokens),
+            ShardCall::Decode { .. } => None,
+        })
+        .collect();
+    // Two blocks of 16 are cached; prompt logprobs compute the whole prompt.
+    assert_eq!(prompt_tokens, vec![40, 8, 40]);
+}
+
+/// A prompt longer than the prefill budget is prefilled in chunks, each sharing its
+/// forward pass with the running request's decode step; both get all their tokens.
+#[tokio::test]
+async fn a_long_prompt_is_chunked_alongside_the_running_decodes() {
+    let config = SchedulerConfig {
+        max_batch_prefill_tokens: 24,
+        max_batch_total_tokens: Some(64 * BLOCK_SIZE),
+        ..config()
+    };
+    let chunking = FakeShardConfig {
+        support_chunking: true,
+        ..shard_config(64)
+    };
+    let (infer, _, shard) = start_with(chunking, config).await;
+    let (_running, running) = infer.generate_stream(request(4, 30)).unwrap();
+    let mut running = running.peekable();
+    within_seconds(std::pin::Pin::new(&mut running).peek()).await;
+    let long = within_seconds(infer.generate(request(60, 3))).await.unwrap();
+    assert_eq!(long.generated_text.generated_tokens, 3);
+    assert_complete(&within_seconds(running.collect::<Vec<_>>()).await, 30);
+    let chunks: Vec<(u32, bool)> = shard
+        .calls()
+        .iter()
+        .filter_map(|call| match call {
+            ShardCall::Prefill { prompt_tokens, cached, .. } if *prompt_tokens > 4 => {
+                Some((*prompt_tokens, cached.is_some()))
+            }
+            _ => None,
+        })
+        .collect();
+    // 23 tokens beside the running request's decode row, twice, then the last 14.
+    assert_eq!(chunks, vec![(23, true), (23, true), (14, true)]);
 }
 
 /// A shard slower than its deadline makes the group stuck: the request in flight ends
@@ -545,6 +625,7 @@ async fn a_shard_past_its_deadline_makes_the_group_stuck() {
         kv_capacity_tokens: 64 * BLOCK_SIZE,
         decode_delay: Duration::from_millis(800),
         prefill_delay: Duration::ZERO,
+        support_chunking: false,
     })
     .await;
     let deadlines = Deadlines::new(Duration::from_millis(200), Duration::from_secs(10));

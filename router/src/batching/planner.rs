@@ -4,6 +4,11 @@
 //! so that prefills do not stall the running decodes at every step. Joining
 //! prompts share a forward pass with one decode step of the running batch (a
 //! mixed step) whenever both fit the prefill budget the warmup proved.
+//!
+//! With chunked prefill (TGI v3), the budget of every step is shared instead: the
+//! running requests' decode rows first, then chunks of waiting prompts in what is
+//! left, so that a long prompt never stalls the running decodes for more than one
+//! budget's pass, and requests join at every step.
 
 use super::queue::BatchLimits;
 
@@ -20,6 +25,8 @@ pub struct BatchingConfig {
     /// sleeping on it (on CPUs the spinning thread would slow the model down), and
     /// decode steps run ahead.
     pub shards_on_gpu: bool,
+    /// The shards prefill prompts in chunks (`Request.chunk_len`).
+    pub chunking: bool,
 }
 
 /// Why new requests joined the running batch (`tgi_batch_concat{reason}`).
@@ -47,6 +54,7 @@ impl BatchingConfig {
             min_size: None,
             max_size: self.max_batch_size,
             prefill_token_budget: self.max_batch_prefill_tokens,
+            chunking: self.chunking,
             token_budget: self.max_batch_total_tokens,
         }
     }
@@ -70,6 +78,9 @@ impl BatchingConfig {
     ) -> (BatchLimits, ConcatReason) {
         let (min_size, reason) = if waiting_steps >= self.max_waiting_tokens {
             (None, ConcatReason::WaitExceeded)
+        } else if self.chunking {
+            // Joining costs the running requests at most one budget's pass.
+            (None, ConcatReason::Backpressure)
         } else {
             let min_size = (running_size as f32 * self.waiting_served_ratio).floor() as usize;
             (Some(min_size), ConcatReason::Backpressure)
@@ -79,7 +90,14 @@ impl BatchingConfig {
             max_size: self
                 .max_batch_size
                 .map(|max_size| max_size.saturating_sub(running_size)),
-            prefill_token_budget: self.max_batch_prefill_tokens,
+            // With chunking, the running requests' decode rows share the pass's budget.
+            prefill_token_budget: if self.chunking {
+                self.max_batch_prefill_tokens
+                    .saturating_sub(running_size as u32)
+            } else {
+                self.max_batch_prefill_tokens
+            },
+            chunking: self.chunking,
             token_budget: self
                 .max_batch_total_tokens
                 .saturating_sub(running_max_tokens),
@@ -109,7 +127,25 @@ mod tests {
             waiting_served_ratio: 0.3,
             max_waiting_tokens: 20,
             shards_on_gpu: false,
+            chunking: false,
         }
+    }
+
+    #[test]
+    fn with_chunking_the_running_decode_rows_share_the_prefill_budget() {
+        let chunking = BatchingConfig {
+            chunking: true,
+            ..config()
+        };
+        assert!(chunking.first_batch_limits().chunking);
+        let (limits, reason) = chunking.join_limits(10, 1000, 3);
+        assert_eq!(limits.prefill_token_budget, 502);
+        assert_eq!(limits.min_size, None, "requests join at every step");
+        assert_eq!(reason, ConcatReason::Backpressure);
+        assert!(limits.chunking);
+        assert!(chunking.fits_mixed_step(502, 10), "a join always shares the pass");
+        assert_eq!(chunking.join_limits(600, 0, 3).0.prefill_token_budget, 0);
+        assert_eq!(config().join_limits(10, 1000, 3).0.prefill_token_budget, 512);
     }
 
     #[test]

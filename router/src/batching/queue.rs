@@ -1,6 +1,9 @@
 //! The waiting room (TGI's `Queue`): a task owning the requests not yet in a
 //! batch. The batching loop asks it for the next batch within its budgets; the
-//! queue takes entries in arrival order and reserves their KV blocks.
+//! queue takes entries in arrival order and reserves their KV blocks (a cached
+//! prefix of the prompt costs no prefill). With chunking, a prompt larger than
+//! what is left of the prefill budget is prefilled in part; the batching loop
+//! then puts it back at the front of the queue, its blocks held, for the next chunk.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -51,6 +54,8 @@ pub struct BatchLimits {
     pub max_size: Option<usize>,
     /// Prompt tokens the prefill may process.
     pub prefill_token_budget: u32,
+    /// A prompt beyond the prefill budget may be prefilled in part (`chunk_len`).
+    pub chunking: bool,
     /// Prompt plus new tokens the batch may come to hold.
     pub token_budget: u32,
 }
@@ -64,6 +69,8 @@ pub struct NextBatch {
 
 enum QueueCommand {
     Append(Box<Entry>),
+    /// Entries prefilled in part, back at the front (in this order) for their next chunk.
+    Requeue(Vec<(u64, Entry)>),
     NextBatch {
         limits: BatchLimits,
         response: oneshot::Sender<Option<NextBatch>>,
@@ -89,6 +96,10 @@ impl Queue {
         let _ = self.commands.send(QueueCommand::Append(Box::new(entry)));
     }
 
+    pub fn requeue(&self, entries: Vec<(u64, Entry)>) {
+        let _ = self.commands.send(QueueCommand::Requeue(entries));
+    }
+
     pub async fn next_batch(&self, limits: BatchLimits) -> Option<NextBatch> {
         let (response, receiver) = oneshot::channel();
         self.commands
@@ -102,6 +113,7 @@ async fn queue_task(mut state: State, mut commands: mpsc::UnboundedReceiver<Queu
     while let Some(command) = commands.recv().await {
         match command {
             QueueCommand::Append(entry) => state.append(*entry),
+            QueueCommand::Requeue(entries) => state.requeue(entries),
             QueueCommand::NextBatch { limits, response } => {
                 let _ = response.send(state.next_batch(limits));
             }
@@ -133,86 +145,136 @@ impl State {
         self.next_request_id += 1;
     }
 
+    fn requeue(&mut self, entries: Vec<(u64, Entry)>) {
+        for entry in entries.into_iter().rev() {
+            self.entries.push_front(entry);
+        }
+    }
+
     fn next_batch(&mut self, limits: BatchLimits) -> Option<NextBatch> {
         if self.entries.is_empty() || limits.max_size == Some(0) {
             return None;
         }
-        if limits
-            .min_size
-            .is_some_and(|min_size| self.entries.len() < min_size)
-        {
+        // A prompt prefilled in part goes on whatever waits behind it.
+        let continuing = self
+            .entries
+            .front()
+            .is_some_and(|(_, entry)| entry.block_allocation.is_some());
+        let min_size = limits.min_size.filter(|_| !continuing);
+        if min_size.is_some_and(|min_size| self.entries.len() < min_size) {
             return None;
         }
 
-        let mut taken: Vec<(u64, Entry)> = Vec::new();
+        let mut taken: Vec<(u64, Entry, Option<u32>)> = Vec::new();
         let mut prefill_tokens: u32 = 0;
         let mut total_tokens: u32 = 0;
+        // (cached prefix, prompt) tokens of the requests allocated now.
+        let mut new_prompts: Vec<(u32, u32)> = Vec::new();
         while let Some((id, mut entry)) = self.entries.pop_front() {
             if entry.response_tx.is_closed() {
                 tracing::debug!(request_id = id, "dropping a queued request: client gone");
                 continue;
             }
-            let within_budgets = prefill_tokens.saturating_add(entry.request.input_length())
-                <= limits.prefill_token_budget
-                && total_tokens.saturating_add(entry.max_tokens()) <= limits.token_budget;
-            let allocation = within_budgets
-                .then(|| self.allocator.allocate(entry.max_tokens()))
-                .flatten();
-            let Some(allocation) = allocation else {
-                // Keep arrival order: this entry goes first next time.
-                self.entries.push_front((id, entry));
-                break;
+            let continuing = entry.block_allocation.is_some();
+            // Prompt logprobs need every prompt token computed in one pass: no cached
+            // prefix and no chunks then.
+            let whole_prompt = entry.request.decoder_input_details;
+            let allocation = entry.block_allocation.take().or_else(|| {
+                self.allocator
+                    .allocate(entry.max_tokens(), &entry.request.input_ids, !whole_prompt)
+            });
+            // The cached prefix costs neither prefill nor new KV blocks.
+            let planned = allocation.and_then(|allocation| {
+                let uncached = entry.request.input_length() - allocation.computed_len();
+                let room = limits.prefill_token_budget.saturating_sub(prefill_tokens);
+                let chunk_len = if uncached <= room {
+                    None
+                } else if limits.chunking && !whole_prompt && room > 0 {
+                    Some(room)
+                } else {
+                    return continuing.then_some(Err(allocation));
+                };
+                let new_tokens = entry.max_tokens() - allocation.prefix_len;
+                if total_tokens.saturating_add(new_tokens) > limits.token_budget {
+                    return continuing.then_some(Err(allocation));
+                }
+                Some(Ok((allocation, chunk_len, new_tokens)))
+            });
+            let (allocation, chunk_len, new_tokens) = match planned {
+                Some(Ok(planned)) => planned,
+                held => {
+                    // Keep arrival order: this entry goes first next time, with the
+                    // blocks of its chunks prefilled so far.
+                    entry.block_allocation = held.and_then(Result::err);
+                    self.entries.push_front((id, entry));
+                    break;
+                }
             };
-            prefill_tokens += entry.request.input_length();
-            total_tokens += entry.max_tokens();
+            let uncached = entry.request.input_length() - allocation.computed_len();
+            prefill_tokens += chunk_len.unwrap_or(uncached);
+            total_tokens += new_tokens;
+            if !continuing {
+                new_prompts.push((allocation.prefix_len, entry.request.input_length()));
+                if chunk_len.is_some() {
+                    metrics::counter!("tgi_prefill_chunked_total").increment(1);
+                }
+            }
             entry.block_allocation = Some(allocation);
-            taken.push((id, entry));
-            if limits.max_size == Some(taken.len()) {
+            taken.push((id, entry, chunk_len));
+            if limits.max_size == Some(taken.len()) || chunk_len.is_some() {
                 break;
             }
         }
 
-        if taken.is_empty()
-            || limits
-                .min_size
-                .is_some_and(|min_size| taken.len() < min_size)
-        {
+        if taken.is_empty() || min_size.is_some_and(|min_size| taken.len() < min_size) {
             // Not worth a batch yet: back to the queue in order, blocks released.
-            for (id, mut entry) in taken.into_iter().rev() {
+            // (None continuing: `min_size` is then unset.)
+            for (id, mut entry, _) in taken.into_iter().rev() {
                 entry.block_allocation = None;
                 self.entries.push_front((id, entry));
             }
             return None;
         }
 
+        let hit_tokens: u32 = new_prompts.iter().map(|(cached, _)| cached).sum();
+        let prompt_tokens: u32 = new_prompts.iter().map(|(_, prompt)| prompt).sum();
+        metrics::counter!("tgi_prefix_cache_hit_tokens_total").increment(hit_tokens.into());
+        metrics::counter!("tgi_prefix_cache_prompt_tokens_total").increment(prompt_tokens.into());
         let requests: Vec<Request> = taken
             .iter()
-            .map(|(id, entry)| request_proto(*id, entry))
+            .map(|(id, entry, chunk_len)| request_proto(*id, entry, *chunk_len))
             .collect();
         let batch = Batch {
             id: self.next_batch_id,
             size: requests.len() as u32,
-            max_tokens: total_tokens,
+            max_tokens: taken.iter().map(|(_, entry, _)| entry.max_tokens()).sum(),
             max_blocks: requests.iter().map(|r| r.blocks.len() as u32).sum(),
             requests,
         };
         self.next_batch_id += 1;
         metrics::histogram!("tgi_batch_next_size").record(batch.size as f64);
         Some(NextBatch {
-            entries: taken.into_iter().collect(),
+            entries: taken.into_iter().map(|(id, entry, _)| (id, entry)).collect(),
             batch,
         })
     }
 }
 
-/// The shards' view of a queued request (its blocks already allocated).
-fn request_proto(id: u64, entry: &Entry) -> Request {
+/// The shards' view of a queued request (its blocks already allocated); with
+/// `chunk_len`, only that many of its uncached prompt tokens are prefilled.
+fn request_proto(id: u64, entry: &Entry, chunk_len: Option<u32>) -> Request {
     let request = &entry.request;
     let parameters = &request.parameters;
-    let (blocks, slots) = entry
+    let (blocks, slots, cache_len) = entry
         .block_allocation
         .as_ref()
-        .map(|allocation| (allocation.blocks.clone(), allocation.slots.clone()))
+        .map(|allocation| {
+            (
+                allocation.blocks.clone(),
+                allocation.slots.clone(),
+                allocation.computed_len(),
+            )
+        })
         .unwrap_or_default();
     Request {
         id,
@@ -239,8 +301,8 @@ fn request_proto(id: u64, entry: &Entry) -> Request {
         top_n_tokens: request.top_n_tokens,
         blocks,
         slots,
-        cache_len: None,
-        chunk_len: None,
+        cache_len: (cache_len > 0).then_some(cache_len),
+        chunk_len,
     }
 }
 
@@ -292,6 +354,7 @@ pub mod tests {
             min_size: None,
             max_size: None,
             prefill_token_budget,
+            chunking: false,
             token_budget,
         }
     }
@@ -302,7 +365,7 @@ pub mod tests {
 
     /// 64 blocks of 16 tokens.
     fn state() -> State {
-        State::new(BlockAllocator::new(64 * 16, 16).unwrap())
+        State::new(BlockAllocator::new(64 * 16, 16, true).unwrap())
     }
 
     #[test]
@@ -321,7 +384,7 @@ pub mod tests {
             presence_penalty: -0.3,
         };
         let (sender, _receiver) = mpsc::unbounded_channel();
-        let proto = request_proto(7, &Entry::new(sampled, sender));
+        let proto = request_proto(7, &Entry::new(sampled, sender), None);
         assert_eq!(
             proto.parameters,
             Some(NextTokenChooserParameters {
@@ -445,7 +508,7 @@ pub mod tests {
 
     #[test]
     fn waits_for_free_blocks_and_allocates_them() {
-        let mut state = State::new(BlockAllocator::new(4 * 16, 16).unwrap());
+        let mut state = State::new(BlockAllocator::new(4 * 16, 16, true).unwrap());
         let (first, _r1) = entry(20, 20); // 3 blocks
         let (second, _r2) = entry(20, 20);
         state.append(first);
@@ -462,9 +525,78 @@ pub mod tests {
         assert!(!blocks.contains(&0));
     }
 
+    /// Marks the batch's prompts (or chunks) as prefilled, as a successful step does.
+    fn prefilled(next: &mut NextBatch) {
+        for request in &next.batch.requests {
+            let computed = request.cache_len.unwrap_or(0)
+                + request.chunk_len.unwrap_or(request.input_ids.len() as u32);
+            let allocation = next.entries.get_mut(&request.id).unwrap().block_allocation.as_mut();
+            allocation.unwrap().set_computed(computed);
+        }
+    }
+
+    #[test]
+    fn a_cached_prefix_is_sent_as_cache_len_and_costs_no_prefill_budget() {
+        let mut state = state();
+        let (first, _r1) = entry(40, 5);
+        state.append(first);
+        let mut next = state.next_batch(limits(40, 1000)).unwrap();
+        assert_eq!(next.batch.requests[0].cache_len, None);
+        prefilled(&mut next);
+        drop(next);
+        let (same, _r2) = entry(40, 5);
+        let (details, _r3) = entry(40, 5);
+        state.append(same);
+        state.append(details);
+        state.entries[1].1.request.decoder_input_details = true;
+        // 32 of the 40 tokens are cached: 8 + 40 fit a budget of 48.
+        let next = state.next_batch(limits(48, 1000)).unwrap();
+        assert_eq!(ids(&next), vec![1, 2]);
+        let cache_lens: Vec<_> = next.batch.requests.iter().map(|r| r.cache_len).collect();
+        assert_eq!(cache_lens, vec![Some(32), None], "prompt logprobs compute the whole prompt");
+        assert_eq!(next.batch.max_tokens, 90);
+    }
+
+    #[test]
+    fn chunking_splits_a_prompt_over_steps_that_go_first() {
+        let mut state = state();
+        let (long, _r1) = entry(50, 5);
+        let (short, _r2) = entry(10, 5);
+        state.append(long);
+        state.append(short);
+        let chunked = BatchLimits {
+            chunking: true,
+            ..limits(20, 1000)
+        };
+        assert!(state.next_batch(limits(20, 1000)).is_none(), "no chunking: too long");
+        let mut expected_cache_len = None;
+        for chunk_len in [20, 20] {
+            let mut next = state.next_batch(chunked).unwrap();
+            assert_eq!(ids(&next), vec![0], "a chunk ends the batch");
+            let request = &next.batch.requests[0];
+            assert_eq!((request.cache_len, request.chunk_len), (expected_cache_len, Some(chunk_len)));
+            let blocks = request.blocks.clone();
+            prefilled(&mut next);
+            expected_cache_len = Some(expected_cache_len.unwrap_or(0) + chunk_len);
+            // The batching loop puts it back, its blocks held.
+            state.requeue(next.entries.into_iter().collect());
+            assert_eq!(state.entries[0].1.block_allocation.as_ref().unwrap().blocks, blocks);
+        }
+        // A partly prefilled prompt goes on even when too few requests wait.
+        let wants_many = BatchLimits {
+            min_size: Some(5),
+            ..chunked
+        };
+        let next = state.next_batch(wants_many).unwrap();
+        assert_eq!(ids(&next), vec![0, 1], "the last 10 tokens, then the short prompt");
+        let request = &next.batch.requests[0];
+        assert_eq!((request.cache_len, request.chunk_len), (Some(40), None));
+        assert_eq!(next.batch.requests[1].chunk_len, None);
+    }
+
     #[tokio::test]
     async fn the_task_serves_appends_and_batches() {
-        let queue = Queue::new(BlockAllocator::new(64 * 16, 16).unwrap());
+        let queue = Queue::new(BlockAllocator::new(64 * 16, 16, true).unwrap());
         let (first, _receiver) = entry(10, 10);
         queue.append(first);
         let next = queue.next_batch(limits(1000, 1000)).await.unwrap();

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use proto::v3::{Batch, CachedBatch, Generation, Tokens};
+use proto::v3::{Batch, CachedBatch, Generation, Request, Tokens};
 use tokio::sync::Notify;
 
 use super::health::GenerationHealth;
@@ -48,6 +48,7 @@ pub async fn batching_task(
             let poll = config.shards_on_gpu;
             let mut running = step(
                 &client,
+                &queue,
                 Step::Prefill(batch, None),
                 &mut entries,
                 &health,
@@ -68,8 +69,11 @@ pub async fn batching_task(
                         metrics::counter!("tgi_batch_concat", "reason" => reason.as_label())
                             .increment(1);
                         waiting_steps = 1;
-                        let prompt_tokens =
-                            new_batch.requests.iter().map(|r| r.input_ids.len()).sum();
+                        let prompt_tokens = new_batch
+                            .requests
+                            .iter()
+                            .map(|r| (prefilled_len(r) - r.cache_len.unwrap_or(0)) as usize)
+                            .sum();
                         if config.fits_mixed_step(prompt_tokens, batch.size as usize) {
                             // The shards answer for the requests of both batches.
                             entries.extend(new_entries);
@@ -77,6 +81,7 @@ pub async fn batching_task(
                         } else {
                             let prefilled = step(
                                 &client,
+                                &queue,
                                 Step::Prefill(new_batch, None),
                                 &mut new_entries,
                                 &health,
@@ -98,7 +103,7 @@ pub async fn batching_task(
                         batches: vec![batch],
                     },
                 };
-                running = step(&client, next_step, &mut entries, &health, poll).await;
+                running = step(&client, &queue, next_step, &mut entries, &health, poll).await;
                 // A mixed step is also a decode step of the running requests.
                 waiting_steps += 1;
             }
@@ -146,6 +151,7 @@ impl Step {
 /// batches). On a shard error every entry of the step gets the error and is dropped.
 async fn step(
     client: &ShardedClient,
+    queue: &Queue,
     step: Step,
     entries: &mut HashMap<u64, Entry>,
     health: &GenerationHealth,
@@ -155,7 +161,7 @@ async fn step(
     let cache_to_clear = step.cache_to_clear();
     let start = Instant::now();
     metrics::counter!("tgi_batch_inference_count", "method" => method).increment(1);
-    match run_step(client, step, entries, start, poll).await {
+    match run_step(client, queue, step, entries, start, poll).await {
         Ok((running, timings)) => {
             health.record(true);
             metrics::histogram!("tgi_batch_forward_duration", "method" => method)
@@ -193,6 +199,7 @@ async fn step(
 
 async fn run_step(
     client: &ShardedClient,
+    queue: &Queue,
     step: Step,
     entries: &mut HashMap<u64, Entry>,
     start: Instant,
@@ -204,7 +211,30 @@ async fn run_step(
             for entry in entries.values_mut() {
                 entry.batch_time.get_or_insert(start);
             }
-            answer(client.prefill(batch, cached_batch), poll).await?
+            let prefilled: Vec<(u64, u32)> = batch
+                .requests
+                .iter()
+                .map(|r| (r.id, prefilled_len(r)))
+                .collect();
+            let answered = answer(client.prefill(batch, cached_batch), poll).await?;
+            let mut partly_prefilled = Vec::new();
+            for (id, len) in prefilled {
+                let Some(entry) = entries.get_mut(&id) else {
+                    continue;
+                };
+                // Their blocks hold these prompt tokens now: cached once the requests end.
+                if let Some(allocation) = entry.block_allocation.as_mut() {
+                    allocation.set_computed(len);
+                }
+                if len < entry.request.input_length() {
+                    partly_prefilled.extend(entries.remove_entry(&id));
+                }
+            }
+            // The shards dropped them after their chunk: the queue sends the rest first.
+            if !partly_prefilled.is_empty() {
+                queue.requeue(partly_prefilled);
+            }
+            answered
         }
         Step::Decode { batches, run_ahead } => {
             answer(client.decode(batches, run_ahead), poll).await?
@@ -213,6 +243,16 @@ async fn run_step(
     deliver(generations, entries);
     let running = filter_batch(client, running, entries).await?;
     Ok((running, timings))
+}
+
+/// Prompt tokens in a request's KV blocks after its prefill: the cached prefix and the
+/// tokens computed.
+fn prefilled_len(request: &Request) -> u32 {
+    let cached = request.cache_len.unwrap_or(0);
+    let prompt = request.input_ids.len() as u32;
+    request
+        .chunk_len
+        .map_or(prompt, |chunk| (cached + chunk).min(prompt))
 }
 
 /// How long a step's answer is polled for before it is awaited: longer than a decode

@@ -2,13 +2,16 @@
 //! unix socket and "generates" deterministic tokens (the k-th generated token
 //! of every request is `FIRST_TOKEN + k`, text " w{k}"), so that the router's
 //! scheduling can be tested end to end. It checks what a real shard relies on:
-//! every request comes with enough slots, no KV block is used twice, and no
-//! forward pass carries more tokens than the warmup's `max_prefill_tokens`.
+//! every request comes with enough slots, no KV block is written by two requests
+//! (the blocks of a cached prefix, `cache_len`, are only read, and may be shared),
+//! and no forward pass carries more tokens than the warmup's `max_prefill_tokens`.
 //!
 //! A Prefill with a `cached_batch` is a "mixed" step, as a real shard runs it:
 //! the cached batch's requests advance by one token in the same forward pass as
 //! the new prompts, and the union stays cached under the new batch's id (the
-//! cached batch's id is gone).
+//! cached batch's id is gone). With `support_chunking`, a request whose `chunk_len`
+//! does not reach the end of its prompt gets no token and leaves the batch, as on a
+//! real shard.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -39,6 +42,8 @@ pub struct FakeShardConfig {
     pub decode_delay: Duration,
     /// How long every Prefill takes (its "forward pass").
     pub prefill_delay: Duration,
+    /// What Info reports; without it, a `chunk_len` is refused.
+    pub support_chunking: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +53,8 @@ struct FakeRequest {
     generated: u32,
     max_new_tokens: u32,
     blocks: Vec<u32>,
+    /// The leading blocks holding its cached prefix (read, never written).
+    cached_blocks: usize,
     top_n_tokens: u32,
     /// What the answer reports as the seed: a sampled request's, as a real shard does.
     seed: Option<u64>,
@@ -59,7 +66,7 @@ pub enum ShardCall {
     Prefill {
         batch_id: u64,
         request_ids: Vec<u64>,
-        /// Prompt tokens of the new requests.
+        /// Prompt tokens of the new requests to compute (not cached).
         prompt_tokens: u32,
         /// The batch decoded in the same forward pass (a mixed step), and its size.
         cached: Option<(u64, usize)>,
@@ -237,12 +244,34 @@ impl FakeShard {
     }
 }
 
-/// A request needs a slot for each of its tokens, in blocks of its own (block 0 is reserved).
+/// The KV blocks of live requests: those they write, those of cached prefixes they read.
+#[derive(Debug, Default)]
+struct UsedBlocks {
+    written: HashSet<u32>,
+    read: HashSet<u32>,
+}
+
+impl UsedBlocks {
+    fn of(state: &FakeState) -> Self {
+        let mut used = Self::default();
+        for request in state.batches.values().flatten() {
+            let (read, written) = request.blocks.split_at(request.cached_blocks);
+            used.read.extend(read);
+            used.written.extend(written);
+        }
+        used
+    }
+}
+
+/// A request needs a slot for each of its tokens, in blocks no other request writes
+/// (block 0 is reserved) but those wholly inside its cached prefix, which may be shared;
+/// the last prompt token is always computed. Returns how many leading blocks are shared.
 fn check_placement(
     request: &Request,
     tokens: usize,
-    used_blocks: &mut HashSet<u32>,
-) -> Result<(), Status> {
+    block_size: u32,
+    used: &mut UsedBlocks,
+) -> Result<usize, Status> {
     if request.slots.len() < tokens {
         return Err(Status::invalid_argument(format!(
             "request {} has {} slots for {tokens} tokens",
@@ -250,14 +279,31 @@ fn check_placement(
             request.slots.len()
         )));
     }
-    for block in &request.blocks {
-        if *block == 0 || !used_blocks.insert(*block) {
+    let cache_len = request.cache_len.unwrap_or(0);
+    if cache_len as usize >= request.input_ids.len() {
+        return Err(Status::invalid_argument(format!(
+            "request {}: cache_len {cache_len} leaves no prompt token to compute",
+            request.id
+        )));
+    }
+    let cached_blocks = (cache_len / block_size) as usize;
+    let (read, written) = request.blocks.split_at(cached_blocks.min(request.blocks.len()));
+    for block in read {
+        if *block == 0 || used.written.contains(block) {
+            return Err(Status::invalid_argument(format!(
+                "cached block {block} is reserved or written by another request"
+            )));
+        }
+        used.read.insert(*block);
+    }
+    for block in written {
+        if *block == 0 || used.read.contains(block) || !used.written.insert(*block) {
             return Err(Status::invalid_argument(format!(
                 "block {block} is reserved or in use"
             )));
         }
     }
-    Ok(())
+    Ok(cached_blocks)
 }
 
 fn cached_batch(id: u64, requests: &[FakeRequest]) -> CachedBatch {
@@ -276,6 +322,12 @@ fn cached_batch(id: u64, requests: &[FakeRequest]) -> CachedBatch {
     }
 }
 
+/// Prompt tokens a prefill computes for the request: its chunk, or the uncached rest.
+fn computed_tokens(request: &Request) -> u32 {
+    let uncached = request.input_ids.len() as u32 - request.cache_len.unwrap_or(0).min(request.input_ids.len() as u32);
+    request.chunk_len.map_or(uncached, |chunk| chunk.min(uncached))
+}
+
 #[tonic::async_trait]
 impl TextGenerationService for FakeShard {
     async fn info(&self, _: tonic::Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
@@ -284,6 +336,7 @@ impl TextGenerationService for FakeShard {
             device_type: "cpu".to_string(),
             attention_impl: "paged".to_string(),
             block_size: self.config.block_size,
+            support_chunking: self.config.support_chunking,
             model_type: "fake".to_string(),
             max_position_embeddings: 4096,
             world_size: 1,
@@ -346,10 +399,10 @@ impl TextGenerationService for FakeShard {
         request: tonic::Request<WarmupRequest>,
     ) -> Result<Response<WarmupResponse>, Status> {
         let request = request.into_inner();
-        let mut used_blocks = HashSet::new();
+        let mut used_blocks = UsedBlocks::default();
         for prompt in request.batch.iter().flat_map(|b| b.requests.iter()) {
             // Warmup only prefills: the prompts need slots, not the tokens to generate.
-            check_placement(prompt, prompt.input_ids.len(), &mut used_blocks)?;
+            check_placement(prompt, prompt.input_ids.len(), self.config.block_size, &mut used_blocks)?;
         }
         self.lock().warmups.push(request);
         Ok(Response::new(WarmupResponse {
@@ -382,11 +435,10 @@ impl TextGenerationService for FakeShard {
             ),
             None => None,
         };
-        let prompt_tokens: u32 = batch
-            .requests
-            .iter()
-            .map(|r| r.input_ids.len() as u32)
-            .sum();
+        if !self.config.support_chunking && batch.requests.iter().any(|r| r.chunk_len.is_some()) {
+            return Err(Status::invalid_argument("chunk_len is not supported"));
+        }
+        let prompt_tokens: u32 = batch.requests.iter().map(computed_tokens).sum();
         state.calls.push(ShardCall::Prefill {
             batch_id: batch.id,
             request_ids: batch.requests.iter().map(|r| r.id).collect(),
@@ -412,12 +464,7 @@ impl TextGenerationService for FakeShard {
                 )));
             }
         }
-        let mut used_blocks: HashSet<u32> = state
-            .batches
-            .values()
-            .flatten()
-            .flat_map(|r| r.blocks.iter().copied())
-            .collect();
+        let mut used_blocks = UsedBlocks::of(&state);
         let mut new_requests = Vec::new();
         let mut prefill_tokens = HashMap::new();
         for request in batch.requests {
@@ -425,11 +472,17 @@ impl TextGenerationService for FakeShard {
                 .stopping_parameters
                 .as_ref()
                 .map_or(0, |s| s.max_new_tokens);
-            check_placement(
+            let cached_blocks = check_placement(
                 &request,
                 request.input_ids.len() + max_new_tokens as usize,
+                self.config.block_size,
                 &mut used_blocks,
             )?;
+            let cached = request.cache_len.unwrap_or(0);
+            if cached + computed_tokens(&request) < request.input_ids.len() as u32 {
+                // A chunk of the prompt: the router sends the rest later.
+                continue;
+            }
             if request.prefill_logprobs {
                 prefill_tokens.insert(
                     request.id,
@@ -451,6 +504,7 @@ impl TextGenerationService for FakeShard {
                 generated: 0,
                 max_new_tokens,
                 blocks: request.blocks,
+                cached_blocks,
                 top_n_tokens: request.top_n_tokens,
                 seed: request
                     .parameters

@@ -295,6 +295,7 @@ mod tests {
             kv_capacity_tokens,
             decode_delay: Duration::ZERO,
             prefill_delay: Duration::ZERO,
+            support_chunking: false,
         })
         .await
     }

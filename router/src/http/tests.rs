@@ -141,6 +141,7 @@ pub(crate) fn test_info(
         validation_workers: 2,
         world_size: 1,
         block_size: 16,
+        prefix_caching: true,
         quantization: "none".into(),
         generation_defaults: Default::default(),
         router: "text-generation-router",
