@@ -14,7 +14,9 @@
 #   5. prints the tables, and copies the JSON results and logs to $OUT when set.
 #
 #   benchmark/run_gpu.sh
-# Environment: PRESET (llama-3.1-8b | tiny), MODEL_DIR, DTYPE (bfloat16), PORT, RESULTS_DIR,
+# Environment: PRESET (llama-3.1-8b | llama-3.1-70b | tiny), QUANTIZE (awq | gptq | fp8: the
+# random model's linear layers packed in that format, which the shards detect from its
+# config.json), MODEL_DIR, DTYPE (bfloat16), PORT, RESULTS_DIR,
 # CONCURRENCY (sweep levels, e.g. 1,8,32), SAMPLING_PRESETS (presets of the sampling
 # step, e.g. greedy,t0.7-p0.9), SHARD_BENCH_ARGS, and STEPS, the parts to run
 # (default "scenario sweep shard"; "sampling" only when named): to stay under a time
@@ -26,10 +28,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET="${PRESET:-llama-3.1-8b}"
-# One folder per preset: an existing model is reused, so presets must not share one.
+QUANTIZE="${QUANTIZE:-}"
+# One folder per preset and format: an existing model is reused, so they must not share one.
 case "$PRESET" in
-    llama-3.1-8b) MODEL_DIR="${MODEL_DIR:-/tmp/llama-8b-random}" ;;
-    *) MODEL_DIR="${MODEL_DIR:-/tmp/llama-$PRESET-random}" ;;
+    llama-3.1-8b) MODEL_DIR="${MODEL_DIR:-/tmp/llama-8b-random${QUANTIZE:+-$QUANTIZE}}" ;;
+    *) MODEL_DIR="${MODEL_DIR:-/tmp/llama-$PRESET-random${QUANTIZE:+-$QUANTIZE}}" ;;
 esac
 DTYPE="${DTYPE:-bfloat16}"
 PORT="${PORT:-8080}"
@@ -100,7 +103,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 cat "$RESULTS_DIR/gpu.txt"
 
 if [ ! -f "$MODEL_DIR/model.safetensors.index.json" ]; then
-    python3 benchmark/make_random_model.py "$MODEL_DIR" --preset "$PRESET"
+    python3 benchmark/make_random_model.py "$MODEL_DIR" --preset "$PRESET" ${QUANTIZE:+--quantize "$QUANTIZE"}
 fi
 
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }

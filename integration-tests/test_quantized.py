@@ -1,6 +1,7 @@
 """Quantized checkpoints end to end on CPU: the launcher serves tiny random AWQ and GPTQ
 checkpoints (written by shard/reference/make_quantized.py, packed as AutoAWQ and
-AutoGPTQ pack them) and their greedy token is the numpy reference's; `--quantize` values
+AutoGPTQ pack them), on one shard and on two, and a bf16 one with `--quantize
+bitsandbytes-nf4`, and their greedy token is the numpy reference's; `--quantize` values
 the checkpoint cannot take fail before serving, naming the flag."""
 
 import subprocess
@@ -11,9 +12,9 @@ import pytest
 import requests
 from safetensors.numpy import load_file
 
-from launcher_harness import ROOT, Launcher
+from launcher_harness import ROOT, Launcher, free_port
 
-MODELS = ["awq_g64", "gptq_4bit_g32_act_order_asym"]
+MODELS = ["awq_g64", "gptq_4bit_g32_act_order_asym", "dense_bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,20 @@ def checkpoints(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_a_quantized_checkpoint_answers_with_the_reference_token(checkpoints, name):
+@pytest.mark.parametrize(
+    "name, flags, reference, quantization",
+    [
+        ("awq_g64", [], "expected.safetensors", "awq:4bit-g64"),
+        ("gptq_4bit_g32_act_order_asym", [], "expected.safetensors", "gptq:4bit-g32-act-order-asym"),
+        ("gptq_4bit_g32_act_order_asym", ["--num-shard", "2"], "expected.safetensors", "gptq:4bit-g32-act-order-asym"),
+        ("dense_bf16", ["--quantize", "bitsandbytes-nf4"], "expected.bitsandbytes-nf4.safetensors", "bitsandbytes-nf4"),
+    ],
+)
+def test_a_quantized_checkpoint_answers_with_the_reference_token(checkpoints, name, flags, reference, quantization):
     model = checkpoints / name
-    expected = load_file(str(model / "expected.safetensors"))
+    expected = load_file(str(model / reference))
     ids, logits = expected["input_ids.0"], expected["logits.0"]
-    launcher = Launcher(model=model)
+    launcher = Launcher(*flags, "--master-port", str(free_port()), model=model)
     try:
         launcher.wait_healthy()
         response = requests.post(
@@ -47,7 +56,7 @@ def test_a_quantized_checkpoint_answers_with_the_reference_token(checkpoints, na
         details = response.json()["details"]
         assert details["tokens"][0]["id"] == int(logits[-1].argmax()), launcher.tail()
         info = requests.get(f"{launcher.url}/info", timeout=10).json()
-        assert info["quantization"].startswith(name.split("_")[0]), info
+        assert info["quantization"] == quantization, info
     finally:
         launcher.stop()
 

@@ -121,7 +121,11 @@ pub fn resolve(config: &Value, flag: Option<QuantizeArg>) -> Result<Option<Quant
                 "`--quantize {f}` needs a checkpoint quantized with {} (config.json's \
                  quantization_config); this one has none and {f} weights cannot be made at load: \
                  use `--quantize fp8`, `bitsandbytes-nf4`, `bitsandbytes-fp4` or `bitsandbytes`",
-                if f == QuantizeArg::Awq { "AWQ" } else { "GPTQ" }
+                match f {
+                    QuantizeArg::Awq => "AWQ",
+                    QuantizeArg::Gptq => "GPTQ",
+                    _ => "GPTQ or AWQ",
+                }
             ),
         };
     };
@@ -145,12 +149,12 @@ pub fn resolve(config: &Value, flag: Option<QuantizeArg>) -> Result<Option<Quant
         ),
     };
     if let Some(flag) = flag {
-        let agrees = match (&quantization, flag) {
-            (Quantization::Awq { .. }, QuantizeArg::Awq | QuantizeArg::Marlin) => true,
-            (Quantization::Gptq(_), QuantizeArg::Gptq | QuantizeArg::Marlin) => true,
-            (Quantization::Fp8 { .. }, QuantizeArg::Fp8) => true,
-            _ => false,
-        };
+        let agrees = matches!(
+            (&quantization, flag),
+            (Quantization::Awq { .. }, QuantizeArg::Awq | QuantizeArg::Marlin)
+                | (Quantization::Gptq(_), QuantizeArg::Gptq | QuantizeArg::Marlin)
+                | (Quantization::Fp8 { .. }, QuantizeArg::Fp8)
+        );
         if !agrees {
             bail!(
                 "`--quantize {flag}` contradicts the checkpoint: its config.json's \
@@ -360,5 +364,7 @@ mod tests {
         assert!(e.contains("`--quantize bitsandbytes-nf4`"), "{e}");
         let e = err(json!({"model_type": "llama"}), Some(QuantizeArg::Awq));
         assert!(e.contains("`--quantize awq` needs a checkpoint quantized with AWQ"), "{e}");
+        let e = err(json!({"model_type": "llama"}), Some(QuantizeArg::Marlin));
+        assert!(e.contains("quantized with GPTQ or AWQ"), "{e}");
     }
 }

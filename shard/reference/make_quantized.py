@@ -1,5 +1,6 @@
 """Writes tiny random quantized checkpoints, packed as the quantization tools pack them,
-and their reference logits (shard/tests/quantized_reference.rs, tensor_parallel.rs).
+and their reference logits (shard/tests/model_reference.rs and tensor_parallel.rs,
+integration-tests/test_quantized.py). make_fixtures.py writes them all with its fixtures.
 
     python shard/reference/make_quantized.py OUTDIR [NAME ...]
 
