@@ -68,6 +68,17 @@ PANELS = [
      "Duration of one prefill or decode step of the batch."),
     ("Input length", "short", quantiles("tgi_request_input_length"),
      "Prompt length in tokens."),
+    ("Prefix cache hit rate", "percentunit",
+     [(f"sum(rate(tgi_prefix_cache_hit_tokens_total{SEL}[{RATE}]))"
+       f" / sum(rate(tgi_prefix_cache_prompt_tokens_total{SEL}[{RATE}]))", "hit rate")],
+     "Share of the prompt tokens whose KV blocks were cached (not prefilled again)."),
+    ("Prefix cache blocks and evictions", "short",
+     [(f"sum by (instance) (tgi_prefix_cache_blocks{SEL})", "cached blocks {{instance}}"),
+      (f"sum(rate(tgi_prefix_cache_evictions_total{SEL}[{RATE}]))", "evictions/s")],
+     "KV blocks held by the prefix cache, and cached blocks evicted per second."),
+    ("Chunked prefills", "reqps",
+     [(f"sum(rate(tgi_prefill_chunked_total{SEL}[{RATE}]))", "chunked prompts/s")],
+     "Prompts prefilled over several steps (longer than the step's prefill budget left)."),
 ]
 
 PANEL_WIDTH, PANEL_HEIGHT, COLUMNS = 12, 8, 2

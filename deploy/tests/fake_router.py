@@ -46,6 +46,12 @@ class Counters:
         metric("tgi_queue_size", "gauge", [("", 0)])
         metric("tgi_batch_current_size", "gauge", [("", 0)])
         metric("tgi_batch_current_max_tokens", "gauge", [("", 0)])
+        # Every request's 5-token prompt: its first 4 tokens cached after the first one.
+        metric("tgi_prefix_cache_prompt_tokens_total", "counter", [("", 5 * n)])
+        metric("tgi_prefix_cache_hit_tokens_total", "counter", [("", 4 * max(n - 1, 0))])
+        metric("tgi_prefix_cache_blocks", "gauge", [("", 1)])
+        metric("tgi_prefix_cache_evictions_total", "counter", [("", 0)])
+        metric("tgi_prefill_chunked_total", "counter", [("", 0)])
         for name in ("tgi_request_duration", "tgi_request_queue_duration",
                      "tgi_request_inference_duration", "tgi_request_mean_time_per_token_duration"):
             histogram(name, DURATION_BUCKETS, REQUEST_SECONDS)

@@ -326,7 +326,7 @@ async fn greedy_generation_info_and_health() {
         (info.model_type.as_str(), info.rank, info.world_size),
         ("llama", 0, 1)
     );
-    assert!(!info.support_chunking);
+    assert!(info.support_chunking && info.use_prefix_caching);
     assert!(info.quantization.contains("Q4_1"), "{}", info.quantization);
     let urls = client
         .service_discovery(ServiceDiscoveryRequest {})
@@ -620,6 +620,100 @@ async fn a_mixed_prefill_decodes_the_cached_batch_in_the_same_pass() {
     }
     assert_eq!(outputs.tokens[&20], alone_a.tokens[&1]);
     assert_eq!(outputs.tokens[&21], alone_b.tokens[&2]);
+}
+
+/// A prompt of several KV blocks.
+const LONG_PROMPT: &str = "The history of the city is long. It was founded on a river, grew into a \
+    market town, and became a capital of trade and learning. Its university, its bridges \
+    and its old quarter draw visitors from everywhere. Engineers drained the marshes and \
+    laid railways along both banks of the river. Today, the city";
+
+/// `request` with the first `cached_blocks` blocks of `cached` in place of its own, and
+/// their tokens as its cached prefix (`cache_len`), as the router's prefix cache sends it.
+fn with_cached_prefix(mut request: Request, cached: &Request, cached_blocks: usize) -> Request {
+    request.blocks[..cached_blocks].copy_from_slice(&cached.blocks[..cached_blocks]);
+    request.slots = request
+        .blocks
+        .iter()
+        .flat_map(|b| b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE)
+        .take(request.slots.len())
+        .collect();
+    request.cache_len = Some(cached_blocks as u32 * BLOCK_SIZE);
+    request
+}
+
+/// `request` prefilling only `chunk_len` prompt tokens after its first `cache_len`.
+fn chunk(request: &Request, cache_len: u32, chunk_len: u32) -> Request {
+    Request {
+        cache_len: Some(cache_len),
+        chunk_len: Some(chunk_len),
+        ..request.clone()
+    }
+}
+
+/// A prompt prefilled from cached blocks, or in chunks (alone, then riding along with a
+/// running batch's decode steps), gives the greedy tokens of one cold prefill.
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_prefixes_and_chunked_prefills_give_the_tokens_of_a_cold_prefill() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let cold_request = blocks.request(1, LONG_PROMPT, 8);
+    let prompt_len = cold_request.input_ids.len() as u32;
+    assert!(prompt_len > 3 * BLOCK_SIZE, "{prompt_len} tokens");
+    let cold = generate(&mut client, batch(1, vec![cold_request.clone()])).await;
+    assert_eq!(cold.tokens[&1].len(), 8);
+
+    // The finished request's blocks still hold its prompt's keys and values.
+    let hit = with_cached_prefix(blocks.request(2, LONG_PROMPT, 8), &cold_request, 3);
+    let hit = generate(&mut client, batch(2, vec![hit])).await;
+    assert_eq!(hit.tokens[&2], cold.tokens[&1], "cache hit");
+
+    // Chunks of 20 tokens, alone: no token until the last chunk.
+    let chunked = blocks.request(3, LONG_PROMPT, 8);
+    let mut outputs = Outputs::default();
+    let mut cache_len = 0;
+    let mut id = 10;
+    let mut cached = None;
+    while cached.is_none() {
+        let request = chunk(&chunked, cache_len, 20);
+        cached = prefill(&mut client, batch(id, vec![request]), &mut outputs).await;
+        cache_len += 20;
+        id += 1;
+        assert_eq!(cached.is_some(), cache_len >= prompt_len, "after {cache_len} tokens");
+        assert_eq!(outputs.tokens.contains_key(&3), cached.is_some());
+    }
+    while let Some(batch) = cached {
+        cached = decode(&mut client, vec![batch], &mut outputs).await;
+    }
+    assert_eq!(outputs.tokens[&3], cold.tokens[&1], "chunked alone");
+
+    // Chunks of 30 tokens riding along with a running request's decode steps, the first
+    // after a cached prefix.
+    let alone = generate(&mut client, batch(20, vec![blocks.request(20, PROMPT, 12)])).await;
+    let mut outputs = Outputs::default();
+    let mut running = prefill(&mut client, batch(21, vec![blocks.request(21, PROMPT, 12)]), &mut outputs)
+        .await
+        .unwrap();
+    let chunked = with_cached_prefix(blocks.request(4, LONG_PROMPT, 8), &cold_request, 1);
+    let mut cache_len = BLOCK_SIZE;
+    let mut id = 30;
+    while !outputs.tokens.contains_key(&4) {
+        let request = chunk(&chunked, cache_len, 30);
+        running = mixed_prefill(&mut client, batch(id, vec![request]), Some(running), &mut outputs)
+            .await
+            .unwrap();
+        cache_len += 30;
+        id += 1;
+        let expected: &[u64] = if cache_len >= prompt_len { &[21, 4] } else { &[21] };
+        assert_eq!(running.request_ids, expected, "a chunk leaves the batch until its last");
+    }
+    let mut cached = Some(running);
+    while let Some(batch) = cached {
+        cached = decode(&mut client, vec![batch], &mut outputs).await;
+    }
+    assert_eq!(outputs.tokens[&4], cold.tokens[&1], "chunked with a running batch");
+    assert_eq!(outputs.tokens[&21], alone.tokens[&20], "the running request");
 }
 
 #[tokio::test(flavor = "multi_thread")]

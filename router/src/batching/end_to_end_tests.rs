@@ -556,16 +556,19 @@ async fn a_prefill_budget_below_the_longest_prompt_needs_chunking_shards() {
 }
 
 #[tokio::test]
-async fn a_repeated_prompt_is_prefilled_from_its_cached_blocks() {
+async fn a_repeated_prompt_is_prefilled_from_cached_blocks_even_while_the_first_runs() {
     let config = SchedulerConfig {
         prefix_caching: true,
         ..config()
     };
     let (infer, _, shard) = start(64, config).await;
-    for _ in 0..2 {
-        let response = within_seconds(infer.generate(request(40, 3))).await.unwrap();
-        assert_eq!(response.generated_text.generated_tokens, 3);
-    }
+    let (_running, running) = infer.generate_stream(request(40, 20)).unwrap();
+    let mut running = running.peekable();
+    within_seconds(std::pin::Pin::new(&mut running).peek()).await;
+    // The running request's prompt blocks are shared as soon as they were computed.
+    let response = within_seconds(infer.generate(request(40, 3))).await.unwrap();
+    assert_eq!(response.generated_text.generated_tokens, 3);
+    assert_complete(&within_seconds(running.collect::<Vec<_>>()).await, 20);
     let mut details = request(40, 3);
     details.decoder_input_details = true;
     within_seconds(infer.generate(details)).await.unwrap();

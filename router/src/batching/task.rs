@@ -10,7 +10,9 @@
 //! request and the next token of each running one, and the union goes on under
 //! the new batch's id; that iteration needs no Decode of its own. A join too large
 //! to share the pass (new prompts plus one token per running request beyond
-//! `max_batch_prefill_tokens`) is prefilled alone, then decoded with the rest.
+//! `max_batch_prefill_tokens`) is prefilled alone, then decoded with the rest. With
+//! chunked prefill, every join shares the pass: a prompt beyond the budget left is
+//! prefilled in part, and goes back to the front of the queue for its next chunk.
 //!
 //! On GPU shards every Decode asks the shards to run the next step ahead: they start
 //! its forward pass before answering, so that the round trip and the delivery of the
@@ -222,7 +224,7 @@ async fn run_step(
                 let Some(entry) = entries.get_mut(&id) else {
                     continue;
                 };
-                // Their blocks hold these prompt tokens now: cached once the requests end.
+                // Their blocks hold these prompt tokens now: they may serve other prompts.
                 if let Some(allocation) = entry.block_allocation.as_mut() {
                     allocation.set_computed(len);
                 }

@@ -3,7 +3,8 @@
 //! of every request is `FIRST_TOKEN + k`, text " w{k}"), so that the router's
 //! scheduling can be tested end to end. It checks what a real shard relies on:
 //! every request comes with enough slots, no KV block is written by two requests
-//! (the blocks of a cached prefix, `cache_len`, are only read, and may be shared),
+//! (the blocks of a cached prefix, `cache_len`, are only read, and may be shared, as
+//! may the whole prompt blocks of requests already prefilled),
 //! and no forward pass carries more tokens than the warmup's `max_prefill_tokens`.
 //!
 //! A Prefill with a `cached_batch` is a "mixed" step, as a real shard runs it:
@@ -53,8 +54,6 @@ struct FakeRequest {
     generated: u32,
     max_new_tokens: u32,
     blocks: Vec<u32>,
-    /// The leading blocks holding its cached prefix (read, never written).
-    cached_blocks: usize,
     top_n_tokens: u32,
     /// What the answer reports as the seed: a sampled request's, as a real shard does.
     seed: Option<u64>,
@@ -252,10 +251,12 @@ struct UsedBlocks {
 }
 
 impl UsedBlocks {
-    fn of(state: &FakeState) -> Self {
+    fn of(state: &FakeState, block_size: u32) -> Self {
         let mut used = Self::default();
         for request in state.batches.values().flatten() {
-            let (read, written) = request.blocks.split_at(request.cached_blocks);
+            // Prefilled: its whole prompt blocks are only read from now on.
+            let prompt_blocks = (request.input_ids.len() / block_size as usize).min(request.blocks.len());
+            let (read, written) = request.blocks.split_at(prompt_blocks);
             used.read.extend(read);
             used.written.extend(written);
         }
@@ -265,13 +266,13 @@ impl UsedBlocks {
 
 /// A request needs a slot for each of its tokens, in blocks no other request writes
 /// (block 0 is reserved) but those wholly inside its cached prefix, which may be shared;
-/// the last prompt token is always computed. Returns how many leading blocks are shared.
+/// the last prompt token is always computed.
 fn check_placement(
     request: &Request,
     tokens: usize,
     block_size: u32,
     used: &mut UsedBlocks,
-) -> Result<usize, Status> {
+) -> Result<(), Status> {
     if request.slots.len() < tokens {
         return Err(Status::invalid_argument(format!(
             "request {} has {} slots for {tokens} tokens",
@@ -303,7 +304,7 @@ fn check_placement(
             )));
         }
     }
-    Ok(cached_blocks)
+    Ok(())
 }
 
 fn cached_batch(id: u64, requests: &[FakeRequest]) -> CachedBatch {
@@ -464,7 +465,7 @@ impl TextGenerationService for FakeShard {
                 )));
             }
         }
-        let mut used_blocks = UsedBlocks::of(&state);
+        let mut used_blocks = UsedBlocks::of(&state, self.config.block_size);
         let mut new_requests = Vec::new();
         let mut prefill_tokens = HashMap::new();
         for request in batch.requests {
@@ -472,7 +473,7 @@ impl TextGenerationService for FakeShard {
                 .stopping_parameters
                 .as_ref()
                 .map_or(0, |s| s.max_new_tokens);
-            let cached_blocks = check_placement(
+            check_placement(
                 &request,
                 request.input_ids.len() + max_new_tokens as usize,
                 self.config.block_size,
@@ -504,7 +505,6 @@ impl TextGenerationService for FakeShard {
                 generated: 0,
                 max_new_tokens,
                 blocks: request.blocks,
-                cached_blocks,
                 top_n_tokens: request.top_n_tokens,
                 seed: request
                     .parameters

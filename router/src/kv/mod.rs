@@ -2,9 +2,9 @@
 //! decides where every token lives, the shards just write there).
 //!
 //! `BlockAllocator` is a handle over one of two implementations of [`Allocator`]:
-//! `simple` (a free list) and `radix` (prefix caching: the blocks of finished prompts
-//! stay cached in a radix tree and later prompts starting with the same tokens reuse
-//! them). Block 0 is reserved (the shards use it as a scratch/padding block) and never
+//! `simple` (a free list) and `radix` (prefix caching: the blocks of computed prompts
+//! are cached in a radix tree, and stay there after their request ended; later prompts
+//! starting with the same tokens reuse them). Block 0 is reserved (the shards use it as a scratch/padding block) and never
 //! handed out. An allocation gives its blocks back when it is dropped, so a request's
 //! blocks are freed as soon as its queue/batch entry goes away.
 
@@ -22,13 +22,13 @@ struct Blocks {
     prefix_len: u32,
 }
 
-/// The blocks of a finished allocation, given back.
-struct Released<'a> {
-    blocks: Vec<u32>,
+/// An allocation's blocks and what they hold.
+struct Held<'a> {
+    blocks: &'a [u32],
     prompt: &'a [u32],
-    prefix_len: u32,
-    /// Leading prompt tokens whose keys/values the shards computed into the blocks
-    /// (at least `prefix_len`).
+    /// Leading prompt tokens whose blocks are shared (cached) blocks this allocation holds.
+    shared_len: u32,
+    /// Leading prompt tokens whose keys/values are in the blocks (at least `shared_len`).
     computed_len: u32,
 }
 
@@ -38,7 +38,11 @@ trait Allocator: Send + Debug {
     /// already holding a prefix of it. At least the last prompt token is left to compute
     /// (its logits choose the first new token). None when not enough blocks are free.
     fn allocate(&mut self, tokens: u32, prompt: Option<&[u32]>) -> Option<Blocks>;
-    fn free(&mut self, released: Released);
+    /// The shards computed the prompt up to `held.computed_len`: its blocks may be shared
+    /// from now on. Returns the new `shared_len`.
+    fn share(&mut self, held: Held) -> u32;
+    /// Takes back an allocation's blocks.
+    fn free(&mut self, held: Held);
     /// Blocks neither handed out nor cached.
     #[cfg(test)]
     fn free_block_count(&self) -> usize;
@@ -106,6 +110,7 @@ impl BlockAllocator {
             slots,
             prefix_len,
             prompt: Arc::clone(prompt),
+            shared_len: prefix_len,
             computed_len: prefix_len,
             allocator: Arc::clone(&self.allocator),
         })
@@ -130,6 +135,7 @@ pub struct BlockAllocation {
     /// only the rest.
     pub prefix_len: u32,
     prompt: Arc<Vec<u32>>,
+    shared_len: u32,
     computed_len: u32,
     allocator: Arc<Mutex<Box<dyn Allocator>>>,
 }
@@ -142,20 +148,25 @@ impl BlockAllocation {
     }
 
     /// Records that the shards computed the keys/values of the first `prompt_tokens`
-    /// prompt tokens: once freed, those blocks may serve later prompts.
+    /// prompt tokens: from now on, their blocks may serve other prompts.
     pub fn set_computed(&mut self, prompt_tokens: u32) {
-        self.computed_len = prompt_tokens.min(self.prompt.len() as u32).max(self.prefix_len);
+        self.computed_len = prompt_tokens.min(self.prompt.len() as u32).max(self.computed_len);
+        self.shared_len = lock(&self.allocator).share(self.held());
+    }
+
+    fn held(&self) -> Held<'_> {
+        Held {
+            blocks: &self.blocks,
+            prompt: &self.prompt,
+            shared_len: self.shared_len,
+            computed_len: self.computed_len,
+        }
     }
 }
 
 impl Drop for BlockAllocation {
     fn drop(&mut self) {
-        lock(&self.allocator).free(Released {
-            blocks: std::mem::take(&mut self.blocks),
-            prompt: &self.prompt,
-            prefix_len: self.prefix_len,
-            computed_len: self.computed_len,
-        });
+        lock(&self.allocator).free(self.held());
     }
 }
 
@@ -209,6 +220,20 @@ mod tests {
         // A prompt of exactly the cached tokens still computes its last one.
         let fourth = allocator.allocate(8, &prompt(8), true).unwrap();
         assert_eq!(fourth.prefix_len, 4);
+    }
+
+    #[test]
+    fn a_computed_prompt_is_shared_while_its_request_runs() {
+        let allocator = BlockAllocator::new(16 * 4, 4, true).unwrap();
+        let mut first = allocator.allocate(12, &prompt(10), true).unwrap();
+        first.set_computed(10);
+        let second = allocator.allocate(12, &prompt(10), true).unwrap();
+        assert_eq!(second.prefix_len, 8);
+        assert_eq!(second.blocks[..2], first.blocks[..2]);
+        assert_ne!(second.blocks[2], first.blocks[2], "the block of the last token is its own");
+        drop(first);
+        drop(second);
+        assert_eq!(allocator.free_block_count(), 16 - 2, "both blocks stay cached");
     }
 
     #[test]

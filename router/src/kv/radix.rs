@@ -3,14 +3,16 @@
 //! holds the keys/values of its run after the runs of its ancestors, so a prompt whose
 //! first blocks' tokens follow a path from the root can reuse that path's blocks.
 //!
-//! Nodes count the live allocations using them (`refs`); the blocks of a finished
-//! prompt join the tree and stay cached, unreferenced, until the free list runs short:
-//! then unreferenced leaves are evicted, least recently used first (a node is only
-//! evicted after its children, whose keys/values depend on it).
+//! Nodes count the live allocations using them (`refs`). The whole blocks of a prompt
+//! join the tree as soon as the shards computed them (the allocation holding them keeps
+//! a reference: it never writes them again), and stay cached, unreferenced, once their
+//! requests ended, until the free list runs short: then unreferenced leaves are evicted,
+//! least recently used first (a node is only evicted after its children, whose
+//! keys/values depend on it).
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::{Allocator, Blocks, Released};
+use super::{Allocator, Blocks, Held};
 
 type NodeId = usize;
 
@@ -147,6 +149,14 @@ impl RadixAllocator {
         id
     }
 
+    /// The node of the first `runs` block runs of `prompt`, a path the caller holds.
+    fn held_node(&self, prompt: &[u32], runs: usize) -> NodeId {
+        prompt
+            .chunks_exact(self.block_size)
+            .take(runs)
+            .fold(ROOT, |node, run| self.nodes[&node].children[run])
+    }
+
     fn record_cached_blocks(&self) {
         metrics::gauge!("tgi_prefix_cache_blocks").set((self.nodes.len() - 1) as f64);
     }
@@ -185,27 +195,40 @@ impl Allocator for RadixAllocator {
         })
     }
 
-    fn free(&mut self, released: Released) {
-        let Released {
-            blocks,
-            prompt,
-            prefix_len,
-            computed_len,
-        } = released;
-        let held = prefix_len as usize / self.block_size;
-        let computed = (computed_len as usize / self.block_size).clamp(held, blocks.len());
-        let mut runs = prompt.chunks_exact(self.block_size);
+    fn share(&mut self, held: Held) -> u32 {
+        let shared = held.shared_len as usize / self.block_size;
+        let computed = (held.computed_len as usize / self.block_size).min(held.blocks.len());
+        let mut node = self.held_node(held.prompt, shared);
+        let mut now_shared = shared;
+        let runs = held.prompt.chunks_exact(self.block_size).zip(held.blocks);
+        for (run, &block) in runs.take(computed).skip(shared) {
+            if self.nodes[&node].children.contains_key(run) {
+                // Another prompt cached these tokens first: the rest stays private (its
+                // blocks cannot change under the shards).
+                break;
+            }
+            node = self.insert(node, run, block);
+            self.update(node, |n| n.refs += 1);
+            now_shared += 1;
+        }
+        self.record_cached_blocks();
+        (now_shared * self.block_size) as u32
+    }
+
+    fn free(&mut self, held: Held) {
+        let shared = held.shared_len as usize / self.block_size;
+        let computed = (held.computed_len as usize / self.block_size).clamp(shared, held.blocks.len());
+        let mut runs = held.prompt.chunks_exact(self.block_size);
         let mut node = ROOT;
-        for run in runs.by_ref().take(held) {
+        for run in runs.by_ref().take(shared) {
             node = self.nodes[&node].children[run];
             self.update(node, |n| n.refs -= 1);
         }
-        // The newly computed whole blocks of the prompt join the tree.
-        for (run, &block) in runs.zip(&blocks[held..computed]) {
+        // The computed whole blocks not shared yet join the tree now.
+        for (run, &block) in runs.zip(&held.blocks[shared..computed]) {
             node = self.insert(node, run, block);
         }
-        self.free_blocks
-            .extend(blocks[computed..].iter().rev());
+        self.free_blocks.extend(held.blocks[computed..].iter().rev());
         self.record_cached_blocks();
     }
 
@@ -231,15 +254,37 @@ mod tests {
     struct Live {
         blocks: Blocks,
         prompt: Vec<u32>,
+        shared_len: u32,
+        computed_len: u32,
     }
 
     impl Live {
-        fn release(&self, computed_len: u32) -> Released<'_> {
-            Released {
-                blocks: self.blocks.blocks.clone(),
+        fn held(&self) -> Held<'_> {
+            Held {
+                blocks: &self.blocks.blocks,
                 prompt: &self.prompt,
-                prefix_len: self.blocks.prefix_len,
-                computed_len,
+                shared_len: self.shared_len,
+                computed_len: self.computed_len,
+            }
+        }
+
+        /// The shards computed the prompt up to a random point past what they had: what
+        /// each block holds then (`content`), checked against what shared blocks held.
+        fn compute(&mut self, rng: &mut StdRng, content: &mut HashMap<u32, Vec<u32>>) {
+            let prompt_len = self.prompt.len() as u32;
+            self.computed_len = match rng.random_range(0..3) {
+                0 => self.computed_len,
+                1 => rng.random_range(self.computed_len..=prompt_len),
+                _ => prompt_len,
+            };
+            let shared = self.shared_len as usize / BLOCK_SIZE;
+            for (i, &block) in self.blocks.blocks.iter().enumerate() {
+                let prefix = &self.prompt[..((i + 1) * BLOCK_SIZE).min(self.prompt.len())];
+                if i < shared {
+                    assert_eq!(content[&block], prefix, "a shared block changed");
+                } else if (i + 1) * BLOCK_SIZE <= self.computed_len as usize {
+                    content.insert(block, prefix.to_vec());
+                }
             }
         }
     }
@@ -269,7 +314,7 @@ mod tests {
             .collect();
         let mut expected_refs: HashMap<NodeId, usize> = HashMap::new();
         for allocation in live {
-            let held = allocation.blocks.prefix_len as usize / BLOCK_SIZE;
+            let held = allocation.shared_len as usize / BLOCK_SIZE;
             let mut node = ROOT;
             for (i, &block) in allocation.blocks.blocks.iter().enumerate() {
                 if i < held {
@@ -308,9 +353,9 @@ mod tests {
             .collect()
     }
 
-    /// 100,000 random allocations, frees (after a full, partial or no prefill) and
-    /// evictions; the invariants hold after each, and every reused block holds the
-    /// tokens of the prefix it is reused for.
+    /// 100,000 random allocations, prefills (sharing the computed blocks), frees and
+    /// evictions; the invariants hold after each, every reused block holds the tokens of
+    /// the prefix it is reused for, and no shared block is written again.
     #[test]
     fn random_operations_keep_the_tree_consistent() {
         let mut allocator = RadixAllocator::new(BLOCK_SIZE as u32, TOTAL_BLOCKS);
@@ -335,23 +380,22 @@ mod tests {
                             assert_eq!(content[block], prompt[..(i + 1) * BLOCK_SIZE], "stale block reused");
                         }
                         hits += held;
-                        live.push(Live { blocks, prompt });
+                        let prefix_len = blocks.prefix_len;
+                        live.push(Live { blocks, prompt, shared_len: prefix_len, computed_len: prefix_len });
                     }
                 }
-                5..9 if !live.is_empty() => {
-                    let allocation = live.swap_remove(rng.random_range(0..live.len()));
-                    let prompt_len = allocation.prompt.len() as u32;
-                    let computed_len = match rng.random_range(0..3) {
-                        0 => allocation.blocks.prefix_len,
-                        1 => rng.random_range(allocation.blocks.prefix_len..=prompt_len),
-                        _ => prompt_len,
-                    };
-                    for (i, &block) in allocation.blocks.blocks.iter().enumerate() {
-                        if (i + 1) * BLOCK_SIZE <= computed_len as usize {
-                            content.insert(block, allocation.prompt[..(i + 1) * BLOCK_SIZE].to_vec());
-                        }
-                    }
-                    allocator.free(allocation.release(computed_len));
+                5..7 if !live.is_empty() => {
+                    let index = rng.random_range(0..live.len());
+                    let allocation = &mut live[index];
+                    allocation.compute(&mut rng, &mut content);
+                    let shared_len = allocator.share(allocation.held());
+                    assert!(shared_len >= allocation.shared_len && shared_len <= allocation.computed_len);
+                    allocation.shared_len = shared_len;
+                }
+                7..9 if !live.is_empty() => {
+                    let mut allocation = live.swap_remove(rng.random_range(0..live.len()));
+                    allocation.compute(&mut rng, &mut content);
+                    allocator.free(allocation.held());
                 }
                 _ => evictions += usize::from(allocator.evict_one()),
             }
@@ -359,7 +403,7 @@ mod tests {
         }
         assert!(hits > 10_000 && evictions > 1_000, "{hits} hit blocks, {evictions} evictions");
         for allocation in live.drain(..) {
-            allocator.free(allocation.release(allocation.prompt.len() as u32));
+            allocator.free(allocation.held());
         }
         while allocator.evict_one() {}
         assert_eq!(allocator.free_block_count(), TOTAL_BLOCKS as usize);
@@ -373,7 +417,7 @@ mod tests {
         let new: Vec<u32> = (100..108).collect();
         for prompt in [&old, &new] {
             let blocks = allocator.allocate(8, Some(prompt)).unwrap();
-            allocator.free(Released { blocks: blocks.blocks, prompt, prefix_len: 0, computed_len: 8 });
+            allocator.free(Held { blocks: &blocks.blocks, prompt, shared_len: 0, computed_len: 8 });
         }
         assert_eq!(allocator.free_block_count(), 0, "two prompts of two blocks cached");
         let longer = |prompt: &[u32]| [prompt, &[50]].concat();
@@ -383,7 +427,7 @@ mod tests {
         assert_eq!(again.prefix_len, 8);
         assert_eq!(again.blocks.len(), 3);
         assert_eq!(allocator.match_prefix(&longer(&new)).len(), 1, "the new prompt lost a block");
-        allocator.free(Released { blocks: again.blocks, prompt: &old_again, prefix_len: 8, computed_len: 9 });
+        allocator.free(Held { blocks: &again.blocks, prompt: &old_again, shared_len: 8, computed_len: 9 });
         assert!(allocator.allocate(5 * 4, None).is_none(), "more than the cache");
         assert_eq!(allocator.match_prefix(&old_again).len(), 2, "a hopeless allocation evicts nothing");
         assert_eq!(allocator.free_block_count(), 1);

@@ -1,6 +1,6 @@
 //! Today's allocator: a free list, no prefix caching.
 
-use super::{Allocator, Blocks, Released};
+use super::{Allocator, Blocks, Held};
 
 #[derive(Debug)]
 pub struct SimpleAllocator {
@@ -31,8 +31,12 @@ impl Allocator for SimpleAllocator {
         })
     }
 
-    fn free(&mut self, mut released: Released) {
-        self.free_blocks.append(&mut released.blocks);
+    fn share(&mut self, held: Held) -> u32 {
+        held.shared_len
+    }
+
+    fn free(&mut self, held: Held) {
+        self.free_blocks.extend_from_slice(held.blocks);
     }
 
     #[cfg(test)]
@@ -50,13 +54,13 @@ mod tests {
 
     use super::*;
 
-    fn release(blocks: Blocks) -> Released<'static> {
-        Released {
-            blocks: blocks.blocks,
+    fn release(allocator: &mut SimpleAllocator, blocks: Blocks) {
+        allocator.free(Held {
+            blocks: &blocks.blocks,
             prompt: &[],
-            prefix_len: 0,
+            shared_len: 0,
             computed_len: 0,
-        }
+        });
     }
 
     #[test]
@@ -72,7 +76,7 @@ mod tests {
         let mut allocator = SimpleAllocator::new(8, 3);
         let first = allocator.allocate(17, None).unwrap(); // 3 blocks
         assert!(allocator.allocate(1, None).is_none());
-        allocator.free(release(first));
+        release(&mut allocator, first);
         assert_eq!(allocator.free_block_count(), 3);
         assert!(allocator.allocate(24, None).is_some());
         assert!(allocator.allocate(25, None).is_none(), "more than the whole cache");
@@ -90,7 +94,7 @@ mod tests {
                 }
             } else if !live.is_empty() {
                 let blocks = live.swap_remove(rng.random_range(0..live.len()));
-                allocator.free(release(blocks));
+                release(&mut allocator, blocks);
             }
             let mut seen = HashSet::new();
             for block in live.iter().flat_map(|a| a.blocks.iter()) {

@@ -420,12 +420,9 @@ impl Llama {
 impl Model for Llama {
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
         let num_logits = batch.logits_indices.dim(0)?;
-        if batch.seqs.is_empty() || num_logits == 0 {
-            return Tensor::zeros(
-                (num_logits, self.spec.vocab_size),
-                DType::F32,
-                &self.device,
-            );
+        let no_logits = || Tensor::zeros((num_logits, self.spec.vocab_size), DType::F32, &self.device);
+        if batch.seqs.is_empty() {
+            return no_logits();
         }
         self.check_batch(batch, cache)?;
         let inputs = self
@@ -459,6 +456,10 @@ impl Model for Llama {
             let (residual, h) = layer.post_attention_layernorm.forward_add(&residual, &h)?;
             delta = Some(layer.mlp.forward(&h)?);
             x = residual;
+        }
+        if num_logits == 0 {
+            // Chunks of prompts still to be continued: only their keys/values count.
+            return no_logits();
         }
         let (_, normed) = add_and_norm(&self.norm, &x, delta)?;
         // lm_head only for the rows whose logits are wanted.

@@ -14,6 +14,9 @@ pub struct RequestState {
     pub prompt_len: usize,
     /// Tokens whose keys/values are in the KV cache.
     pub cached_len: usize,
+    /// The prompt's tokens up to here are in the cache after this prefill: the whole
+    /// prompt, or less for a chunk of it (`Request.chunk_len`).
+    prefill_end: usize,
     /// KV slot of every position (the router allocates input + max_new_tokens).
     pub slots: Vec<u32>,
     pub blocks: Vec<u32>,
@@ -30,6 +33,17 @@ impl RequestState {
         ensure!(prompt_len > 0, "request {id}: empty input_ids");
         // A fully cached prompt still feeds its last token: its logits pick the first token.
         let cached_len = (request.cache_len.unwrap_or(0) as usize).min(prompt_len - 1);
+        let prefill_end = match request.chunk_len {
+            Some(0) => bail!("request {id}: chunk_len 0 prefills nothing"),
+            Some(chunk_len) => (cached_len + chunk_len as usize).min(prompt_len),
+            None => prompt_len,
+        };
+        // Prompt logprobs are those of every prompt token, computed in one pass.
+        ensure!(
+            !request.prefill_logprobs || (cached_len == 0 && prefill_end == prompt_len),
+            "request {id}: prompt logprobs need the whole prompt prefilled at once \
+             (no cache_len, no chunk_len)"
+        );
         ensure!(
             request.slots.len() >= prompt_len,
             "request {id}: {} slots for a {prompt_len}-token prompt",
@@ -42,6 +56,7 @@ impl RequestState {
             tokens: request.input_ids.clone(),
             prompt_len,
             cached_len,
+            prefill_end,
             slots: request.slots.clone(),
             blocks: request.blocks.clone(),
             prefill_logprobs: request.prefill_logprobs,
@@ -55,9 +70,22 @@ impl RequestState {
         })
     }
 
-    /// Tokens not yet in the KV cache: the uncached prompt at prefill, the last token at decode.
+    /// The tokens the next forward pass feeds: the uncached prompt (or its chunk) at
+    /// prefill, the last token at decode.
     pub fn pending_tokens(&self) -> &[u32] {
-        &self.tokens[self.cached_len..]
+        let end = if self.in_prefill() {
+            self.prefill_end
+        } else {
+            self.tokens.len()
+        };
+        &self.tokens[self.cached_len..end]
+    }
+
+    /// This prefill computes a chunk of the prompt and not its end: no token is chosen,
+    /// and the request leaves the batch after the pass (the router sends the rest later,
+    /// as a cached prefix).
+    pub fn is_partial_chunk(&self) -> bool {
+        self.prefill_end < self.prompt_len
     }
 
     /// The prompt is not yet (wholly) in the KV cache: the next step prefills it.
@@ -193,5 +221,36 @@ mod tests {
             RequestState::from_proto(&cached).unwrap().pending_tokens(),
             &[2]
         );
+    }
+
+    #[test]
+    fn a_chunk_feeds_its_tokens_and_prompt_logprobs_refuse_chunks_and_cache() {
+        let chunk = Request {
+            cache_len: Some(1),
+            chunk_len: Some(2),
+            ..request(1, &[1, 2, 3, 4, 5])
+        };
+        let state = RequestState::from_proto(&chunk).unwrap();
+        assert_eq!(state.pending_tokens(), &[2, 3]);
+        assert!(state.is_partial_chunk());
+        let last_chunk = Request {
+            chunk_len: Some(9),
+            ..chunk.clone()
+        };
+        let state = RequestState::from_proto(&last_chunk).unwrap();
+        assert_eq!(state.pending_tokens(), &[2, 3, 4, 5]);
+        assert!(!state.is_partial_chunk());
+        let empty = Request {
+            chunk_len: Some(0),
+            ..chunk.clone()
+        };
+        assert!(RequestState::from_proto(&empty).is_err());
+        for logprobs in [
+            Request { prefill_logprobs: true, ..chunk.clone() },
+            Request { prefill_logprobs: true, cache_len: Some(1), ..request(1, &[1, 2, 3]) },
+        ] {
+            let err = RequestState::from_proto(&logprobs).err().unwrap().to_string();
+            assert!(err.contains("prompt logprobs"), "{err}");
+        }
     }
 }

@@ -170,8 +170,9 @@ impl Runner {
             device_type: if self.device.is_cuda() { "cuda" } else { "cpu" }.to_string(),
             window_size: spec.sliding_window.map(|w| w as u32),
             speculate: 0,
-            support_chunking: false,
-            use_prefix_caching: false,
+            // Prefills honour `cache_len` and `chunk_len`: the router decides.
+            support_chunking: true,
+            use_prefix_caching: true,
             attention_impl: "paged".to_string(),
             block_size: self.block_size as u32,
             model_type: spec.model_type.clone(),
@@ -232,7 +233,12 @@ impl Runner {
         } else {
             self.take_ahead(&requests)?
         };
-        requests.extend(new_requests);
+        // Chunks that leave the batch after the pass go last (see `step`).
+        let (partial_chunks, prompts): (Vec<_>, Vec<_>) = new_requests
+            .into_iter()
+            .partition(RequestState::is_partial_chunk);
+        requests.extend(prompts);
+        requests.extend(partial_chunks);
         let mut state = BatchState {
             id: batch.id,
             requests,
@@ -399,7 +405,9 @@ impl Runner {
     /// [`Self::start_ahead`]; the pass runs the prompts that follow them, while decoding
     /// requests that follow them (a batch appended to a running one) wait for the next
     /// pass instead of taking one of their own. With `run_ahead`, the next step's pass
-    /// starts as soon as the tokens are chosen, before they are detokenized.
+    /// starts as soon as the tokens are chosen, before they are detokenized. Requests
+    /// prefilling a chunk that does not end their prompt come last: the pass stores
+    /// their keys/values, and they leave the batch without a token.
     fn step(
         &mut self,
         requests: &mut Vec<RequestState>,
@@ -420,6 +428,11 @@ impl Runner {
         } else {
             requests.len()
         };
+        let partial_chunks = requests[ahead_rows..stepping]
+            .iter()
+            .rev()
+            .take_while(|r| r.is_partial_chunk())
+            .count();
         let mut logits_rows = Vec::new();
         let mut rows: Vec<LogitsRows> = (0..ahead_rows as u32)
             .map(|last| LogitsRows {
@@ -430,7 +443,7 @@ impl Runner {
         // The requests this step's forward pass feeds.
         let fed: Vec<&RequestState> = requests[ahead_rows..stepping].iter().collect();
         let mut token_offset = 0u32;
-        for request in &fed {
+        for request in &fed[..fed.len() - partial_chunks] {
             let tokens = request.pending_tokens().len() as u32;
             let wants_prompt = request.in_prefill() && request.prefill_logprobs;
             let prompt_start = wants_prompt.then_some(logits_rows.len() as u32);
@@ -456,7 +469,8 @@ impl Runner {
         let forward_ns = start.elapsed().as_nanos() as u64;
 
         let decode_start = Instant::now();
-        let (stepped, waiting) = requests.split_at_mut(stepping);
+        let (stepped, waiting) = requests.split_at_mut(stepping - partial_chunks);
+        let waiting = &waiting[partial_chunks..];
         let last_rows: Vec<u32> = rows.iter().map(|r| r.last).collect();
         // Decode steps want every row, in order: no gather then.
         let last_logits = if last_rows.iter().copied().eq(0..logits.dim(0)? as u32) {
@@ -487,6 +501,8 @@ impl Runner {
         }
 
         let (generations, finished) = self.output.deliver(stepped, choices, prompt_logprobs)?;
+        // The router sends the rest of their prompts anew.
+        requests.drain(stepping - partial_chunks..stepping);
         requests.retain(|r| !finished.contains(&r.id));
         Ok(StepOutput {
             generations,
