@@ -242,17 +242,20 @@ unsafe fn register_group<F: Format, S: Simd, const R: usize, const O: usize>(
         }
         for chunk in 0..chunks {
             let at = (b * chunks + chunk) * CHUNK;
-            let ws: [_; O] = std::array::from_fn(|o| {
+            let by_output: [_; O] = std::array::from_fn(|o| {
                 let block =
                     std::slice::from_raw_parts(weights[o].add(b * F::BLOCK_BYTES), F::BLOCK_BYTES);
                 S::dequantize_chunk::<F>(block, chunk)
             });
+            // `ws[i][o]`: vector `i` of the chunk of output `o`.
+            let ws: [[S::F32s; O]; CHUNK / LANES] =
+                std::array::from_fn(|i| std::array::from_fn(|o| by_output[o][i]));
             // Each activation vector loaded once for the group's outputs.
-            for i in 0..CHUNK / LANES {
+            for (i, ws) in ws.iter().enumerate() {
                 for r in 0..R {
                     let xs = S::load(x[r].add(at + i * LANES));
-                    for o in 0..O {
-                        acc[r][o] = S::mul_add(xs, ws[o][i], acc[r][o]);
+                    for (o, &w) in ws.iter().enumerate() {
+                        acc[r][o] = S::mul_add(xs, w, acc[r][o]);
                     }
                 }
             }
