@@ -835,7 +835,7 @@ pub(crate) mod tests {
                         {
                             _mm256_storeu_si256(widened[8 * i..].as_mut_ptr().cast(), v);
                         }
-                        F::params::<Avx2>(self.block, chunk)
+                        F::params::<Avx2<false>>(self.block, chunk)
                     };
                     assert_eq!(simd, values, "{} chunk {chunk}", std::any::type_name::<F>());
                     assert_eq!(

@@ -6,20 +6,24 @@
 //! dequantized in cache and multiplied in f32, so the result is the dense product of
 //! the dequantized weights up to summation order, and each row's result is the same
 //! bits whatever rows are computed with it (see `matmul`). AVX2+FMA where the CPU has
-//! it, the same operations in portable code otherwise; threads over output features
-//! through rayon's current pool. Also decode attention over a paged KV cache, read in
-//! place (`decode_attention`).
+//! it (compiled with AVX-512's 32 registers where it has those too: larger register
+//! tiles, the same operations), the same operations in portable code otherwise;
+//! threads over output features through rayon's current pool. Also decode attention over a paged KV cache, read in
+//! place (`decode_attention`), and SwiGLU's `silu(gate) * up` (`silu_mul`).
 
+mod activation;
 mod attention;
 mod blocks;
 mod matmul;
 mod simd;
 
+pub use activation::silu_mul;
 pub use attention::{decode_attention, AttentionShape};
 pub use blocks::BlockFormat;
 
 use blocks::{Format, FormatVisitor};
 use std::fmt;
+use std::mem::MaybeUninit;
 
 /// A weight matrix `[out_features, in_features]` of quantized blocks, row after row.
 #[derive(Clone)]
@@ -120,10 +124,27 @@ impl QuantMatrix {
     /// # Panics
     /// When `x` or `y` is not of that shape.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        // SAFETY: f32 and MaybeUninit<f32> share their layout, and the product only
+        // writes initialised values.
+        let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
         self.matmul_with(Isa::detect(), x, y)
     }
 
-    fn matmul_with(&self, isa: Isa, x: &[f32], y: &mut [f32]) {
+    /// `matmul` into a new `[rows, out_features]` vector (not zeroed first: the
+    /// product writes every element).
+    ///
+    /// # Panics
+    /// When `x` is not `[rows, in_features]`.
+    pub fn matmul_to_vec(&self, x: &[f32]) -> Vec<f32> {
+        let len = x.len() / self.in_features * self.out_features;
+        let mut y = Vec::with_capacity(len);
+        self.matmul_with(Isa::detect(), x, &mut y.spare_capacity_mut()[..len]);
+        // SAFETY: the product wrote all `len` elements (it panics otherwise).
+        unsafe { y.set_len(len) };
+        y
+    }
+
+    fn matmul_with(&self, isa: Isa, x: &[f32], y: &mut [MaybeUninit<f32>]) {
         let job = matmul::Job::new(self, x, y);
         self.format.with_format(RunJob { job: &job, isa });
     }
@@ -134,11 +155,18 @@ impl QuantMatrix {
 enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2's operations with AVX-512's 32 registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     Portable,
 }
 
 impl Isa {
     fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if simd::avx2::wide_available() {
+            return Self::Avx512;
+        }
         #[cfg(target_arch = "x86_64")]
         if simd::avx2::available() {
             return Self::Avx2;
@@ -157,7 +185,9 @@ impl FormatVisitor for RunJob<'_, '_> {
     fn visit<F: Format>(self) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => matmul::run::<F, simd::avx2::Avx2>(self.job),
+            Isa::Avx2 => matmul::run::<F, simd::avx2::Avx2<false>>(self.job),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => matmul::run::<F, simd::avx2::Avx2<true>>(self.job),
             Isa::Portable => matmul::run::<F, simd::portable::Portable>(self.job),
         }
     }
@@ -185,18 +215,26 @@ mod tests {
             .collect()
     }
 
+    /// Every instruction set this CPU has.
     fn isas() -> Vec<Isa> {
         let mut isas = vec![Isa::Portable];
-        if Isa::detect() != Isa::Portable {
-            isas.push(Isa::detect());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd::avx2::available() {
+                isas.push(Isa::Avx2);
+            }
+            if simd::avx2::wide_available() {
+                isas.push(Isa::Avx512);
+            }
         }
         isas
     }
 
     fn product(w: &QuantMatrix, isa: Isa, x: &[f32]) -> Vec<f32> {
-        let mut y = vec![f32::NAN; x.len() / w.in_features * w.out_features];
+        let mut y = vec![MaybeUninit::new(f32::NAN); x.len() / w.in_features * w.out_features];
         w.matmul_with(isa, x, &mut y);
-        y
+        // SAFETY: initialised above (a NaN left would fail the tests).
+        y.into_iter().map(|v| unsafe { v.assume_init() }).collect()
     }
 
     /// Every format, every instruction set: the dense product of ggml's dequantized
@@ -261,6 +299,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn matmul_to_vec_is_matmul() {
+        let mut rng = Rng(13);
+        let w = random_matrix(BlockFormat::Q4_1, 11, 3, &mut rng);
+        let x: Vec<f32> = (0..4 * w.in_features).map(|_| rng.unit()).collect();
+        let mut y = vec![0f32; 4 * w.out_features];
+        w.matmul(&x, &mut y);
+        assert_eq!(w.matmul_to_vec(&x), y);
     }
 
     #[test]

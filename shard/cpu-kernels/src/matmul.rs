@@ -4,32 +4,36 @@
 //! whatever the number of rows, the tile a row falls in, or the number of threads.
 //!
 //! Work is split over output features only (never over the reduction): each task takes
-//! a run of output tiles of `OUT_TILE` weight rows, dequantizes a tile's rows into a
-//! small f32 panel (in L1), and multiplies every activation row by it, `ROW_TILE` rows
-//! at a time so that each panel load serves several rows. A lone row (a decode step at
-//! batch 1) skips the panel: each weight chunk is dequantized in registers and used
-//! once, by the same operations, so its bits are those it gets in a batch.
+//! a run of output tiles of `OUT_TILE` weight rows. Up to `REGISTER_ROWS` rows (decode
+//! steps) each weight chunk is dequantized in registers and multiplied into every row
+//! at once. More rows (prefill) dequantize a tile's rows into a small f32 panel (in L1)
+//! and multiply every activation row by it, `ROW_TILE` rows at a time so that each
+//! panel load serves several rows. Both dequantize with the same operations and feed
+//! each accumulator in the same order, so a row gets the same bits on either path.
 
 use crate::blocks::{Format, CHUNK};
 use crate::simd::{Simd, LANES};
 use crate::QuantMatrix;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Weight rows dequantized together into the panel; a row tile of one row multiplies
 /// all of them at once, eight independent accumulators to hide the latency of `mul_add`.
 const OUT_TILE: usize = 8;
 /// Outputs per row in a tile of several rows: `ROW_TILE * OUT_TILE_MULTI` accumulators
-/// plus `ROW_TILE` activation registers fit the 16 vector registers.
+/// plus `ROW_TILE` activation registers fit the 16 vector registers, and
+/// `WIDE_ROW_TILE` rows' the 32 of AVX-512 (fewer loads per `mul_add`).
 const OUT_TILE_MULTI: usize = 4;
 const ROW_TILE: usize = 3;
-/// Outputs reduced side by side for a lone row: four chains of `mul_add` hide its
-/// latency and leave registers for the dequantization (more spill the accumulators).
-const SINGLE_ROW_GROUP: usize = 4;
+const WIDE_ROW_TILE: usize = 6;
+/// Rows up to which each weight chunk is dequantized in registers and used by all of
+/// them (a decode step's batch); more rows amortize the panel's stores and loads.
+const REGISTER_ROWS: usize = 8;
 
-/// How far ahead a lone row's product fetches the weights, in groups of rows.
-const PREFETCH_GROUPS: usize = 8;
+/// How far ahead the register path fetches the weights, in weight rows.
+const PREFETCH_ROWS: usize = 32;
 const CACHE_LINE: usize = 64;
 /// Rows whose activations stay in L2 while a task's tiles pass over them.
 const ROW_BLOCK: usize = 128;
@@ -50,7 +54,8 @@ pub(crate) struct Job<'a> {
 unsafe impl Sync for Job<'_> {}
 
 impl<'a> Job<'a> {
-    pub fn new(weight: &'a QuantMatrix, x: &'a [f32], y: &'a mut [f32]) -> Self {
+    /// `y` need not be initialised: every output is written, none read.
+    pub fn new(weight: &'a QuantMatrix, x: &'a [f32], y: &'a mut [MaybeUninit<f32>]) -> Self {
         let rows = x.len() / weight.in_features();
         assert_eq!(x.len(), rows * weight.in_features(), "x is not [rows, in]");
         assert_eq!(
@@ -62,7 +67,7 @@ impl<'a> Job<'a> {
             weight,
             x,
             rows,
-            y: y.as_mut_ptr(),
+            y: y.as_mut_ptr().cast(),
         }
     }
 }
@@ -99,9 +104,12 @@ pub(crate) unsafe fn run_tiles<F: Format, S: Simd>(
     tiles: Range<usize>,
     panel: &mut Vec<f32>,
 ) {
-    if job.rows == 1 {
+    if job.rows <= REGISTER_ROWS {
         for tile in tiles {
-            single_row_tile::<F, S>(job, tile);
+            let mut row = 0;
+            while row < job.rows {
+                row += register_tile::<F, S>(job, row, tile);
+            }
         }
         return;
     }
@@ -122,7 +130,10 @@ pub(crate) unsafe fn run_tiles<F: Format, S: Simd>(
             }
             let mut row = row_block;
             while row < row_end {
-                let rows = ROW_TILE.min(row_end - row);
+                let rows = match row_end - row {
+                    left if S::REGISTERS >= 32 && left >= WIDE_ROW_TILE => WIDE_ROW_TILE,
+                    left => ROW_TILE.min(left),
+                };
                 let at = |o: usize| (row, first_out + o, outs.saturating_sub(o));
                 if rows == 1 {
                     tile_rows::<S, 1, OUT_TILE>(job, panel, at(0), 0);
@@ -130,7 +141,15 @@ pub(crate) unsafe fn run_tiles<F: Format, S: Simd>(
                     for o in (0..OUT_TILE).step_by(OUT_TILE_MULTI) {
                         match rows {
                             2 => tile_rows::<S, 2, OUT_TILE_MULTI>(job, panel, at(o), o),
-                            _ => tile_rows::<S, ROW_TILE, OUT_TILE_MULTI>(job, panel, at(o), o),
+                            ROW_TILE => {
+                                tile_rows::<S, ROW_TILE, OUT_TILE_MULTI>(job, panel, at(o), o)
+                            }
+                            _ => tile_rows::<S, WIDE_ROW_TILE, OUT_TILE_MULTI>(
+                                job,
+                                panel,
+                                at(o),
+                                o,
+                            ),
                         }
                     }
                 }
@@ -162,52 +181,91 @@ unsafe fn dequantize_row<F: Format, S: Simd>(blocks: &[u8], out: &mut [f32]) {
     }
 }
 
-/// A lone row (a decode step) times one output tile, the weights dequantized in
-/// registers rather than through the panel: the same values and the same `mul_add`
-/// sequence per output as `tile_rows`, so the same bits.
+/// Some of the rows from `row` (8, 4, 2 or 1 of them, as many as remain) times output
+/// tile `tile`, the weights dequantized in registers rather than through the panel: the
+/// same values and the same `mul_add` sequence per output as `tile_rows`, so the same
+/// bits. Returns the number of rows done. A group of `R` rows and `O` outputs holds
+/// `R * O` accumulators and `4 * O` weight vectors: sized to the registers (at least
+/// four chains of `mul_add` hide its latency).
 #[inline(always)]
-unsafe fn single_row_tile<F: Format, S: Simd>(job: &Job, tile: usize) {
+unsafe fn register_tile<F: Format, S: Simd>(job: &Job, row: usize, tile: usize) -> usize {
     let (first_out, outs) = tile_outputs(job.weight, tile);
-    for o in (0..outs).step_by(SINGLE_ROW_GROUP) {
-        single_row_group::<F, S>(job, first_out + o, SINGLE_ROW_GROUP.min(outs - o));
+    let wide = S::REGISTERS >= 32;
+    match job.rows - row {
+        8.. if wide => register_groups::<F, S, 8, 2>(job, row, first_out, outs),
+        8.. => register_groups::<F, S, 8, 1>(job, row, first_out, outs),
+        4.. if wide => register_groups::<F, S, 4, 4>(job, row, first_out, outs),
+        4.. => register_groups::<F, S, 4, 2>(job, row, first_out, outs),
+        2.. => register_groups::<F, S, 2, 4>(job, row, first_out, outs),
+        _ => register_groups::<F, S, 1, 4>(job, row, first_out, outs),
     }
 }
 
+/// `R` rows from `row` times outputs `first_out..+outs`, `O` at a time; returns `R`.
 #[inline(always)]
-unsafe fn single_row_group<F: Format, S: Simd>(job: &Job, first_out: usize, outs: usize) {
+unsafe fn register_groups<F: Format, S: Simd, const R: usize, const O: usize>(
+    job: &Job,
+    row: usize,
+    first_out: usize,
+    outs: usize,
+) -> usize {
+    for o in (0..outs).step_by(O) {
+        register_group::<F, S, R, O>(job, (row, first_out + o, outs - o));
+    }
+    R
+}
+
+/// `R` rows from `row` times weight rows `first_out..+O`, stored to outputs
+/// `first_out..+min(O, outs)`.
+#[inline(always)]
+unsafe fn register_group<F: Format, S: Simd, const R: usize, const O: usize>(
+    job: &Job,
+    (row, first_out, outs): (usize, usize, usize),
+) {
     let w = job.weight;
+    let (k, out) = (w.in_features(), w.out_features());
     // Past the last output, repeat it: computed, never stored.
-    let rows: [*const u8; SINGLE_ROW_GROUP] =
+    let weights: [*const u8; O] =
         std::array::from_fn(|o| w.row_blocks(first_out + o.min(outs - 1)).as_ptr());
-    let mut acc = [S::zero(); SINGLE_ROW_GROUP];
+    let x: [*const f32; R] = std::array::from_fn(|r| job.x.as_ptr().add((row + r) * k));
+    let mut acc = [[S::zero(); O]; R];
     let chunks = F::BLOCK_ELEMS / CHUNK;
-    // The group's rows are consecutive in memory, and so are the next groups': while
-    // this group's blocks are multiplied, the weights `PREFETCH_GROUPS` groups on are
+    // The group's weight rows are consecutive in memory, and so are the next groups':
+    // while this group's blocks are multiplied, the weights `PREFETCH_ROWS` rows on are
     // fetched, as fast as they are used (with the hardware's prefetcher alone, a lone row
     // waited on memory half the time).
-    let group_bytes = SINGLE_ROW_GROUP * w.row_bytes();
-    let ahead = rows[0].wrapping_add(PREFETCH_GROUPS * group_bytes);
-    let step_bytes = SINGLE_ROW_GROUP * F::BLOCK_BYTES;
-    for b in 0..w.in_features() / F::BLOCK_ELEMS {
+    let ahead = weights[0].wrapping_add(PREFETCH_ROWS * w.row_bytes());
+    let step_bytes = O * F::BLOCK_BYTES;
+    for b in 0..k / F::BLOCK_ELEMS {
         for line in (0..step_bytes).step_by(CACHE_LINE) {
             S::prefetch(ahead.wrapping_add(b * step_bytes + line));
         }
         for chunk in 0..chunks {
-            let x = job.x.as_ptr().add((b * chunks + chunk) * CHUNK);
-            for o in 0..SINGLE_ROW_GROUP {
+            let at = (b * chunks + chunk) * CHUNK;
+            let by_output: [_; O] = std::array::from_fn(|o| {
                 let block =
-                    std::slice::from_raw_parts(rows[o].add(b * F::BLOCK_BYTES), F::BLOCK_BYTES);
-                for (i, ws) in S::dequantize_chunk::<F>(block, chunk)
-                    .into_iter()
-                    .enumerate()
-                {
-                    acc[o] = S::mul_add(S::load(x.add(i * LANES)), ws, acc[o]);
+                    std::slice::from_raw_parts(weights[o].add(b * F::BLOCK_BYTES), F::BLOCK_BYTES);
+                S::dequantize_chunk::<F>(block, chunk)
+            });
+            // `ws[i][o]`: vector `i` of the chunk of output `o`.
+            let ws: [[S::F32s; O]; CHUNK / LANES] =
+                std::array::from_fn(|i| std::array::from_fn(|o| by_output[o][i]));
+            // Each activation vector loaded once for the group's outputs.
+            for (i, ws) in ws.iter().enumerate() {
+                for r in 0..R {
+                    let xs = S::load(x[r].add(at + i * LANES));
+                    for (o, &w) in ws.iter().enumerate() {
+                        acc[r][o] = S::mul_add(xs, w, acc[r][o]);
+                    }
                 }
             }
         }
     }
-    for (o, &acc) in acc.iter().enumerate().take(outs) {
-        *job.y.add(first_out + o) = S::sum(acc);
+    for (r, acc) in acc.iter().enumerate() {
+        let y = job.y.add((row + r) * out + first_out);
+        for (o, &acc) in acc.iter().enumerate().take(outs.min(O)) {
+            *y.add(o) = S::sum(acc);
+        }
     }
 }
 

@@ -9,11 +9,11 @@
 use super::linear::{Linear, RowParallelLinear};
 use super::norm::RmsNorm;
 use super::rotary::RotaryAt;
-use super::uses_cuda_kernels;
+use super::{uses_cuda_kernels, with_cpu_f32};
 use crate::dist::{even_split, Comm, Communicator};
 use crate::models::ForwardBatch;
 use crate::weights::Weights;
-use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use text_generation_cpu_kernels::{decode_attention, AttentionShape};
 use std::ops::Range;
 
@@ -293,19 +293,6 @@ impl DecodeKeys {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         probs.matmul(&v)?.reshape((num_seqs, num_heads * head_dim))
     }
-}
-
-/// `f` of the elements of contiguous f32 CPU tensors, without copying them.
-fn with_cpu_f32<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let data = guards
-        .iter()
-        .map(|(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => Ok(&data[start..end]),
-            _ => bail!("expected a contiguous f32 CPU tensor, got {:?}", layout.shape()),
-        })
-        .collect::<Result<Vec<&[f32]>>>()?;
-    Ok(f(&data))
 }
 
 /// Rotates the new tokens' queries (`[tokens, heads * head_dim]`) and keys

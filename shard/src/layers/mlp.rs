@@ -9,9 +9,11 @@
 
 use super::linear::{Linear, RowParallelLinear};
 use super::uses_cuda_kernels;
+use super::with_cpu_f32;
 use crate::dist::{even_split, Comm};
 use crate::weights::Weights;
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
+use text_generation_cpu_kernels::silu_mul;
 
 enum GateUp {
     Split {
@@ -82,7 +84,16 @@ impl Mlp {
             GateUp::Fused(gate_up) => {
                 let y = gate_up.forward(x)?;
                 let half = y.dim(D::Minus1)? / 2;
-                (y.narrow(D::Minus1, 0, half)?.silu()? * y.narrow(D::Minus1, half, half)?)?
+                if y.device().is_cpu() && y.dtype() == DType::F32 {
+                    // One parallel pass (candle's three run on one thread), the same bits.
+                    let mut dims = y.dims().to_vec();
+                    *dims.last_mut().expect("a last dimension") = half;
+                    let y = y.contiguous()?;
+                    let out = with_cpu_f32(&[&y], |data| silu_mul(data[0], half))?;
+                    Tensor::from_vec(out, dims, y.device())?
+                } else {
+                    (y.narrow(D::Minus1, 0, half)?.silu()? * y.narrow(D::Minus1, half, half)?)?
+                }
             }
         };
         self.down_proj.forward(&activated)

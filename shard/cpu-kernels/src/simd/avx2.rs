@@ -1,4 +1,7 @@
-//! AVX2 with FMA (and F16C for the blocks' scales), detected at run time.
+//! AVX2 with FMA (and F16C for the blocks' scales), detected at run time; where the CPU
+//! also has AVX-512 (F and VL), the same 8-lane operations compiled with its 32 vector
+//! registers instead of 16, which fit larger register tiles (the same bits: only the
+//! registers differ).
 
 use super::{Simd, LANES};
 use crate::blocks::{Format, HalfToF32, CHUNK};
@@ -13,10 +16,16 @@ pub(crate) fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-#[derive(Clone, Copy)]
-pub(crate) struct Avx2;
+/// Whether this CPU also has AVX-512 F and VL (32 registers for the 8-lane code).
+pub(crate) fn wide_available() -> bool {
+    available() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
+}
 
-impl HalfToF32 for Avx2 {
+/// `WIDE`: compiled with AVX-512's 32 registers (the CPU must have them).
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2<const WIDE: bool>;
+
+impl<const WIDE: bool> HalfToF32 for Avx2<WIDE> {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn half_to_f32(bits: u16) -> f32 {
@@ -24,8 +33,9 @@ impl HalfToF32 for Avx2 {
     }
 }
 
-impl Simd for Avx2 {
+impl<const WIDE: bool> Simd for Avx2<WIDE> {
     type F32s = __m256;
+    const REGISTERS: usize = if WIDE { 32 } else { 16 };
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -82,12 +92,22 @@ impl Simd for Avx2 {
     }
 
     unsafe fn run<F: Format>(job: &Job, tiles: Range<usize>, panel: &mut Vec<f32>) {
-        run_avx2::<F>(job, tiles, panel)
+        if WIDE {
+            run_avx512::<F>(job, tiles, panel)
+        } else {
+            run_avx2::<F>(job, tiles, panel)
+        }
     }
 }
 
 /// The kernel compiled for AVX2 + FMA: the generic code is inlined here, so it is.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2<F: Format>(job: &Job, tiles: Range<usize>, panel: &mut Vec<f32>) {
-    run_tiles::<F, Avx2>(job, tiles, panel)
+    run_tiles::<F, Avx2<false>>(job, tiles, panel)
+}
+
+/// The same with AVX-512's registers.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn run_avx512<F: Format>(job: &Job, tiles: Range<usize>, panel: &mut Vec<f32>) {
+    run_tiles::<F, Avx2<true>>(job, tiles, panel)
 }

@@ -17,6 +17,8 @@ pub(crate) const LANES: usize = 8;
 /// instruction set is available, and pointers must be valid for `LANES` (or `CHUNK`) values.
 pub(crate) trait Simd: Copy + HalfToF32 {
     type F32s: Copy;
+    /// Vector registers the compiled code may use (register tiles are sized to fit).
+    const REGISTERS: usize;
     unsafe fn zero() -> Self::F32s;
     unsafe fn load(p: *const f32) -> Self::F32s;
     unsafe fn store(p: *mut f32, v: Self::F32s);

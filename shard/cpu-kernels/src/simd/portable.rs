@@ -17,6 +17,7 @@ impl HalfToF32 for Portable {
 
 impl Simd for Portable {
     type F32s = [f32; LANES];
+    const REGISTERS: usize = 16;
 
     #[inline(always)]
     unsafe fn zero() -> Self::F32s {

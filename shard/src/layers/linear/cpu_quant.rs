@@ -76,9 +76,7 @@ impl CustomOp1 for CpuQuantWeight {
                 self.matrix.in_features()
             );
         }
-        let rows = (end - start) / self.matrix.in_features();
-        let mut y = vec![0f32; rows * self.matrix.out_features()];
-        self.matrix.matmul(&x[start..end], &mut y);
+        let y = self.matrix.matmul_to_vec(&x[start..end]);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("at least one dimension") = self.matrix.out_features();
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
