@@ -40,22 +40,13 @@ def test_unknown_field_of_a_chat_message_is_422_naming_it(url):
     assert "unknown field `audio`" in assert_client_error(requests.post(f"{url}{route}", json=body, timeout=60), route, 422)
 
 
-TOOL = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
 # (route, nested object, field, neutral value, a value that asks for something)
 NEUTRAL_ONLY = [
-    ("/v1/chat/completions", None, "tools", [], TOOL),
-    ("/v1/chat/completions", None, "tool_choice", "none", "auto"),
-    ("/v1/chat/completions", None, "tool_prompt", "", "Use the tools"),
-    ("/v1/chat/completions", None, "response_format", {"type": "text"}, {"type": "json_object"}),
     ("/v1/chat/completions", None, "logit_bias", {}, {"42": -100}),
     ("/v1/completions", None, "logit_bias", {}, {"42": -100}),
     ("/v1/completions", None, "best_of", 1, 3),
     ("/v1/completions", None, "suffix", "", " and so on"),
-] + [
-    (route, "parameters", field, neutral, asking)
-    for route in ["/generate", "/generate_stream", "/"]
-    for field, neutral, asking in [("grammar", None, {"type": "regex", "value": "[0-9]+"}), ("adapter_id", "", "lora")]
-]
+] + [(route, "parameters", "adapter_id", "", "lora") for route in ["/generate", "/generate_stream", "/"]]
 
 
 @pytest.mark.parametrize("route,nested,field,neutral,asking", NEUTRAL_ONLY, ids=[f"{r}-{f}" for r, _, f, _, _ in NEUTRAL_ONLY])

@@ -171,6 +171,10 @@ pub struct Args {
     #[arg(long, env, default_value_t = 10.0)]
     pub header_timeout: f64,
 
+    /// Refuse (422) requests with a grammar, `response_format` or `tools` (TGI's flag).
+    #[arg(long, env)]
+    pub disable_grammar_support: bool,
+
     /// Seconds the shards' warmup may take before the group is declared stuck.
     #[arg(long, env, default_value_t = 1800.0)]
     pub warmup_timeout: f64,

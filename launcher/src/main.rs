@@ -348,6 +348,9 @@ fn router_spec(args: &Args, model_path: &Path, limits: &TokenLimits, program: &P
     if args.json_output {
         flags.push("--json-output".into());
     }
+    if args.disable_grammar_support {
+        flags.push("--disable-grammar-support".into());
+    }
     ProcessSpec {
         name: "router".into(),
         program: program.to_path_buf(),
@@ -444,6 +447,9 @@ mod tests {
         assert_eq!(flag(&spec, "--prefix-caching"), Some("true"));
         assert_eq!(spec.args.iter().filter(|a| *a == "--cors-allow-origin").count(), 2);
         assert!(!spec.args.contains(&"--json-output".to_string()));
+        assert!(!spec.args.contains(&"--disable-grammar-support".to_string()));
+        let no_grammars = router_spec(&self::args(&["--disable-grammar-support"]), Path::new("/m"), &limits, Path::new("/r"));
+        assert!(no_grammars.args.contains(&"--disable-grammar-support".to_string()));
         assert!(spec.envs.is_empty());
         let with_key = router_spec(&self::args(&["--api-key", "secret"]), Path::new("/m"), &limits, Path::new("/r"));
         assert_eq!(with_key.envs, vec![("API_KEY".to_string(), "secret".to_string())]);

@@ -19,6 +19,8 @@ impl v3::NextTokenChooserParameters {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             min_p: 0.0,
+            grammar: String::new(),
+            grammar_type: v3::GrammarType::None as i32,
         }
     }
 }

@@ -105,7 +105,7 @@ async fn the_first_token_is_not_held_back_on_a_kept_alive_connection() {
     };
     let state = AppState {
         backend: Arc::new(infer),
-        validation: Arc::new(Validation::new(tokenizer, 2, limits).unwrap()),
+        validation: Arc::new(Validation::new(tokenizer, 2, limits, crate::validation::grammar::GrammarSupport::Disabled).unwrap()),
         chat_template: None,
         info: Arc::new(info()),
         metrics: prometheus_builder(2048).build_recorder().handle(),

@@ -353,6 +353,7 @@ fn warmup_request(config: &SchedulerConfig, block_size: u32) -> anyhow::Result<W
                 repetition_penalty: 1.2,
                 frequency_penalty: 0.1,
                 presence_penalty: 0.1,
+                ..NextTokenChooserParameters::greedy()
             }),
             stopping_parameters: Some(StoppingCriteriaParameters {
                 max_new_tokens: config.max_total_tokens - input_length,

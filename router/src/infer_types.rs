@@ -45,6 +45,8 @@ pub struct ValidGenerateRequest {
     /// Return the prompt tokens with their log-probabilities.
     pub decoder_input_details: bool,
     pub top_n_tokens: u32,
+    /// The grammar the output must follow (checked to compile).
+    pub grammar: Option<grammar::GrammarSpec>,
 }
 
 impl ValidGenerateRequest {

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 use validation::chat_template::ChatTemplate;
+use validation::grammar::GrammarSupport;
 use validation::{Validation, ValidationLimits};
 
 /// Every flag can also be given as the environment variable of its name (`MAX_INPUT_TOKENS`, ...).
@@ -105,6 +106,9 @@ struct Args {
     /// cache's allocation).
     #[arg(long, env, default_value_t = 1800.0, value_parser = positive_seconds)]
     warmup_timeout: f64,
+    /// Refuse (422) requests with a grammar, `response_format` or `tools`.
+    #[arg(long, env)]
+    disable_grammar_support: bool,
 }
 
 /// How long the router keeps answering 503 once the shard group is stuck, before it
@@ -223,7 +227,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // As vLLM says it: requests that leave these unset do not get the API's defaults.
         tracing::info!(?generation_defaults, "the model's generation_config.json sets sampling defaults");
     }
-    let validation = Validation::new(tokenizer, workers, limits)?;
+    let grammar = GrammarSupport::new(&tokenizer, &special.eos_token_ids, args.disable_grammar_support);
+    if let GrammarSupport::Unavailable(reason) = &grammar {
+        tracing::warn!("requests with a grammar will answer 422: {reason}");
+    }
+    let validation = Validation::new(tokenizer, workers, limits, grammar)?;
     let info = Info {
         model_id,
         model_sha: None,

@@ -376,6 +376,7 @@ async fn warmup_sizes_the_cache_from_the_cpu_budget() {
             frequency_penalty: 0.1,
             presence_penalty: 0.1,
             min_p: 0.05,
+            ..NextTokenChooserParameters::greedy()
         });
         request.prefill_logprobs = true;
         request.top_n_tokens = 20;
@@ -802,6 +803,54 @@ async fn stop_sequence_and_length_finish_reasons() {
         (FinishReason::Length as i32, 5)
     );
     assert_eq!(outputs.tokens[&2].len(), 5);
+}
+
+/// Grammar-constrained requests, greedy and sampled, next to an unconstrained one: each
+/// output matches its grammar and ends (EOS) when the grammar is complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn grammars_constrain_the_output_and_end_it() {
+    let shard = Shard::spawn();
+    let mut client = shard.warm_client().await;
+    let mut blocks = Blocks::new();
+    let constrained = |blocks: &mut Blocks, id: u64, grammar_type: GrammarType, grammar: &str, seed: Option<u64>| {
+        let mut request = blocks.request(id, PROMPT, 40);
+        let parameters = request.parameters.as_mut().unwrap();
+        parameters.grammar_type = grammar_type as i32;
+        parameters.grammar = grammar.to_string();
+        if let Some(seed) = seed {
+            (parameters.do_sample, parameters.seed, parameters.temperature) = (true, seed, 1.5);
+        }
+        request
+    };
+    let schema = r#"{"type":"object","properties":{"city":{"type":"string","maxLength":20},"rank":{"type":"integer"}},"required":["city","rank"],"additionalProperties":false}"#;
+    let requests = vec![
+        constrained(&mut blocks, 2, GrammarType::Regex, "(yes|no), [0-9]{2}", None),
+        blocks.request(3, PROMPT, 8),
+        constrained(&mut blocks, 4, GrammarType::Json, schema, None),
+        constrained(&mut blocks, 5, GrammarType::Json, schema, Some(9)),
+        constrained(&mut blocks, 6, GrammarType::Lark, r#"start: "A" | "B""#, Some(3)),
+    ];
+    let outputs = generate(&mut client, batch(2, requests)).await;
+    assert_eq!(outputs.tokens[&3].len(), 8);
+    let regex = &outputs.finished[&2];
+    assert_eq!(regex.finish_reason, FinishReason::EosToken as i32, "{regex:?}");
+    let (answer, number) = regex.text.split_once(", ").expect("matches the regex");
+    assert!(["yes", "no"].contains(&answer) && number.len() == 2 && number.bytes().all(|b| b.is_ascii_digit()), "{regex:?}");
+    for id in [4, 5] {
+        let json = &outputs.finished[&id];
+        assert_eq!(json.finish_reason, FinishReason::EosToken as i32, "{json:?}");
+        let value: serde_json::Value = serde_json::from_str(&json.text).expect("valid JSON");
+        assert!(value["city"].is_string() && value["rank"].is_i64(), "{value}");
+        assert_eq!(value.as_object().unwrap().len(), 2, "{value}");
+    }
+    assert!(["A", "B"].contains(&outputs.finished[&6].text.as_str()));
+    // A grammar that does not parse fails the request's prefill, with the reason.
+    let bad = constrained(&mut blocks, 7, GrammarType::Json, "{not json", None);
+    let error = client
+        .prefill(PrefillRequest { batch: Some(batch(3, vec![bad])), cached_batch: None })
+        .await
+        .unwrap_err();
+    assert!(error.message().contains("JSON"), "{error:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

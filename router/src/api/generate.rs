@@ -93,10 +93,11 @@ pub struct GenerateParameters {
     /// Keep generating past the end-of-sequence token (vLLM's extension; benchmarks use it).
     #[serde(default)]
     pub ignore_eos: bool,
-    /// Not supported: only `null` (the `text-generation` client always sends it).
-    #[serde(default)]
-    #[schema(value_type = Option<Object>, nullable)]
-    pub grammar: Option<serde_json::Value>,
+    /// Constrain the output to a JSON schema or a regular expression (or, as an
+    /// extension, a Lark grammar); generation ends when it is complete.
+    #[serde(default, deserialize_with = "super::optional_object")]
+    #[schema(nullable)]
+    pub grammar: Option<GrammarParameter>,
     /// Not supported (no LoRA adapters): only `null` or `""`.
     #[serde(default)]
     #[schema(value_type = Option<String>, nullable)]
@@ -105,9 +106,25 @@ pub struct GenerateParameters {
 
 impl GenerateParameters {
     /// The TGI fields that clients send but we do not implement.
-    pub fn neutral_only(&self) -> [NeutralOnly<'_>; 2] {
-        [NeutralOnly::empty("grammar", &self.grammar), NeutralOnly::empty("adapter_id", &self.adapter_id)]
+    pub fn neutral_only(&self) -> [NeutralOnly<'_>; 1] {
+        [NeutralOnly::empty("adapter_id", &self.adapter_id)]
     }
+}
+
+/// TGI's `grammar` parameter: `{"type": "json", "value": <JSON schema>}` (the schema as
+/// an object, or as a string holding one), `{"type": "regex", "value": "<regex>"}`, or
+/// `{"type": "lark", "value": "<grammar>"}` (llguidance's Lark dialect).
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(tag = "type", content = "value", deny_unknown_fields)]
+pub enum GrammarParameter {
+    /// TGI also takes `json_object` for `json`.
+    #[serde(rename = "json", alias = "json_object")]
+    #[schema(value_type = Object)]
+    Json(serde_json::Value),
+    #[serde(rename = "regex")]
+    Regex(String),
+    #[serde(rename = "lark")]
+    Lark(String),
 }
 
 impl Default for GenerateParameters {

@@ -1,5 +1,6 @@
 //! OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
+use super::generate::GrammarParameter;
 use super::neutral_only::NeutralOnly;
 use crate::http::openai::OpenAiSampling;
 use crate::infer_types::Token;
@@ -38,6 +39,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result, answering the assistant's call `tool_call_id`.
+    Tool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
@@ -67,14 +70,149 @@ impl MessageContent {
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: Role,
-    pub content: MessageContent,
+    /// `null` only in an assistant message with `tool_calls`.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub content: Option<MessageContent>,
     #[serde(default)]
     #[schema(nullable)]
     pub name: Option<String>,
-    /// Not supported: only `null` or `[]` (the `text-generation` client sends `null`).
+    /// The calls an assistant message made.
     #[serde(default)]
-    #[schema(value_type = Option<Vec<Object>>, nullable)]
-    pub tool_calls: Option<serde_json::Value>,
+    #[schema(nullable)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// In a `tool` message: the call it answers.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub tool_call_id: Option<String>,
+}
+
+/// The only kind of tool: a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolType {
+    Function,
+}
+
+/// A call of a function, as the assistant's messages carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: ToolType,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON object, in a string.
+    pub arguments: String,
+}
+
+/// A tool the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: ToolType,
+    pub function: FunctionDefinition,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionDefinition {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable)]
+    pub description: Option<String>,
+    /// The JSON schema of the arguments (an object); unset: no arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable)]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted either way: calls always follow `parameters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable)]
+    pub strict: Option<bool>,
+}
+
+/// `none`, `auto`, `required`, or `{"type": "function", "function": {"name": ...}}`.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(ToolChoiceMode),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceMode {
+    /// Answer in text (the tools are not shown to the model).
+    None,
+    /// Answer in text or call tools, as the model decides.
+    Auto,
+    /// Call one or more tools.
+    Required,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToolChoice {
+    #[serde(rename = "type")]
+    pub kind: ToolType,
+    pub function: FunctionName,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionName {
+    pub name: String,
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    JsonSchema {
+        #[serde(deserialize_with = "super::object")]
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    #[serde(default)]
+    #[schema(nullable)]
+    pub description: Option<String>,
+    /// The JSON schema the output follows; unset: any JSON object.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>, nullable)]
+    pub schema: Option<serde_json::Value>,
+    /// Accepted either way: the output always follows the schema.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    /// The grammar that produces this format (none for text).
+    pub fn grammar(&self) -> Option<GrammarParameter> {
+        let any_object = || serde_json::json!({"type": "object"});
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(GrammarParameter::Json(any_object())),
+            ResponseFormat::JsonSchema { json_schema } => {
+                Some(GrammarParameter::Json(json_schema.schema.clone().unwrap_or_else(any_object)))
+            }
+        }
+    }
 }
 
 /// Declares an OpenAI request body: its own fields, then those that chat and
@@ -146,6 +284,12 @@ macro_rules! openai_request {
             #[serde(default)]
             #[schema(value_type = Option<Object>, nullable)]
             pub logit_bias: Option<serde_json::Value>,
+            /// `{"type": "text"}` (as without it), `{"type": "json_object"}` (a JSON object) or
+            /// `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`: the
+            /// output is constrained to follow it.
+            #[serde(default, deserialize_with = "super::optional_object")]
+            #[schema(nullable)]
+            pub response_format: Option<ResponseFormat>,
         }
 
         impl $name {
@@ -170,6 +314,7 @@ macro_rules! openai_request {
                     max_tokens,
                     top_n_tokens,
                     ignore_eos: self.ignore_eos,
+                    grammar: self.response_format.as_ref().and_then(ResponseFormat::grammar),
                 }
             }
         }
@@ -199,36 +344,30 @@ openai_request! {
         #[serde(default)]
         #[schema(nullable, minimum = 1)]
         pub max_completion_tokens: Option<u32>,
-        /// Not supported: only `null` or `[]`.
+        /// Functions the model may call.
         #[serde(default)]
-        #[schema(value_type = Option<Vec<Object>>, nullable)]
-        pub tools: Option<serde_json::Value>,
-        /// Not supported: only `null` or `"none"`.
+        #[schema(nullable)]
+        pub tools: Option<Vec<Tool>>,
+        /// Default: `auto` with tools, `none` without.
         #[serde(default)]
-        #[schema(value_type = Option<String>, nullable)]
-        pub tool_choice: Option<serde_json::Value>,
-        /// Not supported (TGI's extension, used with `tools`): only `null` or `""`.
+        #[schema(nullable)]
+        pub tool_choice: Option<ToolChoice>,
+        /// Whether one answer may call several tools (default true).
         #[serde(default)]
-        #[schema(value_type = Option<String>, nullable)]
-        pub tool_prompt: Option<serde_json::Value>,
-        /// Not supported: only `null` or `{"type": "text"}` (plain text, as without it).
+        #[schema(nullable)]
+        pub parallel_tool_calls: Option<bool>,
+        /// TGI's extension: the instructions that introduce the tools, for models whose chat
+        /// template does not take them.
         #[serde(default)]
-        #[schema(value_type = Option<Object>, nullable)]
-        pub response_format: Option<serde_json::Value>,
+        #[schema(nullable)]
+        pub tool_prompt: Option<String>,
     }
 }
 
 impl ChatCompletionRequest {
     /// The fields that clients send but we do not implement.
     pub fn neutral_only(&self) -> impl Iterator<Item = NeutralOnly<'_>> {
-        let own = [
-            NeutralOnly::empty("tools", &self.tools),
-            NeutralOnly::empty_or("tool_choice", &self.tool_choice, serde_json::json!("none")),
-            NeutralOnly::empty("tool_prompt", &self.tool_prompt),
-            NeutralOnly::empty_or("response_format", &self.response_format, serde_json::json!({"type": "text"})),
-        ];
-        let messages = self.messages.iter().map(|m| NeutralOnly::empty("tool_calls", &m.tool_calls));
-        self.shared_neutral_only().into_iter().chain(own).chain(messages)
+        self.shared_neutral_only().into_iter()
     }
 }
 
@@ -316,17 +455,65 @@ pub struct OpenAiResponse<C> {
     pub usage: Option<Usage>,
 }
 
-/// `message` of a chat choice, `delta` of a chat chunk.
+/// `message` of a chat choice.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: Role,
-    pub content: String,
+    /// `null` when the message calls tools.
+    #[schema(nullable)]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 impl AssistantMessage {
     pub fn new(content: String) -> Self {
-        Self { role: Role::Assistant, content }
+        Self { role: Role::Assistant, content: Some(content), tool_calls: None }
     }
+
+    pub fn calling(tool_calls: Vec<ToolCall>) -> Self {
+        Self { role: Role::Assistant, content: None, tool_calls: Some(tool_calls) }
+    }
+}
+
+/// `delta` of a chat chunk: text, or a piece of a tool call.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct AssistantDelta {
+    pub role: Role,
+    #[schema(nullable)]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+impl AssistantDelta {
+    pub fn text(content: String) -> Self {
+        Self { role: Role::Assistant, content: Some(content), tool_calls: None }
+    }
+
+    pub fn tool_call(delta: ToolCallDelta) -> Self {
+        Self { role: Role::Assistant, content: None, tool_calls: Some(vec![delta]) }
+    }
+}
+
+/// A streamed tool call: its first delta has the id, the type and the function's name,
+/// the next ones pieces of the arguments, as OpenAI streams them.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    /// Which call of the message this is part of.
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ToolType>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
@@ -388,6 +575,7 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     #[schema(nullable)]
     pub logprobs: Option<ChatLogprobs>,
+    /// `stop`, `length` or `tool_calls`.
     #[schema(value_type = String, example = "stop")]
     pub finish_reason: &'static str,
 }
@@ -395,10 +583,10 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
-    pub delta: AssistantMessage,
+    pub delta: AssistantDelta,
     #[schema(nullable)]
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` or `length`, on the last chunk of the choice.
+    /// `stop`, `length` or `tool_calls`, on the last chunk of the choice.
     #[schema(nullable, value_type = Option<String>, example = "stop")]
     pub finish_reason: Option<&'static str>,
 }
@@ -498,7 +686,7 @@ mod tests {
             "stream_options": {"include_usage": true}
         }))
         .unwrap();
-        assert_eq!(request.messages[1].content.clone().into_text(), "Hi there");
+        assert_eq!(request.messages[1].content.clone().unwrap().into_text(), "Hi there");
         assert_eq!(request.stop.unwrap().into_vec(), vec!["\n".to_string()]);
         assert!(request.stream_options.unwrap().include_usage);
         let many: OneOrMany = serde_json::from_value(json!(["a", "b"])).unwrap();
@@ -524,7 +712,7 @@ mod tests {
             system_fingerprint: "fp".into(),
             choices: vec![ChatChunkChoice {
                 index: 0,
-                delta: AssistantMessage::new("Hi".into()),
+                delta: AssistantDelta::text("Hi".into()),
                 logprobs: None,
                 finish_reason: Some("stop"),
             }],

@@ -8,7 +8,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use proto::v3::{Batch, NextTokenChooserParameters, Request, StoppingCriteriaParameters};
+use grammar::GrammarSpec;
+use proto::v3::{Batch, GrammarType, NextTokenChooserParameters, Request, StoppingCriteriaParameters};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::infer_types::{InferError, InferStreamResponse, ValidGenerateRequest};
@@ -265,6 +266,7 @@ impl State {
 fn request_proto(id: u64, entry: &Entry, chunk_len: Option<u32>) -> Request {
     let request = &entry.request;
     let parameters = &request.parameters;
+    let (grammar_type, grammar) = grammar_proto(request.grammar.as_ref());
     let (blocks, slots, cache_len) = entry
         .block_allocation
         .as_ref()
@@ -291,6 +293,8 @@ fn request_proto(id: u64, entry: &Entry, chunk_len: Option<u32>) -> Request {
             repetition_penalty: parameters.repetition_penalty,
             frequency_penalty: parameters.frequency_penalty,
             presence_penalty: parameters.presence_penalty,
+            grammar,
+            grammar_type: grammar_type as i32,
         }),
         stopping_parameters: Some(StoppingCriteriaParameters {
             max_new_tokens: request.stopping_parameters.max_new_tokens,
@@ -303,6 +307,16 @@ fn request_proto(id: u64, entry: &Entry, chunk_len: Option<u32>) -> Request {
         slots,
         cache_len: (cache_len > 0).then_some(cache_len),
         chunk_len,
+    }
+}
+
+/// A grammar as the protocol carries it: its type and its text.
+fn grammar_proto(grammar: Option<&GrammarSpec>) -> (GrammarType, String) {
+    match grammar {
+        None => (GrammarType::None, String::new()),
+        Some(GrammarSpec::JsonSchema(schema)) => (GrammarType::Json, schema.to_string()),
+        Some(GrammarSpec::Regex(regex)) => (GrammarType::Regex, regex.clone()),
+        Some(GrammarSpec::Lark(lark)) => (GrammarType::Lark, lark.clone()),
     }
 }
 
@@ -336,6 +350,7 @@ pub mod tests {
             },
             decoder_input_details: false,
             top_n_tokens: 0,
+            grammar: None,
         }
     }
 
@@ -383,6 +398,7 @@ pub mod tests {
             frequency_penalty: 0.2,
             presence_penalty: -0.3,
         };
+        sampled.grammar = Some(GrammarSpec::Regex("[ab]+".into()));
         let (sender, _receiver) = mpsc::unbounded_channel();
         let proto = request_proto(7, &Entry::new(sampled, sender), None);
         assert_eq!(
@@ -398,8 +414,13 @@ pub mod tests {
                 repetition_penalty: 1.1,
                 frequency_penalty: 0.2,
                 presence_penalty: -0.3,
+                grammar: "[ab]+".into(),
+                grammar_type: GrammarType::Regex as i32,
             })
         );
+        let schema = serde_json::json!({"type": "object"});
+        assert_eq!(grammar_proto(Some(&GrammarSpec::JsonSchema(schema))), (GrammarType::Json, r#"{"type":"object"}"#.into()));
+        assert_eq!(grammar_proto(None), (GrammarType::None, String::new()));
     }
 
     #[test]

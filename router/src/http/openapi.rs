@@ -140,6 +140,15 @@ mod tests {
         {
             assert!(schemas[schema].is_object(), "{schema} missing");
         }
+        // Structured output and tools.
+        for schema in ["GrammarParameter", "ResponseFormat", "Tool", "ToolChoice", "ToolCall", "ToolCallDelta", "AssistantDelta"] {
+            assert!(schemas[schema].is_object(), "{schema} missing");
+        }
+        let chat_request = &schemas["ChatCompletionRequest"]["properties"];
+        for field in ["tools", "tool_choice", "parallel_tool_calls", "response_format"] {
+            assert!(chat_request[field].is_object(), "ChatCompletionRequest.{field}");
+        }
+        assert!(schemas["CompletionRequest"]["properties"]["response_format"].is_object());
         let min_p = &schemas["GenerateParameters"]["properties"]["min_p"];
         assert_eq!((min_p["minimum"].as_f64(), min_p["maximum"].as_f64()), (Some(0.0), Some(1.0)), "{min_p}");
         assert!(schemas["Info"]["properties"]["generation_defaults"].is_object());

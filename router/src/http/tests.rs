@@ -7,6 +7,8 @@ use crate::http::metrics::prometheus_builder;
 use crate::http::server::{app, AppState, ServerConfig};
 use crate::infer_types::*;
 use crate::validation::chat_template::ChatTemplate;
+use crate::validation::grammar::GrammarSupport;
+use grammar::GrammarSpec;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
@@ -157,6 +159,24 @@ fn test_app(backend: Arc<ScriptedBackend>, config: ServerConfig) -> Router {
 
 /// A test app serving a model whose generation_config.json gives these sampling defaults.
 fn test_app_with_defaults(backend: Arc<ScriptedBackend>, config: ServerConfig, defaults: SamplingDefaults) -> Router {
+    let validation = crate::validation::tests::validation_with_grammar(5, 200, GrammarSupport::Disabled);
+    test_app_with(backend, config, defaults, validation)
+}
+
+/// A test app checking grammars with the default model's tokenizer (and room for the
+/// tools' system prompt).
+fn test_app_with_grammars(backend: Arc<ScriptedBackend>) -> Router {
+    let support = crate::validation::grammar::tests::smollm2_support();
+    let validation = crate::validation::tests::validation_with_grammar(500, 600, support);
+    test_app_with(backend, ServerConfig::default(), SamplingDefaults::default(), validation)
+}
+
+fn test_app_with(
+    backend: Arc<ScriptedBackend>,
+    config: ServerConfig,
+    defaults: SamplingDefaults,
+    validation: crate::validation::Validation,
+) -> Router {
     let template = "{% for m in messages %}{{ m.content }} {% endfor %}{% if add_generation_prompt %}is{% endif %}";
     let info = Info {
         validation_workers: 1,
@@ -165,7 +185,7 @@ fn test_app_with_defaults(backend: Arc<ScriptedBackend>, config: ServerConfig, d
     };
     let state = AppState {
         backend,
-        validation: Arc::new(crate::validation::tests::validation(5, 200)),
+        validation: Arc::new(validation),
         chat_template: Some(Arc::new(ChatTemplate::new(template.into(), None, None).unwrap())),
         info: Arc::new(info),
         metrics: prometheus_builder(10).build_recorder().handle(),
@@ -577,13 +597,7 @@ async fn unknown_fields_are_a_422_naming_them_on_every_route() {
 
 /// (route, the object holding the field, field, a neutral value, a value that asks for something)
 fn neutral_only_fields() -> Vec<(&'static str, &'static str, &'static str, Value, Value)> {
-    let tool = json!([{"type": "function", "function": {"name": "f"}}]);
     let mut fields = vec![
-        ("/v1/chat/completions", "", "tools", json!([]), tool.clone()),
-        ("/v1/chat/completions", "", "tool_choice", json!("none"), json!("auto")),
-        ("/v1/chat/completions", "", "tool_prompt", json!(""), json!("Use the tools")),
-        ("/v1/chat/completions", "", "response_format", json!({"type": "text"}), json!({"type": "json_object"})),
-        ("/v1/chat/completions", "/messages/0", "tool_calls", json!([]), tool),
         ("/v1/completions", "", "best_of", json!(1), json!(2)),
         ("/v1/completions", "", "suffix", json!(""), json!("!")),
     ];
@@ -591,7 +605,6 @@ fn neutral_only_fields() -> Vec<(&'static str, &'static str, &'static str, Value
         fields.push((path, "", "logit_bias", json!({}), json!({"42": -100})));
     }
     for path in ["/generate", "/generate_stream", "/"] {
-        fields.push((path, "/parameters", "grammar", json!(null), json!({"type": "json", "value": {}})));
         fields.push((path, "/parameters", "adapter_id", json!(""), json!("my-lora")));
     }
     fields
@@ -624,4 +637,139 @@ async fn openai_model_and_user_are_accepted_and_ignored() {
         assert_eq!(status, StatusCode::OK, "{path}: {response}");
         assert_eq!(response["model"], "test-model");
     }
+}
+
+#[tokio::test]
+async fn tgi_grammars_reach_inference_checked() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app_with_grammars(backend.clone());
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]});
+    let cases = [
+        (json!({"type": "json", "value": schema}), GrammarSpec::JsonSchema(schema.clone())),
+        (json!({"type": "json", "value": schema.to_string()}), GrammarSpec::JsonSchema(schema.clone())),
+        (json!({"type": "regex", "value": "[0-9]{3}"}), GrammarSpec::Regex("[0-9]{3}".into())),
+    ];
+    for path in ["/generate", "/generate_stream"] {
+        for (grammar, spec) in &cases {
+            let body = json!({"inputs": "the", "parameters": {"grammar": grammar}});
+            let (status, response) = call(&app, post(path, body)).await;
+            assert_eq!(status, StatusCode::OK, "{path} {grammar}: {response}");
+            assert_eq!(backend.requests.lock().unwrap().last().unwrap().grammar.as_ref(), Some(spec));
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_grammars_are_a_422_naming_the_problem() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app_with_grammars(backend.clone());
+    let cases = [
+        (json!({"type": "regex", "value": "(unclosed"}), "invalid grammar"),
+        (json!({"type": "json", "value": {"type": "not-a-type"}}), "not-a-type"),
+        (json!({"type": "json", "value": "{oops"}), "does not parse"),
+        (json!({"type": "yaml", "value": "a: b"}), "unknown variant `yaml`"),
+        (json!({"type": "regex"}), "missing field `value`"),
+    ];
+    for (grammar, expected) in cases {
+        let body = json!({"inputs": "the", "parameters": {"grammar": grammar}});
+        let (status, response) = call_json(&app, post("/generate", body)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{grammar}: {response}");
+        assert!(error_message(&response).contains(expected), "{grammar}: {response}");
+    }
+    assert_eq!(backend.request_count(), 0);
+    // With --disable-grammar-support, any grammar is refused, saying why.
+    let disabled = test_app(backend.clone(), ServerConfig::default());
+    let body = json!({"inputs": "the", "parameters": {"grammar": {"type": "regex", "value": "a"}}});
+    let (status, response) = call_json(&disabled, post("/generate", body)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(error_message(&response).contains("--disable-grammar-support"), "{response}");
+    assert_eq!(backend.request_count(), 0);
+}
+
+#[tokio::test]
+async fn openai_response_formats_become_grammars() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app_with_grammars(backend.clone());
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]});
+    let cases = [
+        (json!({"type": "text"}), None),
+        (json!({"type": "json_object"}), Some(GrammarSpec::JsonSchema(json!({"type": "object"})))),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": true}}),
+            Some(GrammarSpec::JsonSchema(schema.clone())),
+        ),
+    ];
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        for (format, spec) in &cases {
+            for stream in [false, true] {
+                let body = with_field(valid_body(path), "", "response_format", format.clone());
+                let body = with_field(body, "", "stream", json!(stream));
+                let (status, response) = call(&app, post(path, body)).await;
+                assert_eq!(status, StatusCode::OK, "{path} {format}: {response}");
+                assert_eq!(backend.requests.lock().unwrap().last().unwrap().grammar, *spec, "{path} {format}");
+            }
+        }
+        for (format, expected) in [
+            (json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}), "wat"),
+            (json!({"type": "json_schema", "json_schema": {"schema": {}}}), "missing field `name`"),
+            (json!({"type": "yaml"}), "unknown variant `yaml`"),
+        ] {
+            let body = with_field(valid_body(path), "", "response_format", format.clone());
+            let (status, response) = call_json(&app, post(path, body)).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path} {format}: {response}");
+            assert!(error_message(&response).contains(expected), "{path} {format}: {response}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn tools_become_grammars_and_bad_tool_requests_are_a_422() {
+    let backend = Arc::new(ScriptedBackend::new());
+    let app = test_app_with_grammars(backend.clone());
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "the"}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, response) = call(&app, post("/v1/chat/completions", chat(json!({"tools": [weather], "tool_choice": "required"})))).await;
+    assert_eq!(status, StatusCode::OK, "{response}");
+    let Some(GrammarSpec::JsonSchema(schema)) = backend.requests.lock().unwrap().last().unwrap().grammar.clone() else {
+        panic!("a JSON schema for `required`")
+    };
+    assert_eq!(schema["items"]["properties"]["name"], json!({"const": "get_weather"}));
+    // `auto` compiles to the text-or-calls Lark grammar; `none` leaves the output free.
+    let (status, response) = call(&app, post("/v1/chat/completions", chat(json!({"tools": [weather]})))).await;
+    assert_eq!(status, StatusCode::OK, "{response}");
+    assert!(matches!(backend.requests.lock().unwrap().last().unwrap().grammar, Some(GrammarSpec::Lark(_))));
+    let (status, _) = call(&app, post("/v1/chat/completions", chat(json!({"tools": [weather], "tool_choice": "none"})))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend.requests.lock().unwrap().last().unwrap().grammar, None);
+    // A history with a call and its result.
+    let history = json!({"messages": [
+        {"role": "user", "content": "the"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    ], "tools": [weather]});
+    let (status, response) = call(&app, post("/v1/chat/completions", history)).await;
+    assert_eq!(status, StatusCode::OK, "{response}");
+    let count = backend.request_count();
+    for (extra, expected) in [
+        (json!({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "`nope`"),
+        (json!({"tool_choice": "required"}), "`tool_choice` needs `tools`"),
+        (json!({"tools": [weather], "n": 2}), "`n`"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}]}), "object"),
+        (json!({"tools": [{"type": "retrieval"}]}), "unknown variant `retrieval`"),
+        (json!({"tool_choice": "sometimes", "tools": [weather]}), "tool_choice"),
+    ] {
+        let (status, response) = call_json(&app, post("/v1/chat/completions", chat(extra.clone()))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{extra}: {response}");
+        assert!(error_message(&response).contains(expected), "{extra}: {response}");
+    }
+    let no_content = json!({"messages": [{"role": "user", "content": null}]});
+    let (status, response) = call_json(&app, post("/v1/chat/completions", no_content)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{response}");
+    assert_eq!(backend.request_count(), count);
 }

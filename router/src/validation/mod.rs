@@ -2,6 +2,7 @@
 //! tokenization (off the async threads), truncation and the length limits.
 
 pub mod chat_template;
+pub mod grammar;
 mod params;
 #[cfg(test)]
 mod proptests;
@@ -11,6 +12,7 @@ mod tokenizer;
 
 use crate::api::generate::GenerateParameters;
 use crate::infer_types::{ValidGenerateRequest, ValidStoppingParameters};
+use grammar::GrammarSupport;
 use std::sync::Arc;
 use tokenizer::TokenizerPool;
 use tokenizers::{Encoding, Tokenizer};
@@ -48,16 +50,30 @@ pub enum ValidationError {
     Tokenizer(String),
     #[error("template error: {0}")]
     ChatTemplate(String),
+    #[error("grammar support is disabled (--disable-grammar-support): `grammar`, `response_format` and `tools` are refused")]
+    GrammarDisabled,
+    #[error("grammars are not supported with this model's tokenizer: {0}")]
+    GrammarUnavailable(String),
+    #[error("invalid grammar: {0}")]
+    Grammar(String),
+    #[error("{0}")]
+    Tools(String),
 }
 
 pub struct Validation {
     tokenizer: TokenizerPool,
     limits: ValidationLimits,
+    grammar: GrammarSupport,
 }
 
 impl Validation {
-    pub fn new(tokenizer: Tokenizer, workers: usize, limits: ValidationLimits) -> std::io::Result<Self> {
-        Ok(Self { tokenizer: TokenizerPool::new(tokenizer, workers)?, limits })
+    pub fn new(
+        tokenizer: Tokenizer,
+        workers: usize,
+        limits: ValidationLimits,
+        grammar: GrammarSupport,
+    ) -> std::io::Result<Self> {
+        Ok(Self { tokenizer: TokenizerPool::new(tokenizer, workers)?, limits, grammar })
     }
 
     pub fn workers(&self) -> usize {
@@ -84,6 +100,10 @@ impl Validation {
         add_special_tokens: bool,
     ) -> Result<ValidGenerateRequest, ValidationError> {
         let checked = params::check_parameters(parameters, &self.limits)?;
+        let grammar = match &parameters.grammar {
+            Some(grammar) => Some(self.grammar.check(grammar).await?),
+            None => None,
+        };
         let encoding = self.tokenize(inputs.clone(), add_special_tokens).await?;
         let mut input_ids = encoding.get_ids();
         if let Some(truncate) = checked.truncate {
@@ -113,6 +133,7 @@ impl Validation {
             },
             decoder_input_details: parameters.decoder_input_details,
             top_n_tokens: checked.top_n_tokens,
+            grammar,
         })
     }
 }
@@ -122,9 +143,18 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn validation(max_input_tokens: u32, max_total_tokens: u32) -> Validation {
+        validation_with_grammar(max_input_tokens, max_total_tokens, GrammarSupport::Disabled)
+    }
+
+    /// Prompts tokenized by the word-level test tokenizer, grammars checked by `grammar`.
+    pub(crate) fn validation_with_grammar(
+        max_input_tokens: u32,
+        max_total_tokens: u32,
+        grammar: GrammarSupport,
+    ) -> Validation {
         let limits =
             ValidationLimits { max_input_tokens, max_total_tokens, max_stop_sequences: 4, max_top_n_tokens: 5 };
-        Validation::new(tokenizer::tests::word_tokenizer(), 1, limits).unwrap()
+        Validation::new(tokenizer::tests::word_tokenizer(), 1, limits, grammar).unwrap()
     }
 
     fn parameters(max_new_tokens: Option<u32>, truncate: Option<u32>) -> GenerateParameters {

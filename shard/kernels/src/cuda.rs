@@ -533,6 +533,74 @@ impl CudaOp1 for Greedy {
     }
 }
 
+/// `logits` (`[rows, vocab]` f32) with the tokens each row's bitmask forbids set to
+/// -inf: `allowed` is `[rows, words]` u32, bit `t % 32` of word `t / 32` allowing token
+/// `t` (tokens past the words are forbidden); the grammar masks of constrained rows,
+/// applied before [`sample`].
+pub fn mask_logits(logits: &Tensor, allowed: &Tensor) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    expect_dtype("logits", logits, DType::F32)?;
+    expect_dtype("allowed", allowed, DType::U32)?;
+    for (name, t) in [("logits", logits), ("allowed", allowed)] {
+        expect_cuda(name, t)?;
+    }
+    let (allowed_rows, _words) = allowed.dims2()?;
+    if allowed_rows != rows {
+        bail!("mask_logits: {allowed_rows} bitmask rows for {rows} logits rows");
+    }
+    if rows == 0 || vocab == 0 {
+        bail!("mask_logits needs logits, got [{rows}, {vocab}]");
+    }
+    logits.apply_op1_no_bwd(&OnCuda(MaskLogits { allowed }))
+}
+
+struct MaskLogits<'a> {
+    allowed: &'a Tensor,
+}
+
+impl CudaOp1 for MaskLogits<'_> {
+    const NAME: &'static str = "mask_logits";
+
+    fn cuda(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        const THREADS: u32 = 256; // MASK_THREADS in sampling.cu
+        let dev = logits.device();
+        let (rows, vocab) = layout.shape().dims2()?;
+        let words = self.allowed.dim(1)?;
+        let logits = view::<f32>(logits, layout, "logits")?;
+        let allowed = bound(self.allowed, "allowed");
+        let allowed = allowed.view::<u32>()?;
+        // SAFETY: the kernel writes every entry.
+        let out = unsafe { dev.alloc::<f32>(rows * vocab)? };
+        let func = dev.get_or_load_custom_func(
+            "mask_logits_f32",
+            "text_generation_sampling",
+            SAMPLING_PTX,
+        )?;
+        // A row of a 128k vocabulary in 8 CTAs of 256 threads: 64 entries per thread.
+        let ctas_per_row = (vocab as u32).div_ceil(THREADS).min(8);
+        let cfg = LaunchConfig {
+            grid_dim: (ctas_per_row, grid_yz(rows, "rows")?, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut launch = Launch::new(&stream);
+        launch
+            .buf(&out)
+            .buf(&logits)
+            .buf(&allowed)
+            .int(as_i32(vocab, "vocab")?)
+            .int(as_i32(words, "words")?);
+        // SAFETY: `rows` rows of `vocab` contiguous logits and of `words` contiguous
+        // bitmask words (checked by `view`), one grid row per row.
+        unsafe { launch.run(&func, cfg) }?;
+        Ok((
+            f32::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((rows, vocab)),
+        ))
+    }
+}
+
 /// One row's sampling parameters as [`sample`] reads them (`SampleRow` in sampling.cu).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleRow {

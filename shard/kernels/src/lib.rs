@@ -33,6 +33,6 @@ mod cuda;
 
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    add_rms_norm, gemv, gemv_silu_mul, greedy, paged_attention_decode, paged_attention_prefill,
+    add_rms_norm, gemv, gemv_silu_mul, greedy, mask_logits, paged_attention_decode, paged_attention_prefill,
     rope_and_cache, sample, silu_mul, SampleRow, GEMV_MAX_ROWS, SAMPLE_MAX_TOP_N, SAMPLE_ROW_WORDS,
 };

@@ -2,8 +2,9 @@
 //! block allocation, so a batch is just a list of request states: concatenating and
 //! filtering batches moves request states around and never touches the cache.
 
-use super::sampler::{NextTokenChooser, SamplingParams};
+use super::sampler::{grammar, GrammarRow, NextTokenChooser, SamplingParams};
 use super::stopping::{IncrementalDecoder, StoppingCriteria};
+use ::grammar::GrammarCompiler;
 use anyhow::{bail, ensure, Context, Result};
 use proto::v3::{CachedBatch, Request};
 
@@ -27,7 +28,8 @@ pub struct RequestState {
 }
 
 impl RequestState {
-    pub fn from_proto(request: &Request) -> Result<Self> {
+    /// `grammars`: the compiler of the model's grammars, None when its tokenizer has none.
+    pub fn from_proto(request: &Request, grammars: Option<&GrammarCompiler>) -> Result<Self> {
         let id = request.id;
         let prompt_len = request.input_ids.len();
         ensure!(prompt_len > 0, "request {id}: empty input_ids");
@@ -51,6 +53,16 @@ impl RequestState {
         );
         let params = SamplingParams::from_proto(request.parameters.as_ref())
             .with_context(|| format!("request {id}"))?;
+        let grammar = match grammar::spec_from_proto(request.parameters.as_ref())
+            .with_context(|| format!("request {id}"))?
+        {
+            None => None,
+            Some(spec) => {
+                let compiler = grammars
+                    .with_context(|| format!("request {id}: a grammar, but this model's tokenizer cannot be constrained"))?;
+                Some(GrammarRow::start(compiler, spec))
+            }
+        };
         Ok(Self {
             id,
             tokens: request.input_ids.clone(),
@@ -60,10 +72,11 @@ impl RequestState {
             slots: request.slots.clone(),
             blocks: request.blocks.clone(),
             prefill_logprobs: request.prefill_logprobs,
-            chooser: NextTokenChooser::new(
+            chooser: NextTokenChooser::constrained(
                 params,
                 request.top_n_tokens as usize,
                 &request.input_ids,
+                grammar,
             )?,
             stopping: StoppingCriteria::new(request.stopping_parameters.as_ref()),
             decoder: IncrementalDecoder::new(prompt_len),
@@ -100,10 +113,12 @@ impl RequestState {
 
     /// Appends the token chosen for the next position; its keys/values enter the cache
     /// with the next forward pass.
-    pub fn accept(&mut self, token: u32) {
+    pub fn accept(&mut self, token: u32) -> Result<()> {
         self.tokens.push(token);
         self.cached_len = self.tokens.len() - 1;
-        self.chooser.record(token);
+        self.chooser
+            .record(token)
+            .with_context(|| format!("request {}", self.id))
     }
 
     /// Checks that the slots cover the next forward pass, for a clear error instead of a kernel fault.
@@ -181,7 +196,7 @@ mod tests {
             id,
             requests: requests
                 .iter()
-                .map(|r| RequestState::from_proto(r).unwrap())
+                .map(|r| RequestState::from_proto(r, None).unwrap())
                 .collect(),
         }
     }
@@ -207,18 +222,18 @@ mod tests {
 
     #[test]
     fn rejects_empty_prompts_and_missing_slots_and_clamps_full_cache_hits() {
-        assert!(RequestState::from_proto(&request(1, &[])).is_err());
+        assert!(RequestState::from_proto(&request(1, &[]), None).is_err());
         let no_slots = Request {
             slots: vec![0],
             ..request(1, &[1, 2])
         };
-        assert!(RequestState::from_proto(&no_slots).is_err());
+        assert!(RequestState::from_proto(&no_slots, None).is_err());
         let cached = Request {
             cache_len: Some(2),
             ..request(1, &[1, 2])
         };
         assert_eq!(
-            RequestState::from_proto(&cached).unwrap().pending_tokens(),
+            RequestState::from_proto(&cached, None).unwrap().pending_tokens(),
             &[2]
         );
     }
@@ -230,26 +245,26 @@ mod tests {
             chunk_len: Some(2),
             ..request(1, &[1, 2, 3, 4, 5])
         };
-        let state = RequestState::from_proto(&chunk).unwrap();
+        let state = RequestState::from_proto(&chunk, None).unwrap();
         assert_eq!(state.pending_tokens(), &[2, 3]);
         assert!(state.is_partial_chunk());
         let last_chunk = Request {
             chunk_len: Some(9),
             ..chunk.clone()
         };
-        let state = RequestState::from_proto(&last_chunk).unwrap();
+        let state = RequestState::from_proto(&last_chunk, None).unwrap();
         assert_eq!(state.pending_tokens(), &[2, 3, 4, 5]);
         assert!(!state.is_partial_chunk());
         let empty = Request {
             chunk_len: Some(0),
             ..chunk.clone()
         };
-        assert!(RequestState::from_proto(&empty).is_err());
+        assert!(RequestState::from_proto(&empty, None).is_err());
         for logprobs in [
             Request { prefill_logprobs: true, ..chunk.clone() },
             Request { prefill_logprobs: true, cache_len: Some(1), ..request(1, &[1, 2, 3]) },
         ] {
-            let err = RequestState::from_proto(&logprobs).err().unwrap().to_string();
+            let err = RequestState::from_proto(&logprobs, None).err().unwrap().to_string();
             assert!(err.contains("prompt logprobs"), "{err}");
         }
     }

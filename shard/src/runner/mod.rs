@@ -18,6 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use batch::{BatchState, RequestState};
 use injected_failures::InjectedFailures;
 use candle_core::{DType, Device, Tensor};
+use grammar::GrammarCompiler;
 use model_store::ModelFiles;
 use output::TokenOutput;
 use proto::v3::{Batch, CachedBatch, DecodeResponse, Generation, InfoResponse, PrefillResponse};
@@ -49,6 +50,9 @@ pub struct Runner {
     #[cfg(feature = "cuda")]
     profiled_batch: Option<usize>,
     batches: HashMap<u64, BatchState>,
+    /// Compiles the grammars of constrained requests; None when the tokenizer's tokens
+    /// cannot be read as bytes (such requests are refused).
+    grammars: Option<GrammarCompiler>,
     /// The next decode step's forward pass, started before the last step answered.
     ahead: Option<RunAhead>,
     injected_failures: InjectedFailures,
@@ -135,6 +139,9 @@ impl Runner {
             .filter(|(_, token)| token.special)
             .map(|(id, _)| id)
             .collect();
+        let grammars = GrammarCompiler::new(&tokenizer, &special.eos_token_ids)
+            .inspect_err(|e| tracing::warn!("requests with a grammar will be refused: {e:#}"))
+            .ok();
         Ok(Self {
             model,
             device,
@@ -157,6 +164,7 @@ impl Runner {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             batches: HashMap::new(),
+            grammars,
             ahead: None,
             injected_failures: InjectedFailures::new(&config.debug_fail_steps),
         })
@@ -220,7 +228,7 @@ impl Runner {
         let new_requests = batch
             .requests
             .iter()
-            .map(RequestState::from_proto)
+            .map(|r| RequestState::from_proto(r, self.grammars.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let mut requests = cached
             .and_then(|c| self.batches.remove(&c.id))
@@ -482,7 +490,7 @@ impl Runner {
         let choices = sampler::choose_tokens(&last_logits, &mut choosers)?;
         let prompt_logprobs = self.prompt_logprobs(&logits, stepped, &rows)?;
         for (request, choice) in stepped.iter_mut().zip(&choices) {
-            request.accept(choice.id);
+            request.accept(choice.id)?;
         }
         if run_ahead {
             // Requests that stop on their token need no next step; stop sequences are
@@ -491,7 +499,10 @@ impl Runner {
             let continuing: Vec<&RequestState> = stepped
                 .iter()
                 .zip(&choices)
-                .filter(|(r, c)| r.stopping.stops_on_token(c.id, eos_token_ids).is_none())
+                .filter(|(r, c)| {
+                    r.stopping.stops_on_token(c.id, eos_token_ids).is_none()
+                        && !r.chooser.grammar_finished()
+                })
                 .map(|(r, _)| r)
                 .chain(waiting.iter())
                 .collect();

@@ -6,7 +6,7 @@ use super::batch::RequestState;
 use super::sampler::Choice;
 use super::stopping::{decode_generated, IncrementalDecoder};
 use anyhow::{anyhow, Result};
-use proto::v3::{GeneratedText, Generation, Tokens};
+use proto::v3::{FinishReason, GeneratedText, Generation, Tokens};
 use rayon::prelude::*;
 use std::collections::HashSet;
 use tokenizers::Tokenizer;
@@ -87,7 +87,9 @@ impl TokenOutput {
         let text = request.decoder.next(&self.tokenizer, &request.tokens)?;
         let finish_reason = request
             .stopping
-            .check(choice.id, &text, &self.eos_token_ids);
+            .check(choice.id, &text, &self.eos_token_ids)
+            // A complete grammar ends generation as an end-of-sequence token would.
+            .or(request.chooser.grammar_finished().then_some(FinishReason::EosToken));
         let generated_text = finish_reason
             .map(|reason| -> Result<GeneratedText> {
                 let params = request.chooser.params();

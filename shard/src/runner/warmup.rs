@@ -131,7 +131,7 @@ impl Runner {
         let mut requests = batch
             .requests
             .iter()
-            .map(RequestState::from_proto)
+            .map(|request| RequestState::from_proto(request, None))
             .collect::<Result<Vec<_>>>()?;
         self.step(&mut requests, None, false)?;
         Ok(())

@@ -3,8 +3,9 @@
 
 pub mod chat;
 pub mod completions;
+pub mod tools;
 
-use crate::api::generate::GenerateParameters;
+use crate::api::generate::{GenerateParameters, GrammarParameter};
 use crate::api::openai::{ModelCard, ModelList, OneOrMany, OpenAiResponse, Usage};
 use crate::http::openapi::OpenAiErrors;
 use crate::http::server::AppState;
@@ -30,6 +31,8 @@ pub struct OpenAiSampling {
     pub max_tokens: Option<u32>,
     pub top_n_tokens: Option<u32>,
     pub ignore_eos: bool,
+    /// From `response_format`.
+    pub grammar: Option<GrammarParameter>,
 }
 
 impl OpenAiSampling {
@@ -63,6 +66,7 @@ impl OpenAiSampling {
             max_new_tokens: self.max_tokens,
             top_n_tokens: self.top_n_tokens,
             ignore_eos: self.ignore_eos,
+            grammar: self.grammar,
             ..GenerateParameters::default()
         };
         if self.temperature != Some(0.0) {
@@ -152,6 +156,7 @@ mod tests {
             max_tokens: None,
             top_n_tokens: None,
             ignore_eos: true,
+            grammar: None,
         }
     }
 
@@ -256,6 +261,7 @@ mod tests {
                 "ignore_eos",
                 "stream",
                 "stream_options",
+                "response_format",
             ] {
                 assert!(properties[field].is_object(), "{request}.{field}");
             }

@@ -506,3 +506,23 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(float* _
         __syncthreads();
     }
 }
+
+constexpr int MASK_THREADS = 256;
+
+// Grammar masks (constrained decoding): out = logits with every token a row's bitmask
+// forbids set to -inf, before `sample_f32`. logits, out: [rows, vocab] f32; allowed:
+// [rows, words] u32, bit t % 32 of word t / 32 allows token t (tokens past the words
+// are forbidden). Grid: (CTAs along the row, rows).
+extern "C" __global__ void __launch_bounds__(MASK_THREADS) mask_logits_f32(float* __restrict__ out,
+                                                                           const float* __restrict__ logits,
+                                                                           const unsigned* __restrict__ allowed,
+                                                                           int vocab, int words) {
+    await_previous_kernel();
+    const int64_t row = blockIdx.y;
+    const unsigned* row_allowed = allowed + row * words;
+    for (int i = blockIdx.x * MASK_THREADS + threadIdx.x; i < vocab; i += gridDim.x * MASK_THREADS) {
+        const int word = i / 32;
+        const bool ok = word < words && ((row_allowed[word] >> (i % 32)) & 1u);
+        out[row * vocab + i] = ok ? logits[row * vocab + i] : -INFINITY;
+    }
+}

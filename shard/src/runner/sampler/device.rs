@@ -1,6 +1,8 @@
 //! The batch's token choice on a GPU: every row's parameters and penalty entries go
 //! up in two small copies, one kernel (`text_generation_kernels::sample`) processes
-//! all rows at once, and one copy brings back only ids and logprobs.
+//! all rows at once, and one copy brings back only ids and logprobs. When some rows are
+//! constrained by a grammar, their masks go up as one bitmask and a kernel sets the
+//! tokens they forbid to -inf first.
 
 use super::{Choice, NextTokenChooser};
 use anyhow::Result;
@@ -43,7 +45,8 @@ pub fn choose_tokens(logits: &Tensor, choosers: &[&mut NextTokenChooser]) -> Res
         Some(Tensor::from_vec(pairs, (entries, 2), device)?)
     };
     let top_n = choosers.iter().map(|c| c.top_n_tokens).max().unwrap_or(0);
-    let out = text_generation_kernels::sample(logits, &rows, penalties.as_ref(), top_n)?
+    let masked = grammar_masked(logits, choosers)?;
+    let out = text_generation_kernels::sample(masked.as_ref().unwrap_or(logits), &rows, penalties.as_ref(), top_n)?
         .to_vec2::<f32>()?;
     Ok(out
         .into_iter()
@@ -59,6 +62,28 @@ pub fn choose_tokens(logits: &Tensor, choosers: &[&mut NextTokenChooser]) -> Res
                 .collect(),
         })
         .collect())
+}
+
+/// The logits with each constrained row's forbidden tokens at -inf (unconstrained rows
+/// allow everything); None when no row is constrained.
+fn grammar_masked(logits: &Tensor, choosers: &[&mut NextTokenChooser]) -> Result<Option<Tensor>> {
+    if choosers.iter().all(|c| c.allowed().is_none()) {
+        return Ok(None);
+    }
+    let words = logits.dim(1)?.div_ceil(32);
+    let mut bits = Vec::with_capacity(choosers.len() * words);
+    for chooser in choosers {
+        match chooser.allowed() {
+            Some(mask) => {
+                let mask_words = &mask.words()[..mask.words().len().min(words)];
+                bits.extend_from_slice(mask_words);
+                bits.resize(bits.len() + words - mask_words.len(), 0);
+            }
+            None => bits.resize(bits.len() + words, u32::MAX),
+        }
+    }
+    let allowed = Tensor::from_vec(bits, (choosers.len(), words), logits.device())?;
+    Ok(Some(text_generation_kernels::mask_logits(logits, &allowed)?))
 }
 
 #[cfg(test)]
@@ -126,7 +151,7 @@ mod tests {
             let make = |i: usize| {
                 let mut c = chooser(cases[i].clone(), crate::runner::sampler::MAX_TOP_N_TOKENS, &prompt);
                 for &t in &prompt[..8] {
-                    c.record(t);
+                    c.record(t).unwrap();
                 }
                 c
             };
@@ -149,6 +174,30 @@ mod tests {
                 assert_eq!(ids(&expected), kept_set(&rows[i], &cases[i]));
             }
         }
+    }
+
+    /// The mask kernel keeps exactly the allowed entries (a ragged last word, a row
+    /// allowing all, one allowing none past its words) and leaves the logits alone.
+    #[test]
+    fn device_masks_keep_only_the_allowed_tokens() {
+        let Some(device) = gpu() else { return };
+        let mut rng = StdRng::seed_from_u64(23);
+        let vocab = 1_000;
+        let rows = random_rows(&mut rng, 3, vocab, 5.0);
+        let words = vocab.div_ceil(32);
+        let mut bits: Vec<u32> = (0..words).map(|_| rng.random()).collect();
+        bits.extend(std::iter::repeat_n(u32::MAX, words));
+        bits.extend((0..words).map(|w| if w < 10 { u32::MAX } else { 0 }));
+        let logits = Tensor::new(rows.clone(), &device).unwrap();
+        let allowed = Tensor::from_vec(bits.clone(), (3, words), &device).unwrap();
+        let masked = text_generation_kernels::mask_logits(&logits, &allowed).unwrap().to_vec2::<f32>().unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            for (t, &x) in row.iter().enumerate() {
+                let ok = bits[r * words + t / 32] >> (t % 32) & 1 == 1;
+                assert_eq!(masked[r][t], if ok { x } else { f32::NEG_INFINITY }, "row {r}, token {t}");
+            }
+        }
+        assert_eq!(logits.to_vec2::<f32>().unwrap(), rows);
     }
 
     /// Draws of one row over many steps follow the processed distribution (Pearson's
@@ -185,7 +234,7 @@ mod tests {
         assert!(ids.iter().all(|&id| id < 6), "a token of mass e^-40 was drawn");
         // Host and device draw from the same counters: mostly the same tokens.
         let same = (0..draws)
-            .filter(|&s| host::choose_row(&row, &params, &host::RowInputs { penalties: &[], step: s as u32, top_n: 0 }).id == ids[s])
+            .filter(|&s| host::choose_row(&row, &params, &host::RowInputs { penalties: &[], step: s as u32, top_n: 0, allowed: None }).id == ids[s])
             .count();
         assert!(same * 100 >= draws * 99, "{same} of {draws} draws as on the host");
 

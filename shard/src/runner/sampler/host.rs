@@ -22,6 +22,8 @@ pub struct RowInputs<'a> {
     /// The index of the token being chosen: with the seed, the draw's counter.
     pub step: u32,
     pub top_n: usize,
+    /// A constrained row's allowed tokens: the others are never chosen.
+    pub allowed: Option<&'a grammar::TokenMask>,
 }
 
 /// Larger floats get larger keys.
@@ -105,6 +107,13 @@ pub fn choose_row(logits: &[f32], params: &SamplingParams, inputs: &RowInputs) -
                 .mul_add(generated as f32, params.presence_penalty);
         }
         w[token as usize] = v * inverse_temperature;
+    }
+    if let Some(allowed) = inputs.allowed {
+        for (token, v) in (0..).zip(w.iter_mut()) {
+            if !allowed.allows(token) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
     }
     let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
@@ -236,6 +245,7 @@ pub(super) mod tests {
                 penalties: &[],
                 step,
                 top_n,
+                allowed: None,
             },
         )
     }
@@ -361,6 +371,7 @@ pub(super) mod tests {
             penalties: &[(0, 0), (1, 2), (99, 1)],
             step: 0,
             top_n: 4,
+            allowed: None,
         };
         let choice = choose_row(&logits, &params, &inputs);
         assert_eq!(choice.id, 2);
@@ -408,6 +419,28 @@ pub(super) mod tests {
             })
             .sum();
         assert!(chi_square < 16.27, "chi-square {chi_square}");
+    }
+
+    #[test]
+    fn a_forbidden_token_is_never_chosen_however_likely() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let vocab = 1_000;
+        // Token 7 towers over the others; only 3, 500 and 999 are allowed.
+        let mut logits: Vec<f32> = (0..vocab).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        logits[7] = 50.0;
+        let allowed = grammar::TokenMask::of(vocab, [3, 500, 999]);
+        let inputs = |step| RowInputs { penalties: &[(7, 3)], step, top_n: 5, allowed: Some(&allowed) };
+        let greedy = choose_row(&logits, &SamplingParams { repetition_penalty: 1.1, ..Default::default() }, &inputs(0));
+        let best = [3, 500, 999].into_iter().max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+        assert_eq!(greedy.id as usize, best);
+        // The alternatives are the allowed tokens only, and their probabilities add up to 1.
+        assert_eq!(greedy.top.len(), 3);
+        assert!(greedy.top.iter().all(|(id, _)| [3, 500, 999].contains(id)));
+        assert!((greedy.top.iter().map(|(_, lp)| lp.exp()).sum::<f32>() - 1.0).abs() < 1e-5);
+        let sampled = SamplingParams { do_sample: true, seed: 5, temperature: 2.0, ..Default::default() };
+        for step in 0..500 {
+            assert!(allowed.allows(choose_row(&logits, &sampled, &inputs(step)).id));
+        }
     }
 
     #[test]

@@ -9,13 +9,17 @@
 //! temperature, top-k, top-p, then min-p and typical-p), find thresholds without sorting
 //! the vocabulary, and draw with a counter-based generator keyed by the request's seed
 //! and the token's index, so a seed gives the same tokens whatever else is in the batch.
+//! A row constrained by a grammar (`grammar`) has the tokens its grammar forbids set to
+//! -inf first, whether it samples or not.
 
 #[cfg(feature = "cuda")]
 mod device;
+pub mod grammar;
 mod host;
 mod params;
 mod philox;
 
+pub use grammar::GrammarRow;
 pub use params::{SamplingParams, MAX_TOP_N_TOKENS};
 
 use anyhow::{bail, ensure, Result};
@@ -43,10 +47,21 @@ pub struct NextTokenChooser {
     penalised: HashMap<u32, u32>,
     /// Tokens chosen so far: the index of the next one, the draw's counter.
     step: u32,
+    /// The grammar the output follows, for a constrained request.
+    grammar: Option<GrammarRow>,
 }
 
 impl NextTokenChooser {
     pub fn new(params: SamplingParams, top_n_tokens: usize, prompt: &[u32]) -> Result<Self> {
+        Self::constrained(params, top_n_tokens, prompt, None)
+    }
+
+    pub fn constrained(
+        params: SamplingParams,
+        top_n_tokens: usize,
+        prompt: &[u32],
+        grammar: Option<GrammarRow>,
+    ) -> Result<Self> {
         ensure!(
             top_n_tokens <= MAX_TOP_N_TOKENS,
             "top_n_tokens must be at most {MAX_TOP_N_TOKENS}, got {top_n_tokens}"
@@ -61,6 +76,7 @@ impl NextTokenChooser {
             top_n_tokens,
             penalised,
             step: 0,
+            grammar,
         })
     }
 
@@ -71,17 +87,32 @@ impl NextTokenChooser {
     /// Whether the row needs more than the plain argmax.
     fn needs_processing(&self) -> bool {
         self.params.do_sample
+            || self.grammar.is_some()
             || self.params.warps()
             || self.params.penalises()
             || self.top_n_tokens > 0
     }
 
-    /// Records a generated token for the penalties and the draw's counter.
-    pub fn record(&mut self, token: u32) {
+    /// Records a generated token for the penalties, the draw's counter and the grammar.
+    pub fn record(&mut self, token: u32) -> Result<()> {
         self.step += 1;
         if self.params.penalises() {
             *self.penalised.entry(token).or_default() += 1;
         }
+        match &mut self.grammar {
+            Some(grammar) => grammar.accept(token),
+            None => Ok(()),
+        }
+    }
+
+    /// The request's grammar is complete: nothing may follow.
+    pub fn grammar_finished(&self) -> bool {
+        self.grammar.as_ref().is_some_and(GrammarRow::is_finished)
+    }
+
+    /// The tokens the grammar allows now (after [`wait_for_masks`]).
+    fn allowed(&self) -> Option<&::grammar::TokenMask> {
+        self.grammar.as_ref().and_then(GrammarRow::mask)
     }
 
     /// (token, times generated) for every token the penalties apply to.
@@ -98,9 +129,18 @@ impl NextTokenChooser {
                 penalties: &self.penalties(),
                 step: self.step,
                 top_n: self.top_n_tokens,
+                allowed: self.allowed(),
             },
         )
     }
+}
+
+/// Waits for the masks of the constrained rows, computed by the grammar workers.
+fn wait_for_masks(choosers: &mut [&mut NextTokenChooser]) -> Result<()> {
+    for grammar in choosers.iter_mut().filter_map(|c| c.grammar.as_mut()) {
+        grammar.wait()?;
+    }
+    Ok(())
 }
 
 /// Chooses one token per row of `logits` (`[choosers.len(), vocab]`, on the model's device).
@@ -116,6 +156,7 @@ pub fn choose_tokens(
         return Ok(vec![]);
     }
     let logits = logits.to_dtype(DType::F32)?;
+    wait_for_masks(choosers)?;
     let plain = |c: &NextTokenChooser| !c.needs_processing();
     if choosers.iter().all(|c| plain(c)) {
         let (ids, logprobs) = greedy_rows(&logits)?;
@@ -352,8 +393,8 @@ mod tests {
         );
         let mut penalties = c.penalties();
         assert_eq!(penalties, vec![(0, 0)]);
-        c.record(1);
-        c.record(1);
+        c.record(1).unwrap();
+        c.record(1).unwrap();
         penalties = c.penalties();
         penalties.sort_unstable();
         assert_eq!(penalties, vec![(0, 0), (1, 2)]);
@@ -391,7 +432,7 @@ mod tests {
                 let mut refs: Vec<&mut NextTokenChooser> = choosers.iter_mut().collect();
                 let choices = choose_tokens(&logits, &mut refs).unwrap();
                 for ((c, t), choice) in choosers.iter_mut().zip(&mut tokens).zip(choices) {
-                    c.record(choice.id);
+                    c.record(choice.id).unwrap();
                     t.push(choice.id);
                 }
             }

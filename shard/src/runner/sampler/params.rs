@@ -113,27 +113,27 @@ mod tests {
         for bad in [
             NextTokenChooserParameters {
                 temperature: 0.0,
-                ..valid
+                ..valid.clone()
             },
             NextTokenChooserParameters {
                 top_p: 1.5,
-                ..valid
+                ..valid.clone()
             },
             NextTokenChooserParameters {
                 typical_p: 0.0,
-                ..valid
+                ..valid.clone()
             },
             NextTokenChooserParameters {
                 min_p: 1.5,
-                ..valid
+                ..valid.clone()
             },
             NextTokenChooserParameters {
                 min_p: f32::NAN,
-                ..valid
+                ..valid.clone()
             },
             NextTokenChooserParameters {
                 repetition_penalty: -1.0,
-                ..valid
+                ..valid.clone()
             },
         ] {
             assert!(SamplingParams::from_proto(Some(&bad)).is_err(), "{bad:?}");
