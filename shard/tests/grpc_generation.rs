@@ -822,7 +822,7 @@ async fn grammars_constrain_the_output_and_end_it() {
         }
         request
     };
-    let schema = r#"{"type":"object","properties":{"city":{"type":"string","maxLength":20},"rank":{"type":"integer"}},"required":["city","rank"],"additionalProperties":false}"#;
+    let schema = r#"{"type":"object","properties":{"city":{"type":"string","maxLength":20},"rank":{"type":"integer","minimum":0,"maximum":999}},"required":["city","rank"],"additionalProperties":false}"#;
     let requests = vec![
         constrained(&mut blocks, 2, GrammarType::Regex, "(yes|no), [0-9]{2}", None),
         blocks.request(3, PROMPT, 8),
