@@ -57,6 +57,17 @@ SAMPLING_PRESETS: dict[str, dict] = {
     "k50-rep1.1": {"top_k": 50, "repetition_penalty": 1.1},
     # The top-5 alternatives of each token with their log-probabilities.
     "logprobs5": {"temperature": 1, "logprobs": 5},
+    # Structured output as OpenAI clients ask it, default sampling: every token masked by
+    # the schema's grammar (outputs end when the JSON does, so some stop short).
+    "json-schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "answer",
+                "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
+            },
+        }
+    },
 }
 DEFAULT_CONCURRENCY = [1, 8, 32, 64, 128, 256]
 SAMPLING_SWEEP_CONCURRENCY = [1, 64, 256]

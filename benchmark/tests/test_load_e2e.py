@@ -174,9 +174,9 @@ def test_sampling_sweep_runs_every_preset_and_compares_with_greedy(serve, tokeni
     assert all(level["errors"] == 0 and level["output_tokens"] == 6 for level in levels)
     # One warmup per preset, then 2 requests per level; each body carries exactly its preset's fields.
     assert len(server.bodies) == len(presets) * 5
-    sampling_keys = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs"}
-    sent = {tuple(sorted((k, v) for k, v in body.items() if k in sampling_keys)) for body in server.bodies}
-    assert sent == {tuple(sorted(fields.items())) for fields in load.SAMPLING_PRESETS.values()}
+    sampling_keys = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "response_format"}
+    sent = {json.dumps({k: v for k, v in body.items() if k in sampling_keys}, sort_keys=True) for body in server.bodies}
+    assert sent == {json.dumps(fields, sort_keys=True) for fields in load.SAMPLING_PRESETS.values()}
     table = capsys.readouterr().out
     assert table.splitlines()[0].startswith("| preset | conc. |")
     assert "| greedy | 2 | 0 |" in table and "| logprobs5 | 1 | 0 |" in table
