@@ -47,6 +47,27 @@ FILLER_TEXT = (
 
 
 # The request fields of each `--sampling` preset, sent with every request of a level.
+# A record of a dozen typed fields, enums and arrays: the json-schema preset's schema.
+_RECORD_FIELDS = {
+    "name": {"type": "string"},
+    "age": {"type": "integer"},
+    "email": {"type": "string"},
+    "active": {"type": "boolean"},
+    "score": {"type": "number"},
+    "role": {"enum": ["admin", "user", "guest"]},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "city": {"type": "string"},
+    "country": {"type": "string"},
+    "zip": {"type": "string"},
+    "level": {"enum": [1, 2, 3]},
+    "scores": {"type": "array", "items": {"type": "integer"}},
+}
+RECORD_SCHEMA = {
+    "type": "object",
+    "properties": _RECORD_FIELDS,
+    "required": list(_RECORD_FIELDS),
+    "additionalProperties": False,
+}
 SAMPLING_PRESETS: dict[str, dict] = {
     # Today's default of every scenario, so that results stay comparable.
     "greedy": {"temperature": 0},
@@ -58,15 +79,9 @@ SAMPLING_PRESETS: dict[str, dict] = {
     # The top-5 alternatives of each token with their log-probabilities.
     "logprobs5": {"temperature": 1, "logprobs": 5},
     # Structured output as OpenAI clients ask it, default sampling: every token masked by
-    # the schema's grammar (outputs end when the JSON does, so some stop short).
+    # the grammar of a dozen typed fields (outputs end when the JSON does: some stop short).
     "json-schema": {
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {
-                "name": "answer",
-                "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
-            },
-        }
+        "response_format": {"type": "json_schema", "json_schema": {"name": "record", "schema": RECORD_SCHEMA}}
     },
 }
 DEFAULT_CONCURRENCY = [1, 8, 32, 64, 128, 256]
